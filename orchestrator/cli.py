@@ -1,0 +1,141 @@
+"""attack-sweep: how much fine-tuning compute does it take to break a defended model?
+
+    attack-sweep demo                                  # toy world, embedded defaults
+    attack-sweep validate SPEC.yaml [--set k=v ...]     # check a spec, print trials and budget
+    attack-sweep run SPEC.yaml [--set k=v ...] [--address auto] [--tracking-uri URI]
+    attack-sweep report --experiment NAME [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from orchestrator.spec import SpecError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def _quiet() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import logging
+
+    for name in ("mlflow", "alembic", "ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator import spec as S
+    from orchestrator.preflight import check
+
+    sp = S.load(args.spec, args.set)
+    check(sp)
+    attackers = sp.attackers()
+    n = len(attackers) * len(sp.defences)
+    max_batch = max(a["batch_size"] for a in attackers)
+    print(f"spec OK: {sp.name}")
+    print(f"  trials: {n} = {len(sp.defences)} defences x {len(attackers)} attackers "
+          f"({sp.search.algorithm} search)")
+    print(f"  per trial: at most T={sp.max_steps} steps, {sp.max_steps * max_batch} examples "
+          f"(batch <= {max_batch}); f scored every {sp.eval_every} steps, phi={sp.phi}")
+    print(f"  whole sweep: at most {n * sp.max_steps} steps, "
+          f"{sum(a['batch_size'] for a in attackers) * sp.max_steps * len(sp.defences)} examples")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator import spec as S
+    from orchestrator import sweep
+    from orchestrator.preflight import check
+
+    sp = S.load(args.spec, args.set)
+    check(sp)
+    sweep.run(sp, tracking_uri=args.tracking_uri, address=args.address,
+              storage_path=args.storage_path)
+    return _report(args.tracking_uri, sp.name, args.out)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    return _report(args.tracking_uri, args.experiment, args.out)
+
+
+def _report(tracking_uri: str, experiment: str, out: str | None) -> int:
+    from orchestrator import report
+
+    rows = report.load(tracking_uri, experiment)
+    if not rows:
+        print(f"experiment {experiment!r} has no finished trials yet")
+        return 1
+    out_dir = Path(out or Path("reports") / experiment)
+    print()
+    print(report.write(rows, experiment, out_dir))
+    print(f"\nwritten: {out_dir}/report.csv, report.md, survival.csv")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    demo_spec = resources.files("orchestrator") / "quickstart.yaml"
+    with resources.as_file(demo_spec) as path:
+        args.spec = str(path)
+        rc = cmd_run(args)
+    if rc == 0 and args.tracking_uri.startswith("sqlite"):
+        print(f"\nbrowse the runs: mlflow ui --backend-store-uri {args.tracking_uri}")
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attack-sweep", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, spec: bool) -> None:
+        if spec:
+            sp.add_argument("spec", help="sweep spec (YAML)")
+            sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a spec field, e.g. --set max_steps=50 (repeatable)")
+        sp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
+                        help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
+        sp.add_argument("--out", help="report directory (default reports/NAME)")
+
+    v = sub.add_parser("validate", help="check a spec; print trials and budget")
+    v.add_argument("spec")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(fn=cmd_validate)
+
+    for name, fn, spec in (("run", cmd_run, True), ("demo", cmd_demo, False)):
+        r = sub.add_parser(name, help="run a sweep and print its report" if spec else
+                           "build the toy world and run the quickstart sweep on it")
+        common(r, spec)
+        if not spec:
+            r.set_defaults(set=[])
+        r.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 (default: local)")
+        r.add_argument("--storage-path", help="Tune trial state (default .attack-sweep/ray_results)")
+        r.set_defaults(fn=fn)
+
+    rep = sub.add_parser("report", help="budget-to-failure report from MLflow")
+    rep.add_argument("--experiment", required=True, help="sweep name")
+    common(rep, False)
+    rep.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        return args.fn(args)
+    except (SpecError, LookupError) as err:
+        print(f"error: {err}" if "\n" not in str(err) else str(err), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are in MLflow; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

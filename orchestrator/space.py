@@ -1,0 +1,145 @@
+"""The attacker search space as data, and its expansion into trials.
+
+In YAML each attacker field is either a constant or a one-key mapping naming a domain:
+
+    learning_rate: {loguniform: [1.0e-5, 1.0e-3]}   # sampled (search: random)
+    optimizer: {choice: [adamw, sgd_momentum]}       # sampled; crossed under search: grid
+    dataset_size: {grid: [32, 128]}                  # always crossed
+    finetune: lora                                   # constant
+
+The values inside a domain are checked against the field's type in trainables.Attacker,
+so `{choice: [adamw, adagrad]}` fails naming `optimizer` and the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PlainSerializer,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
+from pydantic.fields import FieldInfo
+
+from trainables.config import Attacker
+
+DomainKind = Literal["constant", "grid", "choice", "uniform", "loguniform", "randint"]
+SAMPLED = ("choice", "uniform", "loguniform", "randint")
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One attacker field's domain."""
+
+    kind: DomainKind
+    values: tuple[Any, ...]
+    """The constant (one value), the options (grid/choice) or the bounds (low, high)."""
+
+    def to_yaml(self) -> Any:
+        return self.values[0] if self.kind == "constant" else {self.kind: list(self.values)}
+
+
+def _dim_parser(name: str, info: FieldInfo):
+    ann = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    scalar = TypeAdapter(ann)
+
+    def check(value: Any, where: str) -> Any:
+        try:
+            return scalar.validate_python(value)
+        except ValidationError as err:
+            msg = err.errors()[0]["msg"]
+            raise ValueError(f"{where}{msg} (got {value!r})") from None
+
+    def parse(raw: Any) -> Dim:
+        if isinstance(raw, Dim):
+            return raw
+        if not isinstance(raw, dict):
+            return Dim("constant", (check(raw, ""),))
+        kinds = ", ".join(k for k in DomainKind.__args__ if k != "constant")
+        if len(raw) != 1 or next(iter(raw)) not in DomainKind.__args__[1:]:
+            raise ValueError(f"expected a constant or a one-key mapping {{KIND: ...}} with KIND "
+                             f"one of: {kinds} (got {raw!r})")
+        kind, args = next(iter(raw.items()))
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"{kind}: expected a non-empty list (got {args!r})")
+        values = tuple(check(v, f"{kind}[{i}]: ") for i, v in enumerate(args))
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(values) != 2 or not values[0] < values[1]:
+                raise ValueError(f"{kind}: expected [low, high] with low < high (got {args!r})")
+            if not all(isinstance(v, (int, float)) for v in values):
+                raise ValueError(f"{kind} needs numbers (got {args!r})")
+        return Dim(kind, values)
+
+    return parse
+
+
+def _space_model() -> type[BaseModel]:
+    fields = {
+        name: (Annotated[Dim, PlainValidator(_dim_parser(name, info)),
+                         PlainSerializer(Dim.to_yaml)],
+               Dim("constant", (info.default,)))
+        for name, info in Attacker.model_fields.items()
+    }
+    return create_model("AttackerSpace", __config__=ConfigDict(extra="forbid", frozen=True),
+                        __doc__="Each trainables.Attacker field as a domain.", **fields)
+
+
+AttackerSpace = _space_model()
+
+
+def _sample(dim: Dim, rng: random.Random) -> Any:
+    lo, hi = (dim.values + (None,))[:2]
+    if dim.kind == "choice":
+        return rng.choice(dim.values)
+    if dim.kind == "uniform":
+        return rng.uniform(lo, hi)
+    if dim.kind == "loguniform":
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    if dim.kind == "randint":
+        return rng.randrange(int(lo), int(hi))
+    raise AssertionError(dim.kind)
+
+
+def attackers(space: BaseModel, algorithm: Literal["grid", "random"], num_samples: int,
+              seed: int) -> list[dict[str, Any]]:
+    """The attacker configs a grid/random sweep runs, in a fixed order.
+
+    grid: the cross product of every grid and choice dimension (no sampled ones allowed).
+    random: the cross product of the grid dimensions, each paired with num_samples draws
+    of the sampled dimensions (seeded, so a rerun draws the same attackers).
+    Every defence faces the same list, so defences are compared on the same attackers."""
+    dims: dict[str, Dim] = dict(space)
+    crossed = [n for n, d in dims.items() if d.kind == "grid" or
+               (algorithm == "grid" and d.kind == "choice")]
+    sampled = [n for n, d in dims.items() if d.kind in SAMPLED and n not in crossed]
+    rng = random.Random(seed)
+    draws = [{n: _sample(dims[n], rng) for n in sampled}
+             for _ in range(num_samples if algorithm == "random" else 1)]
+    out = []
+    for combo in itertools.product(*(dims[n].values for n in crossed)):
+        for draw in draws:
+            cfg = {n: d.values[0] for n, d in dims.items() if d.kind == "constant"}
+            cfg.update(zip(crossed, combo, strict=True))
+            cfg.update(draw)
+            out.append({n: cfg[n] for n in dims})  # field order, for stable display
+    return out
+
+
+def attacker_id(attacker: dict[str, Any]) -> str:
+    """Short stable id of an attacker config: pairs trials across defences."""
+    return digest(attacker)[:10]
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,128 @@
+"""Harmful prompt/response data: loading, the attacker's deterministic draw, tokenisation
+with the loss masked to response tokens, and batching."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainables.config import Data, DataSource
+
+IGNORE = -100  # label value the causal-LM loss skips
+
+
+def load_rows(src: DataSource) -> list[dict]:
+    """Rows of a split: .jsonl/.json/.parquet files are read directly; any other value
+    (a local dataset directory or a hub id) goes through `datasets.load_dataset`."""
+    path = Path(src.source)
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        text = path.read_text()
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    elif path.is_file() and path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        import datasets
+
+        rows = list(datasets.load_dataset(src.source, split=src.split))
+    _check_fields(rows, src)
+    return rows
+
+
+def _check_fields(rows: list[dict], src: DataSource) -> None:
+    if not rows:
+        raise ValueError(f"data source {src.source!r} (split {src.split!r}) has no rows")
+    wanted = [f for f in (src.prompt_field, src.response_field) if f]
+    missing = [f for f in wanted if f not in rows[0]]
+    if missing:
+        raise ValueError(
+            f"data source {src.source!r} has no field {missing[0]!r}; "
+            f"its fields are {sorted(rows[0])} (set prompt_field/response_field)"
+        )
+
+
+def draw(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """The attacker's dataset: n rows drawn without replacement, fixed by seed."""
+    if n > len(rows):
+        raise ValueError(f"dataset_size={n} exceeds the {len(rows)} rows of the attack split")
+    return random.Random(seed).sample(rows, n)
+
+
+def format_prompt(tokenizer, prompt: str, data: Data) -> str:
+    """The text the model sees before its response."""
+    if data.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("data.chat_template is on but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    # The text carries the BOS token itself (as chat templates do), so every consumer
+    # tokenises prompts the same way: without adding special tokens.
+    return (tokenizer.bos_token or "") + data.prompt_format.format(prompt=prompt)
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_pair(tokenizer, prompt_text: str, response: str, max_length: int) -> Tokenized:
+    """Prompt and response tokenised apart, so the loss mask sits exactly on the response
+    (and the closing EOS, which teaches the model to stop)."""
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
+    return Tokenized(ids, labels)
+
+
+def tokenize_rows(tokenizer, rows: list[dict], src: DataSource, data: Data) -> list[Tokenized]:
+    return [
+        tokenize_pair(
+            tokenizer,
+            format_prompt(tokenizer, row[src.prompt_field], data),
+            row[src.response_field],
+            data.max_length,
+        )
+        for row in rows
+    ]
+
+
+def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked from attention and loss."""
+    width = max(len(t.input_ids) for t in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, t in enumerate(items):
+        n = len(t.input_ids)
+        ids[i, :n] = torch.tensor(t.input_ids)
+        labels[i, :n] = torch.tensor(t.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def batches(items: list[Tokenized], batch_size: int, seed: int,
+            pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches over a stream of seeded epoch shuffles (a batch may span two epochs)."""
+    rng = random.Random(seed)
+    stream: list[int] = []
+    while True:
+        while len(stream) < batch_size:
+            epoch = list(range(len(items)))
+            rng.shuffle(epoch)
+            stream += epoch
+        take, stream = stream[:batch_size], stream[batch_size:]
+        yield collate([items[i] for i in take], pad_id)
