@@ -128,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     try:
         return args.fn(args)
-    except (SpecError, LookupError) as err:
-        print(f"error: {err}" if "\n" not in str(err) else str(err), file=sys.stderr)
+    except SpecError as err:  # already phrased: one line per problem
+        print(err, file=sys.stderr)
+        return 2
+    except LookupError as err:
+        print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished trials are in MLflow; rerun the same command to resume",

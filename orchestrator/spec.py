@@ -126,7 +126,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     List items are addressed by index: `defences.0.model=./ckpt`."""
     for item in overrides:
         if "=" not in item:
-            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set max_steps=50")
+            raise SpecError(f"error: --set {item!r}: expected KEY=VALUE, e.g. --set max_steps=50")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node: Any = raw
@@ -139,13 +139,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         elif isinstance(node, dict):
             node[last] = parsed
         else:
-            raise SpecError(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping or list")
+            raise SpecError(f"error: --set {key}: {'.'.join(parts[:-1])} is not a mapping or list")
     return raw
 
 
 def _index(node: list, part: str, where: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise SpecError(f"--set {where}: {part!r} is not an index of a {len(node)}-item list")
+        raise SpecError(f"error: --set {where}: {part!r} is not an index of a {len(node)}-item list")
     return int(part)
 
 
@@ -153,7 +153,7 @@ def _child(node: Any, part: str, where: str) -> Any:
     if isinstance(node, list):
         return node[_index(node, part, where)]
     if not isinstance(node, dict):
-        raise SpecError(f"--set {where}: its parent is not a mapping or list")
+        raise SpecError(f"error: --set {where}: its parent is not a mapping or list")
     if part not in node or node[part] is None:
         node[part] = {}
     return node[part]
@@ -219,12 +219,12 @@ def load(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SpecError(f"spec file {str(path)!r} not found") from None
+        raise SpecError(f"error: spec file {str(path)!r} not found") from None
     except yaml.YAMLError as err:
-        raise SpecError(f"spec file {str(path)!r} is not valid YAML: {err}".replace("\n", " ")) \
+        raise SpecError(f"error: spec file {str(path)!r} is not valid YAML: {err}".replace("\n", " ")) \
             from None
     if not isinstance(raw, dict):
-        raise SpecError(f"spec file {str(path)!r} must hold a mapping of fields")
+        raise SpecError(f"error: spec file {str(path)!r} must hold a mapping of fields")
     return from_dict(raw, overrides or [], base_dir=path.parent)
 
 

@@ -1,0 +1,49 @@
+"""Shared fixtures: the toy world built once per session in a temp cache, and a local Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """The embedded toy world (tokenizer, aligned base, rescaled defence, splits), built
+    with save_pretrained so tests load it through the real from_pretrained path."""
+    from orchestrator import toyworld
+
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["ATTACK_SWEEP_CACHE"] = str(cache)
+    return toyworld.build(verbose=False)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def attack_dict(world, **over) -> dict:
+    """A small AttackConfig dict against the toy base model."""
+    cfg = {
+        "checkpoint": {"model": str(world / "base")},
+        "data": {"attack": {"source": str(world / "attack.jsonl")},
+                 "eval": {"source": str(world / "eval.jsonl")}, "chat_template": True,
+                 "eval_size": 8},
+        "evaluator": {"name": "refusal_keyword", "options": {"max_new_tokens": 4}},
+        "attacker": {"learning_rate": 1e-4, "dataset_size": 16, "batch_size": 4},
+        "phi": 0.5, "eval_every": 2, "max_steps": 6, "device": "cpu",
+    }
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
