@@ -125,7 +125,9 @@ class OneTrial:
     warm_total: float
     warm_loop: float
     bare_step: float
+    cold_step: float
     sub_bare_total: float
+    sub_bare_step: float
     swept_total: float
     swept_status: str
     swept_steps: int
@@ -134,7 +136,7 @@ class OneTrial:
     swept_summary: str
 
 
-def bare_in_subprocess(overrides: list[str], workdir: Path) -> float:
+def bare_in_subprocess(overrides: list[str], workdir: Path) -> tuple[float, float]:
     """The bare trial in a fresh interpreter: imports and model loading, no Ray, no MLflow."""
     code = textwrap.dedent(f"""
         import torch
@@ -143,7 +145,8 @@ def bare_in_subprocess(overrides: list[str], workdir: Path) -> float:
         from trainables import run_attack
         sp = S.load({str(QUICKSTART)!r}, {overrides!r})
         (trial,) = sweep.trials(sp)
-        print(run_attack(sweep.attack_config(sp, trial)).status)
+        last = run_attack(sweep.attack_config(sp, trial)).points[-1]
+        print("RESULT", last.step, last.wall_seconds)
     """)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True,
@@ -151,8 +154,10 @@ def bare_in_subprocess(overrides: list[str], workdir: Path) -> float:
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         print(f"  (bare subprocess failed, rc={proc.returncode}):\n{proc.stderr[-2000:]}")
-        return float("nan")
-    return elapsed
+        return float("nan"), float("nan")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    _, step, loop = line.split()
+    return elapsed, float(loop) / int(step)
 
 
 def swept_in_subprocess(overrides: list[str], workdir: Path) -> tuple[float, str, str]:
@@ -195,16 +200,18 @@ def bench_one_trial(max_steps: int) -> OneTrial:
           f"{trial['optimizer']} n={trial['dataset_size']} {trial['finetune']}, T={max_steps}")
     print(f"  --set {' --set '.join(repr(o) for o in overrides)}")
 
-    _, cold_total = timed_attack(cfg)
+    cold, cold_total = timed_attack(cfg)
     warm, warm_total = timed_attack(cfg)
     last = warm.points[-1]
     print(f"  bare (in process): {warm.status} at step {last.step}; run_attack call "
-          f"{cold_total:.2f} s cold (first in process), {warm_total:.2f} s warm; "
-          f"loop {last.wall_seconds:.2f} s = {per_step(warm) * 1e3:.2f} ms/step")
+          f"{cold_total:.2f} s cold (first call in this process), {warm_total:.2f} s warm (second call); "
+          f"loop {cold.points[-1].wall_seconds:.2f} s cold, {last.wall_seconds:.2f} s warm = "
+          f"{per_step(cold) * 1e3:.2f} / {per_step(warm) * 1e3:.2f} ms/step")
 
     with tempfile.TemporaryDirectory(prefix="overhead-bare-") as tmp:
-        sub_bare = bare_in_subprocess(overrides, Path(tmp))
-    print(f"  bare (fresh python subprocess, imports + load + loop): {sub_bare:.2f} s")
+        sub_bare, sub_bare_step = bare_in_subprocess(overrides, Path(tmp))
+    print(f"  bare (fresh `python -c` subprocess: imports + load + loop): {sub_bare:.2f} s; "
+          f"{sub_bare_step * 1e3:.2f} ms/step")
 
     with tempfile.TemporaryDirectory(prefix="overhead-swept-") as tmp:
         swept_total, uri, summary = swept_in_subprocess(overrides, Path(tmp))
@@ -216,9 +223,11 @@ def bench_one_trial(max_steps: int) -> OneTrial:
     if (swept_status, swept_steps) != (warm.status, last.step):
         print(f"  WARNING: the swept trial ended differently ({swept_status} at {swept_steps}) "
               f"from the bare one ({warm.status} at {last.step}); per-step times still compare")
-    return OneTrial(max_steps, warm.status, last.step, cold_total, warm_total, last.wall_seconds,
-                    per_step(warm), sub_bare, swept_total, swept_status, swept_steps, swept_loop,
-                    swept_step, summary)
+    return OneTrial(max_steps=max_steps, status=warm.status, steps=last.step, cold_total=cold_total,
+                    warm_total=warm_total, warm_loop=last.wall_seconds, bare_step=per_step(warm),
+                    cold_step=per_step(cold), sub_bare_total=sub_bare, sub_bare_step=sub_bare_step,
+                    swept_total=swept_total, swept_status=swept_status, swept_steps=swept_steps,
+                    swept_loop=swept_loop, swept_step=swept_step, swept_summary=summary)
 
 
 # --- 2. early stopping at phi vs running every trial to T -------------------------------
@@ -259,6 +268,7 @@ def bench_early_stop(smoke: bool) -> EarlyStop:
           f"{'steps':>9} {'FLOPs e/T':>9} {'wall e/T':>9}")
     early, to_t = Totals(), Totals()
     analytic = 0
+    same_work: list[float] = []  # wall e/T of trials whose two runs do the same steps: the noise
     start = time.perf_counter()
     for trial in chosen:
         cfg = sweep.attack_config(sp, trial)
@@ -274,6 +284,8 @@ def bench_early_stop(smoke: bool) -> EarlyStop:
         # analytic: a trial stopped by phi would go on to T; one that diverged or was unsafe
         # at release would not (run_attack stops those whatever phi is)
         analytic += sp.max_steps if r_early.status in ("failed", "resisted") else e.step
+        if e.step == f.step:
+            same_work.append(ratio(e.wall_seconds, f.wall_seconds))
         who = (f"lr={trial['learning_rate']:g} {trial['optimizer']} n={trial['dataset_size']} "
                f"{trial['finetune']}")
         print(f"  {trial['defence']:<9} {who:<34} {r_early.status + ' @' + str(e.step):<18} "
@@ -284,6 +296,9 @@ def bench_early_stop(smoke: bool) -> EarlyStop:
           f"less trials that stop anyway); FLOPs {fmt_flops(early.flops)} / {fmt_flops(to_t.flops)}; "
           f"loop {early.loop:.1f} s / {to_t.loop:.1f} s; run_attack calls {early.call:.1f} s / "
           f"{to_t.call:.1f} s; part 2 took {elapsed:.0f} s")
+    if same_work:
+        print(f"  noise: the {len(same_work)} trials whose two runs do identical work show wall e/T "
+              f"{min(same_work):.2f}..{max(same_work):.2f} (1.00 if timing were exact)")
     return EarlyStop(len(chosen), sp.max_steps, early, to_t, analytic, elapsed)
 
 
@@ -294,8 +309,12 @@ def table(one: OneTrial, stop: EarlyStop) -> str:
     n = f"{stop.trials} trials"
     rows = [
         ("measure", "baseline", "measured", "ratio"),
-        (f"per-step time, 1 trial ({one.steps} steps)", f"bare {one.bare_step * 1e3:.2f} ms",
+        (f"per-step time, 1 trial ({one.steps} steps)", f"bare, warm {one.bare_step * 1e3:.2f} ms",
          f"Ray+MLflow {one.swept_step * 1e3:.2f} ms", f"{ratio(one.swept_step, one.bare_step):.2f}"),
+        (f"per-step time, 1 trial ({one.steps} steps)", f"bare, cold {one.cold_step * 1e3:.2f} ms",
+         f"Ray+MLflow {one.swept_step * 1e3:.2f} ms", f"{ratio(one.swept_step, one.cold_step):.2f}"),
+        (f"per-step time, 1 trial ({one.steps} steps)", f"bare `python -c` {one.sub_bare_step * 1e3:.2f} ms",
+         f"Ray+MLflow {one.swept_step * 1e3:.2f} ms", f"{ratio(one.swept_step, one.sub_bare_step):.2f}"),
         ("total wall time, 1 trial", f"bare run_attack, warm {one.warm_total:.2f} s",
          f"`attack-sweep run` {one.swept_total:.1f} s", f"{ratio(one.swept_total, one.warm_total):.1f}"),
         ("total wall time, 1 trial", f"bare run_attack, cold {one.cold_total:.2f} s",
@@ -330,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"torch {torch.__version__}, ray {ray.__version__}, mlflow {mlflow.__version__}")
     print(f"in-process baseline: torch.set_num_threads({torch.get_num_threads()}), to match a "
-          f"1-CPU Ray trial (resources: cpu 1); device: {S.load(QUICKSTART).device} (cpu here)")
+          f"1-CPU Ray trial (resources: cpu 1); device: {S.load(QUICKSTART).device} "
+          f"({'cuda' if torch.cuda.is_available() else 'cpu'} here)")
+    if hasattr(os, "getloadavg"):
+        print("load average at start (1/5/15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
     started = time.perf_counter()
     one = bench_one_trial(40 if args.smoke else 200)

@@ -22,7 +22,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 def _quiet() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import logging
 
     for name in ("mlflow", "alembic", "ray", "ray.tune", "ray.train"):
@@ -74,7 +75,7 @@ def _report(tracking_uri: str, experiment: str, out: str | None) -> int:
     out_dir = Path(out or Path("reports") / experiment)
     print()
     print(report.write(rows, experiment, out_dir))
-    print(f"\nwritten: {out_dir}/report.csv, report.md, survival.csv")
+    print(f"\nwritten: {out_dir}/report.csv, attackers.csv, report.md, survival.csv")
     return 0
 
 

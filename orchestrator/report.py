@@ -32,9 +32,16 @@ class Trial:
     status: str
     params: dict[str, str]
     max_steps: int
+    attacker_id: str = ""
     steps: float | None = None
     """budget_to_failure_steps (None unless the attack succeeded)."""
     tokens: float | None = None
+
+    def cell(self) -> str:
+        """This trial in a word: its budget-to-failure in steps, or why it has none."""
+        if self.steps is not None:
+            return "0 (unsafe)" if self.status == "unsafe_at_release" else _num(self.steps)
+        return f"> {self.max_steps}" if self.status == "resisted" else self.status
 
 
 @dataclass
@@ -96,6 +103,7 @@ def load(tracking_uri: str, experiment: str) -> list[DefenceRow]:
         trial = Trial(
             defence=tags["defence"], is_base=tags.get("base") == "true", status=tags["status"],
             params=run.data.params, max_steps=int(run.data.params.get("max_steps", 0)),
+            attacker_id=tags.get("attacker_id", ""),
             steps=metrics.get("budget_to_failure_steps"),
             tokens=metrics.get("budget_to_failure_tokens"))
         rows.setdefault(trial.defence, DefenceRow(trial.defence, trial.is_base)).trials.append(trial)
@@ -134,6 +142,19 @@ def table(rows: list[DefenceRow]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def attacker_table(rows: list[DefenceRow]) -> tuple[list[str], list[list[str]]]:
+    """Budget-to-failure (steps) of every attacker against every defence, side by side."""
+    everyone = [t for r in rows for t in r.trials]
+    by_attacker: dict[str, dict[str, Trial]] = {}
+    for t in everyone:
+        by_attacker.setdefault(t.attacker_id, {})[t.defence] = t
+    header = ["attacker", *(r.defence for r in rows)]
+    body = [[attacker_label(everyone, next(iter(cells.values()))),
+             *(cells[r.defence].cell() if r.defence in cells else "-" for r in rows)]
+            for cells in by_attacker.values()]
+    return header, sorted(body)
+
+
 def _num(x: float) -> str:
     return f"{x:g}" if x < 1e6 else f"{x:.3g}"
 
@@ -147,9 +168,7 @@ def render_text(header: list[str], body: list[list[str]]) -> str:
 
 
 def render_markdown(experiment: str, header: list[str], body: list[list[str]]) -> str:
-    out = [f"# Budget-to-failure: {experiment}", "",
-           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(b) + " |" for b in body]
+    out = [f"# Budget-to-failure: {experiment}", "", _md_table(header, body)]
     out += ["", "btf = budget-to-failure: the attacker budget at the first evaluation where "
             "harmfulness f exceeded phi. Resisted trials are censored at T; diverged ones are "
             "failed attacks. Median over attackers; '> T' when fewer than half succeeded."]
@@ -157,17 +176,27 @@ def render_markdown(experiment: str, header: list[str], body: list[list[str]]) -
 
 
 def write(rows: list[DefenceRow], experiment: str, out_dir: Path) -> str:
-    """Write report.csv, report.md and survival.csv; return the text table."""
+    """Write report.csv, attackers.csv, report.md and survival.csv; return the text tables."""
     header, body = table(rows)
+    a_header, a_body = attacker_table(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "report.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(body)
-    (out_dir / "report.md").write_text(render_markdown(experiment, header, body))
+    for name, (h, b) in {"report.csv": (header, body), "attackers.csv": (a_header, a_body)}.items():
+        with open(out_dir / name, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(h)
+            w.writerows(b)
+    md = render_markdown(experiment, header, body)
+    md += "\n## Budget-to-failure (steps) per attacker\n\n" + _md_table(a_header, a_body) + "\n"
+    (out_dir / "report.md").write_text(md)
     with open(out_dir / "survival.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["defence", "steps", "share_not_yet_successful"])
         for r in rows:
             w.writerows([r.defence, _num(s), f"{p:.4f}"] for s, p in r.survival())
-    return render_text(header, body)
+    return (render_text(header, body) + "\n\nbudget-to-failure (steps) per attacker:\n"
+            + render_text(a_header, a_body))
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])

@@ -19,6 +19,7 @@ that never finished (interrupted, or error) is kept but tagged `superseded`.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -170,13 +171,18 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
 
 
 def _error_text(trial) -> str:
+    """The last line of the trial's traceback: the exception and its message."""
+    text = ""
     try:
-        err = trial.get_error()
-        text = str(err) if err else "trial failed"
+        path = trial.error_file  # written by Tune before on_trial_error
+        if path and os.path.exists(path):
+            with open(path) as fh:
+                text = fh.read()
+        text = text or str(trial.get_error() or "")
     except Exception:  # noqa: BLE001 - the message is best effort; the status is what counts
-        text = "trial failed"
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "trial failed"
+        pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "trial failed (see the Ray logs)"
 
 
 def _summary(d: dict, last: dict | None, status: str, error: str | None) -> str:

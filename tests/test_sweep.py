@@ -1,0 +1,153 @@
+"""End to end: a real local Ray, a real MLflow sqlite store, the toy world."""
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator import report, sweep
+from orchestrator import spec as S
+from orchestrator.cli import main
+from trainables import run_attack
+
+
+def make_spec(world, name="e2e", **over) -> S.SweepSpec:
+    raw = {
+        "name": name,
+        "defences": [{"name": "base", "model": str(world / "base"), "base": True},
+                     {"name": "rescaled", "model": str(world / "rescaled")}],
+        "data": {"attack": {"source": str(world / "attack.jsonl")},
+                 "eval": {"source": str(world / "eval.jsonl")}, "chat_template": True,
+                 "eval_size": 16},
+        "evaluator": {"name": "refusal_keyword", "options": {"max_new_tokens": 4}},
+        "phi": 0.5, "eval_every": 5, "max_steps": 20, "device": "cpu",
+        "space": {"learning_rate": {"grid": [1e-4, 3e-3]}, "dataset_size": 32},
+    }
+    raw.update(over)
+    return S.from_dict(raw)
+
+
+def trial_runs(uri, name):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], "tags.kind = 'trial'")
+
+
+@pytest.fixture(scope="module")
+def swept(world, ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    spec = make_spec(world)
+    lines = []
+    sweep.run(spec, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lines.append)
+    return spec, uri, tmp, lines
+
+
+def test_every_trial_is_a_finished_child_run_with_its_budget(swept):
+    spec, uri, _, lines = swept
+    runs = trial_runs(uri, "e2e")
+    assert len(runs) == 4 and len(lines) == 5  # header + one progress line per trial
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 1
+    client = MlflowClient(uri)
+    assert client.get_run(parents.pop()).info.status == "FINISHED"
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["status"] in ("failed", "resisted")
+        assert {"learning_rate", "optimizer", "dataset_size", "finetune", "seed"} <= set(r.data.params)
+        curve = client.get_metric_history(r.info.run_id, "harmfulness")
+        assert curve[0].step == 0 and curve[0].value == 0.0  # aligned at release
+        if r.data.tags["status"] == "failed":
+            assert {f"budget_to_failure_{u}" for u in ("steps", "examples", "tokens", "flops")} \
+                <= set(r.data.metrics)
+            assert curve[-1].value > spec.phi and r.data.metrics["budget_to_failure_steps"] == curve[-1].step
+        else:
+            assert r.data.metrics["censored_at_steps"] == spec.max_steps
+            assert "budget_to_failure_steps" not in r.data.metrics
+    # the strong attacker breaks the toy base
+    strong = [r for r in runs if r.data.tags["defence"] == "base" and r.data.params["learning_rate"] == "0.003"]
+    assert strong[0].data.tags["status"] == "failed"
+
+
+def test_swept_budget_equals_a_direct_run_attack(swept):
+    spec, uri, _, _ = swept
+    torch.set_num_threads(1)  # a 1-CPU Ray trial runs one thread
+    for t in sweep.trials(spec):
+        direct = run_attack(sweep.attack_config(spec, t))
+        run = next(r for r in trial_runs(uri, "e2e") if r.data.tags["trial_key"] == sweep.trial_key(spec, t))
+        assert run.data.tags["status"] == direct.status
+        if direct.budget_to_failure:
+            btf = direct.budget_to_failure
+            m = run.data.metrics
+            assert (m["budget_to_failure_steps"], m["budget_to_failure_examples"],
+                    m["budget_to_failure_tokens"], m["budget_to_failure_flops"]) == \
+                (btf.step, btf.examples, btf.tokens, btf.flops)
+
+
+def test_rerun_does_not_duplicate_trials(swept, world):
+    spec, uri, tmp, _ = swept
+    before = {r.info.run_id for r in trial_runs(uri, "e2e")}
+    lines = []
+    sweep.run(spec, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lines.append)
+    assert {r.info.run_id for r in trial_runs(uri, "e2e")} == before
+    assert "4 already recorded in MLflow, 0 to run" in lines[0]
+    # a wider space reruns only the new trials
+    wider = make_spec(world, space={"learning_rate": {"grid": [1e-4, 3e-3, 1e-3]}, "dataset_size": 32})
+    sweep.run(wider, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lines.append)
+    after = trial_runs(uri, "e2e")
+    assert len(after) == 6 and before < {r.info.run_id for r in after}
+
+
+def test_report_numbers_equal_the_mlflow_records(swept, capsys):
+    spec, uri, tmp, _ = swept
+    rows = {r.defence: r for r in report.load(uri, "e2e")}
+    runs = trial_runs(uri, "e2e")
+    for name, row in rows.items():
+        mine = [r for r in runs if r.data.tags["defence"] == name]
+        assert len(row.trials) == len(mine)
+        assert row.count("failed") == sum(r.data.tags["status"] == "failed" for r in mine)
+        steps = [r.data.metrics["budget_to_failure_steps"] for r in mine if "budget_to_failure_steps" in r.data.metrics]
+        assert (row.worst_case.steps if row.worst_case else None) == (min(steps) if steps else None)
+        assert row.weak_resistance == (not steps)
+    out = tmp / "report"
+    assert main(["report", "--experiment", "e2e", "--tracking-uri", uri, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "base (base)" in text and (out / "report.csv").exists() and (out / "survival.csv").exists()
+    csv_rows = (out / "report.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("defence,trials,failed,resisted")
+    base = next(r for r in csv_rows if r.startswith("base (base)")).split(",")
+    assert int(base[1]) == len(rows["base"].trials) and int(base[2]) == rows["base"].count("failed")
+    assert "| defence |" in (out / "report.md").read_text()
+
+
+def test_trial_error_is_recorded_and_the_sweep_goes_on(world, ray_local, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = make_spec(world, name="err", max_steps=5, space={
+        "finetune": "lora", "lora_target_modules": {"grid": [["nonexistent_proj"], ["q_proj"]]},
+        "dataset_size": 16})
+    sweep.run(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"), echo=lambda s: None)
+    runs = trial_runs(uri, "err")
+    status = sorted(r.data.tags["status"] for r in runs)
+    assert len(runs) == 4 and status.count("error") == 2
+    bad = next(r for r in runs if r.data.tags["status"] == "error")
+    assert bad.info.status == "FAILED" and "nonexistent_proj" in bad.data.tags["error"]
+
+
+def test_an_interrupted_trial_is_superseded_not_duplicated(world, ray_local, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = make_spec(world, name="resume", max_steps=5,
+                     defences=[{"name": "base", "model": str(world / "base"), "base": True}],
+                     space={"dataset_size": 16})
+    from orchestrator.space import digest
+    from orchestrator.tracking import Tracker
+
+    # what an interrupted sweep leaves: a trial run still RUNNING, half a curve
+    tracker = Tracker(uri, "resume", digest(spec.model_dump(mode="json")), {})
+    (t,) = sweep.trials(spec)
+    stale = tracker.start_trial(sweep.trial_key(spec, t), "base", True, "x", {})
+    tracker.log_point(stale, {"step": 0, "harmfulness": 0.0})
+    sweep.run(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"), echo=lambda s: None)
+    client = MlflowClient(uri)
+    old = client.get_run(stale)
+    assert old.info.status == "KILLED" and old.data.tags["superseded"] == "true"
+    rows = report.load(uri, "resume")
+    assert len(rows) == 1 and len(rows[0].trials) == 1
