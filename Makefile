@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: demo test test-slow lint bench install clean
+.PHONY: demo test lint bench install clean
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -27,8 +27,6 @@ demo: install
 test: install
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
-test-slow: install
-	$(PY) -m pytest -q -m "slow"
 
 lint: install
 	$(VENV)/bin/ruff check .
