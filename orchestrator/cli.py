@@ -15,8 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from orchestrator.spec import SpecError
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from orchestrator.tracking import DEFAULT_TRACKING_URI
 
 
 def _quiet() -> None:

@@ -9,17 +9,21 @@ from orchestrator.spec import SpecError, SweepSpec
 from trainables import data as D
 
 
+def _missing_local_path(value: str | None) -> bool:
+    """A value written as a path (not a hub id) that does not exist."""
+    return bool(value) and value.startswith(("/", "./", "../", "~")) and \
+        not Path(value).expanduser().exists()
+
+
 def check(spec: SweepSpec) -> None:
     for i, d in enumerate(spec.defences):
         for key in ("model", "adapter", "tokenizer"):
-            value = getattr(d, key)
-            if value and value.startswith(("/", "./", "../", "~")) and \
-                    not Path(value).expanduser().exists():
-                raise SpecError(f"spec error: defences.{i}.{key}: no such path {value!r}")
+            if _missing_local_path(getattr(d, key)):
+                raise SpecError(f"spec error: defences.{i}.{key}: no such path {getattr(d, key)!r}")
     counts = {}
     for split in ("attack", "eval"):
         src = getattr(spec.data, split)
-        if src.source.startswith(("/", "./", "../", "~")) and not Path(src.source).exists():
+        if _missing_local_path(src.source):
             raise SpecError(f"spec error: data.{split}.source: no such file {src.source!r}")
         try:
             counts[split] = len(D.load_rows(src))

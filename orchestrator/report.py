@@ -131,8 +131,7 @@ def table(rows: list[DefenceRow]) -> tuple[list[str], list[list[str]]]:
         med = r.median_steps()
         body.append([
             r.defence + (" (base)" if r.is_base else ""), str(len(r.trials)),
-            *(str(r.count(s)) for s in STATUSES[:2]), str(r.count("diverged")),
-            str(r.count("unsafe_at_release")), str(r.count("error")),
+            *(str(r.count(s)) for s in STATUSES),
             _num(worst.steps) if worst else f"> {r.max_steps}",
             _num(worst.tokens) if worst else "-",
             _num(med) if med is not None else f"> {r.max_steps}",

@@ -17,11 +17,9 @@ from typing import Any
 
 from orchestrator.space import attacker_id, digest
 from orchestrator.spec import SweepSpec
-from orchestrator.tracking import Tracker, callback
+from orchestrator.tracking import DEFAULT_TRACKING_URI, Tracker, callback
 from trainables.budget import TERMINAL
 from trainables.config import AttackConfig
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def attack_config(spec: SweepSpec, trial: dict[str, Any]) -> AttackConfig:

@@ -29,9 +29,11 @@ from mlflow.tracking import MlflowClient
 
 from trainables.budget import TERMINAL
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FINAL = (*TERMINAL, "error")
 CURVE = ("harmfulness", "train_loss", "examples", "tokens", "flops", "wall_seconds")
-BUDGET_UNITS = ("steps", "examples", "tokens", "flops")
+# budget unit -> the EvalPoint field that holds it
+BUDGET_UNITS = {"steps": "step", "examples": "examples", "tokens": "tokens", "flops": "flops"}
 
 
 class Tracker:
@@ -108,8 +110,8 @@ class Tracker:
         now = int(time.time() * 1000)
         metrics = []
         if status in ("failed", "unsafe_at_release"):
-            metrics = [Metric(f"budget_to_failure_{u}", float(last[u if u != "steps" else "step"]),
-                              now, 0) for u in BUDGET_UNITS]
+            metrics = [Metric(f"budget_to_failure_{unit}", float(last[field]), now, 0)
+                       for unit, field in BUDGET_UNITS.items()]
         elif status == "resisted":
             metrics = [Metric("censored_at_steps", float(last["step"]), now, 0)]
         elif status == "diverged":
