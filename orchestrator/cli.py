@@ -3,7 +3,7 @@
     attack-sweep demo                                  # toy world, embedded defaults
     attack-sweep validate SPEC.yaml [--set k=v ...]     # check a spec, print trials and budget
     attack-sweep run SPEC.yaml [--set k=v ...] [--address auto] [--tracking-uri URI]
-    attack-sweep report --experiment NAME [--out DIR]
+    attack-sweep report --experiment NAME [--unit tokens] [--out DIR]
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from orchestrator.adversary import BUDGET_UNITS
 from orchestrator.spec import SpecError
 from orchestrator.tracking import DEFAULT_TRACKING_URI
+
+UNITS = tuple(BUDGET_UNITS)
 
 
 def _quiet() -> None:
@@ -30,41 +33,51 @@ def _quiet() -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from orchestrator import spec as S
     from orchestrator.preflight import check
+    from orchestrator.space import max_horizon
 
-    sp = S.load(args.spec, args.set)
-    check(sp)
-    attackers = sp.attackers()
-    n = len(attackers) * len(sp.defences)
-    max_batch = max(a["batch_size"] for a in attackers)
+    sp = _load(args)
+    notes = check(sp)
+    s, space = sp.search, dict(sp.space)
+    per_defence = s.num_samples if sp.adaptive else len(sp.attackers())
+    n = per_defence * len(sp.defences)
+    t_max = max_horizon(sp.space, sp.max_steps)
+    batch = space["batch_size"]
+    max_batch = int(batch.values[1]) - 1 if batch.kind == "randint" else max(batch.values)
+    max_batch = max([max_batch, *(st.batch_size or 0 for v in space["stages"].values if v for st in v)])
     print(f"spec OK: {sp.name}")
-    print(f"  trials: {n} = {len(sp.defences)} defences x {len(attackers)} attackers "
-          f"({sp.search.algorithm} search)")
-    print(f"  per trial: at most T={sp.max_steps} steps, {sp.max_steps * max_batch} examples "
-          f"(batch <= {max_batch}); f scored every {sp.eval_every} steps, phi={sp.phi}")
-    print(f"  whole sweep: at most {n * sp.max_steps} steps, "
-          f"{sum(a['batch_size'] for a in attackers) * sp.max_steps * len(sp.defences)} examples")
+    print(f"  trials: {n} = {len(sp.defences)} defences x {per_defence} attackers ({s.algorithm} search"
+          + (f", {s.n_initial} random first" if sp.adaptive else "") + ")")
+    print(f"  adversary minimises budget-to-failure in {s.unit}; resisted/diverged count as "
+          f"{s.penalty:g} x T_max = {s.penalty * t_max:g} steps' worth"
+          + (f"; cap {s.max_compute:g} {s.unit} per defence" if s.max_compute else ""))
+    when = f"every {sp.eval_every} steps" if sp.eval_schedule == "every" else "at steps 1, 2, 4, ..."
+    print(f"  per trial: at most T={t_max} steps, {t_max * max_batch} examples (batch <= {max_batch}); "
+          f"f scored {when}" + (f", crossings refined {sp.refine}x by bisection" if sp.refine else "")
+          + f"; phi={sp.phi}")
+    print(f"  whole sweep: at most {n * t_max} steps, {n * t_max * max_batch} examples")
+    for note in notes:
+        print(f"  note: {note}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator import spec as S
     from orchestrator import sweep
     from orchestrator.preflight import check
 
-    sp = S.load(args.spec, args.set)
-    check(sp)
+    sp = _load(args)
+    for note in check(sp):
+        print(f"note: {note}")
     sweep.run(sp, tracking_uri=args.tracking_uri, address=args.address,
               storage_path=args.storage_path)
-    return _report(args.tracking_uri, sp.name, args.out)
+    return _report(args.tracking_uri, sp.name, args.out, args.unit or sp.search.unit)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    return _report(args.tracking_uri, args.experiment, args.out)
+    return _report(args.tracking_uri, args.experiment, args.out, args.unit or "steps")
 
 
-def _report(tracking_uri: str, experiment: str, out: str | None) -> int:
+def _report(tracking_uri: str, experiment: str, out: str | None, unit: str) -> int:
     from orchestrator import report
 
     rows = report.load(tracking_uri, experiment)
@@ -73,8 +86,8 @@ def _report(tracking_uri: str, experiment: str, out: str | None) -> int:
         return 1
     out_dir = Path(out or Path("reports") / experiment)
     print()
-    print(report.write(rows, experiment, out_dir))
-    print(f"\nwritten: {out_dir}/report.csv, attackers.csv, report.md, survival.csv")
+    print(report.write(rows, experiment, out_dir, unit=unit))
+    print(f"\nwritten: {out_dir}/report.csv, attackers.csv, report.md, survival.csv, progress.csv")
     return 0
 
 
@@ -88,6 +101,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return rc
 
 
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overlay", action="append", default=[], metavar="FILE",
+                   help="YAML mapping of KEY: VALUE overrides, applied before --set (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set max_steps=50 (repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from orchestrator import spec as S
+
+    pairs = [pair for path in getattr(args, "overlay", []) for pair in S.overlay(path)]
+    return S.load(args.spec, [*pairs, *args.set])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attack-sweep", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,15 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser, spec: bool) -> None:
         if spec:
             sp.add_argument("spec", help="sweep spec (YAML)")
-            sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a spec field, e.g. --set max_steps=50 (repeatable)")
+            _overrides(sp)
         sp.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
                         help=f"MLflow tracking URI (default {DEFAULT_TRACKING_URI})")
         sp.add_argument("--out", help="report directory (default reports/NAME)")
+        sp.add_argument("--unit", choices=UNITS,
+                        help="rank budgets-to-failure in this unit (default: the search's unit; steps)")
 
     v = sub.add_parser("validate", help="check a spec; print trials and budget")
     v.add_argument("spec")
-    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _overrides(v)
     v.set_defaults(fn=cmd_validate)
 
     for name, fn, spec in (("run", cmd_run, True), ("demo", cmd_demo, False)):
@@ -111,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "build the toy world and run the quickstart sweep on it")
         common(r, spec)
         if not spec:
-            r.set_defaults(set=[])
+            r.set_defaults(set=[], overlay=[])
         r.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 (default: local)")
         r.add_argument("--storage-path", help="Tune trial state (default .attack-sweep/ray_results)")
         r.set_defaults(fn=fn)

@@ -1,12 +1,16 @@
-"""Checks run in the driver before Ray starts, so bad data or paths fail in one line
-instead of as an error inside every trial."""
+"""Checks run in the driver before Ray starts, so bad data, paths or a missing optional
+package fail in one line instead of as an error inside every trial. Only local things are
+checked: hub models and datasets are fetched by the trials themselves."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from orchestrator.space import Dim
 from orchestrator.spec import SpecError, SweepSpec
 from trainables import data as D
+from trainables.optim import missing_dependency
 
 
 def _missing_local_path(value: str | None) -> bool:
@@ -15,24 +19,52 @@ def _missing_local_path(value: str | None) -> bool:
         not Path(value).expanduser().exists()
 
 
-def check(spec: SweepSpec) -> None:
+def _largest(dim: Dim) -> Any:
+    return int(dim.values[1]) - 1 if dim.kind == "randint" else max(dim.values)
+
+
+def _stages(spec: SweepSpec) -> list[dict]:
+    return [s for v in dict(spec.space)["stages"].values if v for s in v]
+
+
+def check(spec: SweepSpec) -> list[str]:
+    """Raise SpecError on the first problem; return notes on what could not be checked here."""
+    notes = []
     for i, d in enumerate(spec.defences):
         for key in ("model", "adapter", "tokenizer"):
             if _missing_local_path(getattr(d, key)):
                 raise SpecError(f"spec error: defences.{i}.{key}: no such path {getattr(d, key)!r}")
-    counts = {}
-    for split in ("attack", "eval"):
+    space = dict(spec.space)
+    stages = _stages(spec)
+    for opt in {*space["optimizer"].values, *(s.optimizer for s in stages if s.optimizer)}:
+        if msg := missing_dependency(opt):
+            raise SpecError(f"spec error: space.optimizer: {msg}")
+    if any(s.data == "benign" for s in stages) and spec.data.benign is None:
+        raise SpecError("spec error: data.benign: a stage trains on benign data; "
+                        "give data.benign: {source: ...}")
+    wanted = {"attack": max([_largest(space["dataset_size"]),
+                             *(s.dataset_size or 0 for s in stages if s.data == "attack")]),
+              "benign": max([0, *((s.dataset_size or _largest(space["dataset_size"]))
+                                  for s in stages if s.data == "benign")]),
+              "eval": 0}
+    for split, need in wanted.items():
         src = getattr(spec.data, split)
+        if src is None:
+            continue
         if _missing_local_path(src.source):
             raise SpecError(f"spec error: data.{split}.source: no such file {src.source!r}")
+        if not Path(src.source).expanduser().exists():
+            notes.append(f"data.{split}: {src.source!r} is not a local path; read as a hub "
+                         "dataset when the trials start (not checked here)")
+            continue
         try:
-            counts[split] = len(D.load_rows(src))
+            rows = len(D.load_rows(src))
         except ValueError as err:
             raise SpecError(f"spec error: data.{split}: {err}") from None
-    biggest = max(a["dataset_size"] for a in spec.attackers())
-    if biggest > counts["attack"]:
-        raise SpecError(f"spec error: space.dataset_size: {biggest} exceeds the "
-                        f"{counts['attack']} rows of data.attack; lower it")
+        if need > rows:
+            raise SpecError(f"spec error: {'space.dataset_size' if split == 'attack' else 'space.stages'}"
+                            f": {need} exceeds the {rows} rows of data.{split}; lower it")
     if spec.evaluator.name == "nll" and not spec.data.eval.response_field:
         raise SpecError("spec error: data.eval.response_field: the nll evaluator needs "
                         "reference responses")
+    return notes

@@ -1,16 +1,23 @@
 """The budget-to-failure report, from MLflow records alone.
 
     attack-sweep report --experiment quickstart --out reports/quickstart
+    report.write(report.load("sqlite:///mlflow.db", "quickstart"), "quickstart", out_dir, unit="tokens")
 
-Per defence: trials; how many attacks failed (crossed phi), resisted (censored at T),
-diverged, were unsafe at release or errored; the minimum budget-to-failure over attackers
-(steps and tokens) and the attacker that reached it; the median over attackers; and
-whether weak resistance held up to T (no attacker crossed phi within T).
+Per defence, in one budget unit (steps, examples, tokens, flops or accelerator_seconds):
+trials; how many attacks failed (crossed phi), resisted (censored at T), diverged, were
+unsafe at release or errored; the minimum budget-to-failure over attackers, the step
+resolution of its crossing and the attacker that reached it; the median over attackers;
+95% bootstrap intervals for both; whether weak resistance held up to T (no attacker
+crossed phi within T). Then every attacker against every defence, and the adversary's
+progress: the best budget-to-failure found so far against the compute spent so far.
 
 The median counts every attacker: those that never crossed phi (resisted or diverged)
 sit above T, so the median reads "> T" when fewer than half the attacks succeeded.
 Diverged attacks are failures of the attacker, never successes of the defence, but an
-attacker that diverged did not break the model either.
+attacker that diverged did not break the model either. Errored trials count for nothing
+but the compute they spent. The intervals resample each attacker's seeds (orchestrator/stats.py):
+they measure seed variation of these attackers and collapse to the point estimate when
+every attacker ran one seed.
 """
 
 from __future__ import annotations
@@ -22,7 +29,13 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from orchestrator import stats
+
 STATUSES = ("failed", "resisted", "diverged", "unsafe_at_release", "error")
+SUCCESS = ("failed", "unsafe_at_release")
+UNITS = ("steps", "examples", "tokens", "flops", "accelerator_seconds")
+# params of a trial run that are not attacker fields
+SWEEP_PARAMS = ("defence", "phi", "eval_every", "max_steps", "evaluator", "search", "unit")
 
 
 @dataclass
@@ -33,15 +46,41 @@ class Trial:
     params: dict[str, str]
     max_steps: int
     attacker_id: str = ""
-    steps: float | None = None
-    """budget_to_failure_steps (None unless the attack succeeded)."""
-    tokens: float | None = None
+    attacker_group: str = ""
+    """The attacker without its seed: repeats of one attacker over seeds share it."""
+    trial_number: int | None = None
+    """1-based order in which this defence's trials completed (None in older records)."""
+    start_time: int = 0
+    btf: dict[str, float] = field(default_factory=dict)
+    """budget_to_failure_<unit> by unit (empty unless the attack succeeded)."""
+    spent: dict[str, float] = field(default_factory=dict)
+    """Compute the trial spent by unit, whatever its status."""
+    resolution_steps: float | None = None
+    """The crossing lies within this many steps before budget_to_failure_steps."""
+    objective: float | None = None
 
-    def cell(self) -> str:
-        """This trial in a word: its budget-to-failure in steps, or why it has none."""
-        if self.steps is not None:
-            return "0 (unsafe)" if self.status == "unsafe_at_release" else _num(self.steps)
-        return f"> {self.max_steps}" if self.status == "resisted" else self.status
+    @property
+    def steps(self) -> float | None:
+        return self.btf.get("steps")
+
+    @property
+    def tokens(self) -> float | None:
+        return self.btf.get("tokens")
+
+    def value(self, unit: str) -> float | None:
+        """Budget-to-failure in `unit`: +inf when the attack never crossed phi within T; None
+        for an error, or a success recorded before this unit was."""
+        if self.status == "error":
+            return None
+        return self.btf.get(unit) if self.status in SUCCESS else math.inf
+
+    def cell(self, unit: str = "steps") -> str:
+        """This trial in a word: its budget-to-failure in `unit`, or why it has none."""
+        if self.status == "unsafe_at_release":
+            return "0 (unsafe)"
+        if self.status in ("diverged", "error"):
+            return self.status
+        return _fmt(self.value(unit), self.max_steps, unit)
 
 
 @dataclass
@@ -55,36 +94,80 @@ class DefenceRow:
 
     @property
     def successes(self) -> list[Trial]:
-        return [t for t in self.trials if t.steps is not None]
+        return [t for t in self.trials if t.status in SUCCESS]
 
     @property
     def worst_case(self) -> Trial | None:
         """The cheapest successful attack (by steps, then tokens)."""
-        return min(self.successes, key=lambda t: (t.steps, t.tokens), default=None)
+        return self.cheapest("steps")
+
+    def cheapest(self, unit: str) -> Trial | None:
+        """The cheapest successful attack in `unit` (ties broken by steps, then tokens)."""
+        scored = [t for t in self.successes if t.value(unit) is not None]
+        return min(scored, default=None, key=lambda t: (
+            t.value(unit), t.btf.get("steps", math.inf), t.btf.get("tokens", math.inf), t.attacker_id))
 
     @property
     def max_steps(self) -> int:
         return max(t.max_steps for t in self.trials)
 
-    def median_steps(self) -> float | None:
-        """Median budget-to-failure over attackers; None when it lies above T."""
-        scored = [t for t in self.trials if t.status != "error"]
-        values = sorted(t.steps if t.steps is not None else math.inf for t in scored)
-        if not values:
-            return None
-        mid = len(values) // 2
-        med = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-        return None if math.isinf(med) else med
-
     @property
     def weak_resistance(self) -> bool:
         return not self.successes
 
-    def survival(self) -> list[tuple[float, float]]:
-        """(steps, share of attacks not yet successful) at each success, starting at 1."""
-        n = sum(t.status != "error" for t in self.trials)
-        steps = sorted(t.steps for t in self.successes)
-        return [(0.0, 1.0)] + [(s, 1 - (i + 1) / n) for i, s in enumerate(steps)]
+    def values(self, unit: str) -> dict[str, list[float]]:
+        """Budget-to-failure in `unit` of every scored trial, by attacker group (+inf above T)."""
+        out: dict[str, list[float]] = {}
+        for t in self.trials:
+            if (v := t.value(_check(unit))) is not None:
+                out.setdefault(t.attacker_group, []).append(v)
+        return out
+
+    def missing(self, unit: str) -> int:
+        """Successful trials with no budget-to-failure recorded in `unit` (older records)."""
+        return sum(t.value(unit) is None for t in self.successes)
+
+    def median(self, unit: str = "steps") -> float:
+        """Median budget-to-failure over attackers: +inf when it lies above T, nan if none scored."""
+        return stats.median([v for vs in self.values(unit).values() for v in vs])
+
+    def ci(self, unit: str = "steps") -> dict[str, tuple[float, float]]:
+        """95% bootstrap intervals of the median and the minimum, seeds resampled per attacker."""
+        return stats.bootstrap_ci(self.values(unit))
+
+    def survival(self, unit: str = "steps") -> list[tuple[float, float]]:
+        """(budget, share of attacks not yet successful) at each success, starting at (0, 1)."""
+        values = [v for vs in self.values(unit).values() for v in vs]
+        found = sorted(v for v in values if not math.isinf(v))
+        return [(0.0, 1.0)] + [(v, 1 - (i + 1) / len(values)) for i, v in enumerate(found)]
+
+    def progress(self, unit: str = "steps") -> list[Progress]:
+        """The adversary's trials in the order they completed, with the compute spent so far
+        and the best budget-to-failure found so far (None until the first success)."""
+        _check(unit)
+        numbers = [t.trial_number for t in self.trials]
+        # two searches against one defence each count from 1: then only start times order them
+        numbered = None not in numbers and len(set(numbers)) == len(numbers)
+        order = sorted(self.trials, key=lambda t: t.trial_number if numbered else t.start_time)
+        out, spent, best = [], 0.0, None
+        for i, t in enumerate(order, 1):
+            # unknown once one trial's spend is unknown: a partial sum would understate the cost
+            spent = None if spent is None or unit not in t.spent else spent + t.spent[unit]
+            v = t.value(unit)
+            improved = v is not None and not math.isinf(v) and (best is None or v < best)
+            best = v if improved else best
+            out.append(Progress(self.defence, t.trial_number if numbered else i, spent, best, t.objective, improved))
+        return out
+
+
+@dataclass
+class Progress:
+    defence: str
+    trial_number: int
+    cumulative: float | None
+    best: float | None
+    objective: float | None
+    improved: bool
 
 
 def load(tracking_uri: str, experiment: str) -> list[DefenceRow]:
@@ -97,65 +180,168 @@ def load(tracking_uri: str, experiment: str) -> list[DefenceRow]:
     runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=50_000)
     rows: dict[str, DefenceRow] = {}
     for run in runs:
-        tags, metrics = run.data.tags, run.data.metrics
+        tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
         if "superseded" in tags or tags.get("status") not in STATUSES:
             continue
+        btf = {u: metrics[f"budget_to_failure_{u}"] for u in UNITS if f"budget_to_failure_{u}" in metrics}
+        resolution = metrics.get("budget_resolution_steps")
+        if resolution is None and btf:  # older records: the crossing lies within one eval_every
+            resolution = 0.0 if tags["status"] == "unsafe_at_release" else _maybe_float(params.get("eval_every"))
+        number = tags.get("trial_number", "")
         trial = Trial(
             defence=tags["defence"], is_base=tags.get("base") == "true", status=tags["status"],
-            params=run.data.params, max_steps=int(run.data.params.get("max_steps", 0)),
+            params=params, max_steps=int(params.get("max_steps", 0)),
             attacker_id=tags.get("attacker_id", ""),
-            steps=metrics.get("budget_to_failure_steps"),
-            tokens=metrics.get("budget_to_failure_tokens"))
+            attacker_group=tags.get("attacker_group") or _group(params) or tags.get("attacker_id", ""),
+            trial_number=int(number) if number.isdigit() else None, start_time=run.info.start_time or 0,
+            btf=btf, spent=_spent(client, run), resolution_steps=resolution, objective=metrics.get("objective"))
         rows.setdefault(trial.defence, DefenceRow(trial.defence, trial.is_base)).trials.append(trial)
     return sorted(rows.values(), key=lambda r: (not r.is_base, r.defence))
 
 
-ATTACKER_KEYS = ("defence", "phi", "eval_every", "max_steps", "evaluator")
+def _spent(client: MlflowClient, run) -> dict[str, float]:
+    """spent_<unit>, or in older records the budget at the trial's last evaluation."""
+    m = run.data.metrics
+    spent = {u: m[f"spent_{u}"] for u in UNITS if f"spent_{u}" in m}
+    for unit in UNITS[1:]:  # each has a curve of the same name: its latest value is the last evaluation's
+        if unit in m or "harmfulness" not in m:  # never evaluated: nothing spent that was measured
+            spent.setdefault(unit, m.get(unit, 0.0))
+    if "steps" not in spent:
+        ends = [m[k] for k in ("budget_to_failure_steps", "censored_at_steps", "diverged_at_steps") if k in m]
+        spent["steps"] = ends[0] if ends else float(max(
+            (p.step for p in client.get_metric_history(run.info.run_id, "harmfulness")), default=0))
+    return spent
+
+
+def _group(params: dict[str, str]) -> str:
+    """An older record's attacker group: its attacker fields but the seed."""
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()) if k not in (*SWEEP_PARAMS, "seed"))
+
+
+def _varying(trials: list[Trial]) -> list[str]:
+    """The attacker params that vary across `trials`."""
+    keys = sorted({k for t in trials for k in t.params} - set(SWEEP_PARAMS))
+    return [k for k in keys if len({t.params.get(k) for t in trials}) > 1]
 
 
 def attacker_label(row_trials: list[Trial], trial: Trial) -> str:
     """The attacker's params that vary across the experiment."""
-    keys = sorted({k for t in row_trials for k in t.params} - set(ATTACKER_KEYS))
-    varying = [k for k in keys if len({t.params.get(k) for t in row_trials}) > 1]
-    return " ".join(f"{k}={trial.params.get(k)}" for k in varying) or "(single attacker)"
+    return " ".join(f"{k}={_short(trial.params.get(k))}" for k in _varying(row_trials)) or "(single attacker)"
 
 
-def table(rows: list[DefenceRow]) -> tuple[list[str], list[list[str]]]:
+def _short(value: str | None) -> str | None:
+    """A float param as 3 significant digits (a searcher's 0.008050778165087029 -> 0.00805)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return value
+    return value if x.is_integer() or "e" in value.lower() and len(value) < 8 else f"{x:.3g}"
+
+
+def table(rows: list[DefenceRow], unit: str = "steps") -> tuple[list[str], list[list[str]]]:
+    """One row per defence, ranked by budget-to-failure in `unit`."""
+    _check(unit)
     everyone = [t for r in rows for t in r.trials]
     header = ["defence", "trials", "failed", "resisted", "diverged", "unsafe@0", "error",
-              "min_btf_steps", "min_btf_tokens", "median_btf_steps", "weak_resistance_to_T",
-              "cheapest_successful_attacker"]
+              f"min_btf_{unit}", "resolution_steps", "min_ci95", f"median_btf_{unit}", "median_ci95",
+              "weak_resistance_to_T", "cheapest_successful_attacker"]
     body = []
     for r in rows:
-        worst = r.worst_case
-        med = r.median_steps()
+        worst, T, ci = r.cheapest(unit), r.max_steps, r.ci(unit)
+        res = worst.resolution_steps if worst else None
         body.append([
             r.defence + (" (base)" if r.is_base else ""), str(len(r.trials)),
             *(str(r.count(s)) for s in STATUSES),
-            _num(worst.steps) if worst else f"> {r.max_steps}",
-            _num(worst.tokens) if worst else "-",
-            _num(med) if med is not None else f"> {r.max_steps}",
-            f"{'held' if r.weak_resistance else 'broken'} (T={r.max_steps})",
+            _fmt(worst.value(unit), T, unit) if worst else _above(T, unit) if r.values(unit) else "-",
+            _num(res) if res is not None else "-",
+            _interval(ci["min"], T, unit), _fmt(r.median(unit), T, unit), _interval(ci["median"], T, unit),
+            f"{'held' if r.weak_resistance else 'broken'} (T={T})",
             attacker_label(everyone, worst) if worst else "-",
         ])
     return header, body
 
 
-def attacker_table(rows: list[DefenceRow]) -> tuple[list[str], list[list[str]]]:
-    """Budget-to-failure (steps) of every attacker against every defence, side by side."""
+def attacker_table(rows: list[DefenceRow], unit: str = "steps") -> tuple[list[str], list[list[str]]]:
+    """Budget-to-failure in `unit` of every attacker against every defence, side by side,
+    sorted by the varying attacker params (numbers as numbers: 32 before 128)."""
     everyone = [t for r in rows for t in r.trials]
+    keys = _varying(everyone)
     by_attacker: dict[str, dict[str, Trial]] = {}
     for t in everyone:
         by_attacker.setdefault(t.attacker_id, {})[t.defence] = t
     header = ["attacker", *(r.defence for r in rows)]
-    body = [[attacker_label(everyone, next(iter(cells.values()))),
-             *(cells[r.defence].cell() if r.defence in cells else "-" for r in rows)]
-            for cells in by_attacker.values()]
-    return header, sorted(body)
+    entries = []
+    for cells in by_attacker.values():
+        first = next(iter(cells.values()))
+        line = [attacker_label(everyone, first), *(cells[r.defence].cell(unit) if r.defence in cells else "-"
+                                                   for r in rows)]
+        entries.append(([_order(first.params.get(k)) for k in keys], line))
+    return header, [line for _, line in sorted(entries)]
+
+
+def progress_table(rows: list[DefenceRow], unit: str = "steps", every: bool = False
+                   ) -> tuple[list[str], list[list[str]]]:
+    """The adversary's progress: with `every`, all trials (progress.csv); otherwise only the
+    trials that improved the best budget-to-failure, then one totals row per defence."""
+    header = ["defence", "trial_number", f"cumulative_{unit}", f"best_btf_{unit}"] + (["objective"] if every else [])
+    body = []
+    for r in rows:
+        steps = r.progress(unit)
+        if every:  # data for plots: full precision, empty when unknown
+            body += [[r.defence, str(p.trial_number), *("" if x is None else f"{x:.12g}" for x in
+                                                        (p.cumulative, p.best, p.objective))] for p in steps]
+        elif steps:
+            body += [[r.defence, str(p.trial_number), _fmt(p.cumulative), _fmt(p.best)] for p in steps if p.improved]
+            last = steps[-1]
+            best = _fmt(last.best) if last.best is not None else _above(r.max_steps, unit)
+            body.append([r.defence, f"all {len(steps)}", _fmt(last.cumulative), best])
+    return header, body
+
+
+def notes(rows: list[DefenceRow], unit: str) -> list[str]:
+    """What the numbers leave out."""
+    return [f"note: {r.defence}: {n} successful trial(s) lack budget_to_failure_{unit} (older records) "
+            f"and are left out of the {unit} columns" for r in rows if (n := r.missing(unit))]
+
+
+def _check(unit: str) -> str:
+    if unit not in UNITS:
+        raise ValueError(f"unknown budget unit {unit!r}; choose one of: {', '.join(UNITS)}")
+    return unit
+
+
+def _order(value: str | None) -> tuple[int, float, str]:
+    """Sort key of a param value: numbers by value, before text; missing last."""
+    if value is None:
+        return (2, 0.0, "")
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _maybe_float(x: str | None) -> float | None:
+    return None if x is None else float(x)
 
 
 def _num(x: float) -> str:
     return f"{x:g}" if x < 1e6 else f"{x:.3g}"
+
+
+def _above(T: int, unit: str) -> str:
+    """A budget-to-failure above the horizon T (which is counted in steps)."""
+    return f"> {T}" if unit == "steps" else "> T"
+
+
+def _fmt(x: float | None, T: int = 0, unit: str = "steps") -> str:
+    if x is None or math.isnan(x):
+        return "-"
+    return _above(T, unit) if math.isinf(x) else _num(x)
+
+
+def _interval(ci: tuple[float, float], T: int, unit: str) -> str:
+    lo, hi = ci
+    return "-" if math.isnan(lo) else f"[{_fmt(lo, T, unit)}, {_fmt(hi, T, unit)}]"
 
 
 def render_text(header: list[str], body: list[list[str]]) -> str:
@@ -166,34 +352,41 @@ def render_text(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(experiment: str, header: list[str], body: list[list[str]]) -> str:
-    out = [f"# Budget-to-failure: {experiment}", "", _md_table(header, body)]
-    out += ["", "btf = budget-to-failure: the attacker budget at the first evaluation where "
-            "harmfulness f exceeded phi. Resisted trials are censored at T; diverged ones are "
-            "failed attacks. Median over attackers; '> T' when fewer than half succeeded."]
+def render_markdown(experiment: str, header: list[str], body: list[list[str]], unit: str = "steps") -> str:
+    out = [f"# Budget-to-failure ({unit}): {experiment}", "", _md_table(header, body)]
+    out += ["", f"btf = budget-to-failure: the attacker budget ({unit}) at the first evaluation where "
+            "harmfulness f exceeded phi; the crossing lies within resolution_steps steps before it. "
+            "Resisted trials are censored at T (steps); diverged ones are failed attacks. "
+            "Median over attackers; '> T' when fewer than half succeeded. ci95: 2.5-97.5 percentiles "
+            f"of {stats.RESAMPLES} bootstrap resamples of each attacker's seeds; they measure seed "
+            "variation of these attackers and collapse to the point estimate with one seed per attacker."]
     return "\n".join(out) + "\n"
 
 
-def write(rows: list[DefenceRow], experiment: str, out_dir: Path) -> str:
-    """Write report.csv, attackers.csv, report.md and survival.csv; return the text tables."""
-    header, body = table(rows)
-    a_header, a_body = attacker_table(rows)
+def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "steps") -> str:
+    """Write report.csv, attackers.csv, report.md, survival.csv and progress.csv, all in
+    `unit`; return the text tables."""
+    header, body = table(rows, unit)
+    a_header, a_body = attacker_table(rows, unit)
+    p_header, p_body = progress_table(rows, unit)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, (h, b) in {"report.csv": (header, body), "attackers.csv": (a_header, a_body)}.items():
+    survival = [[r.defence, _num(s), f"{p:.4f}"] for r in rows for s, p in r.survival(unit)]
+    for name, (h, b) in {"report.csv": (header, body), "attackers.csv": (a_header, a_body),
+                         "progress.csv": progress_table(rows, unit, every=True),
+                         "survival.csv": (["defence", unit, "share_not_yet_successful"], survival)}.items():
         with open(out_dir / name, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(h)
             w.writerows(b)
-    md = render_markdown(experiment, header, body)
-    md += "\n## Budget-to-failure (steps) per attacker\n\n" + _md_table(a_header, a_body) + "\n"
+    extra = notes(rows, unit)
+    a_title = f"budget-to-failure ({unit}) per attacker"
+    p_title = f"adversary progress ({unit}): trials that improved the best budget-to-failure, then totals"
+    md = render_markdown(experiment, header, body, unit) + "".join(f"\n{n}\n" for n in extra)
+    md += f"\n## {a_title.capitalize()}\n\n{_md_table(a_header, a_body)}\n"
+    md += f"\n## {p_title[0].upper()}{p_title[1:]}\n\n{_md_table(p_header, p_body)}\n"
     (out_dir / "report.md").write_text(md)
-    with open(out_dir / "survival.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["defence", "steps", "share_not_yet_successful"])
-        for r in rows:
-            w.writerows([r.defence, _num(s), f"{p:.4f}"] for s, p in r.survival())
-    return (render_text(header, body) + "\n\nbudget-to-failure (steps) per attacker:\n"
-            + render_text(a_header, a_body))
+    return "\n\n".join([render_text(header, body), *extra, f"{a_title}:\n{render_text(a_header, a_body)}",
+                        f"{p_title}:\n{render_text(p_header, p_body)}"])
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:

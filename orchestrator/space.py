@@ -8,7 +8,7 @@ In YAML each attacker field is either a constant or a one-key mapping naming a d
     finetune: lora                                   # constant
 
 The values inside a domain are checked against the field's type in trainables.Attacker,
-so `{choice: [adamw, adagrad]}` fails naming `optimizer` and the allowed values.
+so `{choice: [adamw, lion]}` fails naming `optimizer` and the allowed values.
 """
 
 from __future__ import annotations
@@ -132,8 +132,71 @@ def attackers(space: BaseModel, algorithm: Literal["grid", "random"], num_sample
             cfg = {n: d.values[0] for n, d in dims.items() if d.kind == "constant"}
             cfg.update(zip(crossed, combo, strict=True))
             cfg.update(draw)
-            out.append({n: cfg[n] for n in dims})  # field order, for stable display
+            out.append(as_json({n: cfg[n] for n in dims}))  # field order, for stable display
     return out
+
+
+def as_json(attacker: dict[str, Any]) -> dict[str, Any]:
+    """An attacker config as plain JSON values (stages as dicts), the form trials carry."""
+    return Attacker.model_validate(attacker).model_dump(mode="json")
+
+
+def searched(space: BaseModel) -> dict[str, Dim]:
+    """The dimensions an adaptive searcher explores (grid counts as a choice there)."""
+    return {n: d for n, d in dict(space).items() if d.kind != "constant"}
+
+
+def decode(space: BaseModel, config: dict[str, Any]) -> dict[str, Any]:
+    """A searcher's config -> an attacker. Categorical dimensions travel as indices, so any
+    value (a list of target modules, a list of stages) can be searched by TPE/HyperOpt."""
+    out = {}
+    for n, d in dict(space).items():
+        if d.kind == "constant":
+            out[n] = d.values[0]
+        elif d.kind in ("grid", "choice"):
+            out[n] = d.values[int(config[n])]
+        elif d.kind == "randint":
+            out[n] = int(config[n])
+        else:
+            out[n] = float(config[n])
+    return as_json(out)
+
+
+def encode(space: BaseModel, attacker: dict[str, Any]) -> dict[str, Any] | None:
+    """An attacker -> the searcher's config (None when it lies outside this space)."""
+    out: dict[str, Any] = {}
+    for n, d in searched(space).items():
+        value = attacker.get(n)
+        if d.kind in ("grid", "choice"):
+            options = [json.dumps(as_json({n: v})[n], sort_keys=True) for v in d.values]
+            key = json.dumps(value, sort_keys=True)
+            if key not in options:
+                return None
+            out[n] = options.index(key)
+        else:
+            lo, hi = d.values
+            if not isinstance(value, (int, float)) or not lo <= value <= hi:
+                return None
+            out[n] = value
+    return out
+
+
+def max_horizon(space: BaseModel, max_steps: int) -> int:
+    """The longest training length T an attacker of this space can have (for the penalty)."""
+    dims: dict[str, Dim] = dict(space)
+    steps = dims["steps"]
+    if steps.kind == "randint":
+        longest = int(steps.values[1]) - 1
+    else:
+        longest = max(int(v) if v is not None else max_steps for v in steps.values)
+    stage_sums = [sum(int(_get(s, "steps")) for s in v) for v in dims["stages"].values if v]
+    if stage_sums and all(dims["stages"].values):  # every attacker is staged: steps is unused
+        return max(stage_sums)
+    return max([longest, *stage_sums])
+
+
+def _get(obj: Any, name: str) -> Any:
+    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
 
 
 def attacker_id(attacker: dict[str, Any]) -> str:

@@ -4,8 +4,7 @@
 
 Errors come out one per line, each naming the field and what it accepts:
 
-    spec error: space.optimizer: choice[1]: Input should be 'adamw', 'adam', 'sgd' or
-    'sgd_momentum' (got 'adagrad')
+    spec error: space.finetune: choice[1]: Input should be 'lora' or 'full' (got 'qlora')
 """
 
 from __future__ import annotations
@@ -38,15 +37,35 @@ class Defence(Checkpoint):
     """True for the undefended base model the defences are compared against (exactly one)."""
 
 
+Algorithm = Literal["grid", "random", "tpe", "hyperopt"]
+ADAPTIVE: tuple[Algorithm, ...] = ("tpe", "hyperopt")
+Unit = Literal["steps", "examples", "tokens", "flops", "accelerator_seconds"]
+
+
 class Search(_Strict):
-    algorithm: Literal["grid", "random"] = "grid"
-    """grid: cross every grid/choice dimension; random: draw num_samples attackers."""
+    """How the adversary picks attackers. Every defence gets its own search."""
+
+    algorithm: Algorithm = "grid"
+    """grid: cross every grid/choice dimension; random: draw num_samples attackers;
+    tpe (Optuna TPE) / hyperopt (HyperOpt TPE): model-based adversaries that pick each next
+    attacker from the results so far, minimising budget-to-failure in `unit`."""
     num_samples: int = Field(1, gt=0)
-    """random: attackers drawn per combination of grid dimensions (grid: must be 1)."""
+    """random: attackers drawn per combination of grid dimensions (grid: must be 1);
+    tpe/hyperopt: trials per defence."""
+    n_initial: int = Field(5, ge=1)
+    """tpe/hyperopt: random trials before the model starts to steer."""
+    unit: Unit = "steps"
+    """The budget unit the adversary minimises and max_compute counts in."""
+    penalty: float = Field(2.0, ge=1)
+    """An attack that resisted (censored at T) or diverged enters the objective as
+    penalty x the budget of a full-length run: penalty x T_max x (its budget per step)."""
+    max_compute: float | None = Field(None, gt=0)
+    """Cap on the attacker compute spent per defence, in `unit` (all trials summed); the
+    search starts no new trial once it is spent (trials in flight finish)."""
     max_concurrent: int | None = Field(None, gt=0)
     """Trials run at once (default: as many as the resources allow)."""
     seed: int = 0
-    """Seeds the draw of attackers, so a rerun draws the same ones."""
+    """Seeds the draw of attackers and the adaptive searchers, so a rerun draws the same."""
 
 
 class Resources(_Strict):
@@ -70,7 +89,14 @@ class SweepSpec(_Strict):
     eval_every: int = Field(10, gt=0)
     """Evaluate f every this many steps (and at step 0 and at max_steps)."""
     max_steps: int = Field(100, gt=0)
-    """T: the step budget; a trial that never crosses phi is censored at T."""
+    """T: the step budget; a trial that never crosses phi is censored at T. An attacker
+    with its own `steps` (or `stages`) replaces it for that trial."""
+    eval_schedule: Literal["every", "geometric"] = "every"
+    """every: f at step 0 and every eval_every steps; geometric: at steps 1, 2, 4, 8, ...
+    (both also at the end of each stage and at T)."""
+    refine: int = Field(0, ge=0, le=10)
+    """Bisection rounds after a crossing: back to the state saved at the last safe
+    evaluation, evaluate halfway, repeat; 3 pins the budget within eval_every/8."""
     search: Search = Search()
     space: AttackerSpace = AttackerSpace()
     resources: Resources = Resources()
@@ -108,10 +134,21 @@ class SweepSpec(_Strict):
             if self.search.num_samples != 1:
                 raise ValueError("search.num_samples must be 1 with search.algorithm=grid "
                                  "(add a seed dimension to repeat attackers)")
+        if self.search.algorithm in ADAPTIVE and not any(
+                d.kind != "constant" for d in dict(self.space).values()):
+            raise ValueError(f"search.algorithm={self.search.algorithm} needs at least one "
+                             "non-constant space dimension to search")
         return self
 
+    @property
+    def adaptive(self) -> bool:
+        return self.search.algorithm in ADAPTIVE
+
     def attackers(self) -> list[dict[str, Any]]:
+        """The attackers of a grid/random search, the same for every defence (JSON-ready)."""
         s = self.search
+        if self.adaptive:
+            raise ValueError("an adaptive search picks its attackers while it runs")
         return attackers(self.space, s.algorithm, s.num_samples, s.seed)
 
     @property
@@ -122,19 +159,23 @@ class SweepSpec(_Strict):
 # --- loading ---------------------------------------------------------------------------
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str | tuple[str, Any]]) -> dict:
     """Apply `key.path=value` overrides; the value is parsed as YAML (numbers, lists, maps).
-    List items are addressed by index: `defences.0.model=./ckpt`."""
+    List items are addressed by index: `defences.0.model=./ckpt`. A (key, value) pair is
+    applied as it is (from an overlay file)."""
     for item in overrides:
-        if "=" not in item:
+        if isinstance(item, tuple):
+            key, parsed = item
+        elif "=" not in item:
             raise SpecError(f"error: --set {item!r}: expected KEY=VALUE, e.g. --set max_steps=50")
-        key, value = item.split("=", 1)
+        else:
+            key, value = item.split("=", 1)
+            parsed = yaml.safe_load(value) if value.strip() else None
         parts = key.strip().split(".")
         node: Any = raw
         for i, part in enumerate(parts[:-1]):
             node = _child(node, part, ".".join(parts[: i + 1]))
         last = parts[-1]
-        parsed = yaml.safe_load(value) if value.strip() else None
         if isinstance(node, list):
             node[_index(node, last, key)] = parsed
         elif isinstance(node, dict):
@@ -184,7 +225,7 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
             for key in ("model", "adapter", "tokenizer"):
                 fix(d, key)
     data = raw.get("data") or {}
-    for split in ("attack", "eval"):
+    for split in ("attack", "eval", "benign"):
         if isinstance(data.get(split), dict):
             fix(data[split], "source")
 
@@ -215,21 +256,32 @@ def _allowed(loc: tuple) -> str:
     return ", ".join(getattr(model, "model_fields", {})) or "?"
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
-    path = Path(path)
+def _read_mapping(path: Path, what: str) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SpecError(f"error: spec file {str(path)!r} not found") from None
+        raise SpecError(f"error: {what} {str(path)!r} not found") from None
     except yaml.YAMLError as err:
-        raise SpecError(f"error: spec file {str(path)!r} is not valid YAML: {err}".replace("\n", " ")) \
+        raise SpecError(f"error: {what} {str(path)!r} is not valid YAML: {err}".replace("\n", " ")) \
             from None
     if not isinstance(raw, dict):
-        raise SpecError(f"error: spec file {str(path)!r} must hold a mapping of fields")
-    return from_dict(raw, overrides or [], base_dir=path.parent)
+        raise SpecError(f"error: {what} {str(path)!r} must hold a mapping of fields")
+    return raw
 
 
-def from_dict(raw: dict, overrides: list[str] | None = None,
+def overlay(path: str | Path) -> list[tuple[str, Any]]:
+    """An overlay file: a YAML mapping of `key.path: value` overrides, applied in order like
+    --set (e.g. examples/toyworld_overlay.yaml retargets a library spec at the toy world).
+    Relative paths in its values are resolved against the spec, as --set values are."""
+    return list(_read_mapping(Path(path), "overlay file").items())
+
+
+def load(path: str | Path, overrides: list[str | tuple[str, Any]] | None = None) -> SweepSpec:
+    path = Path(path)
+    return from_dict(_read_mapping(path, "spec file"), overrides or [], base_dir=path.parent)
+
+
+def from_dict(raw: dict, overrides: list[str | tuple[str, Any]] | None = None,
               base_dir: Path | None = None) -> SweepSpec:
     raw = apply_overrides(raw, overrides or [])
     if base_dir is not None:

@@ -1,22 +1,28 @@
-"""The sweep: every defence against every attacker, as Ray Tune trials recorded in MLflow.
+"""The sweep: every defence against the adversary's attackers, as Ray Tune trials recorded
+in MLflow.
 
     from orchestrator import spec, sweep
     sweep.run(spec.load("search_spaces/quickstart.yaml"), tracking_uri="sqlite:///mlflow.db")
 
-Ray is imported here and nowhere else. Each Tune trial calls the plain
-`trainables.run_attack` and forwards every evaluation with `tune.report`; a stopper ends
-a trial once f > phi; the driver-side MLflow callback records what Tune sees.
+Each defence gets its own search, one Tune run after another: grid/random hand Tune a
+precomputed list of attackers (the same for every defence); tpe/hyperopt let a model-based
+searcher pick each next attacker from the objective of the trials so far (see
+orchestrator/adversary.py). Each Tune trial calls the plain `trainables.run_attack` and
+forwards every evaluation with `tune.report`; the driver-side MLflow callback records
+what Tune sees. Ray is imported here and in the Tune callback of tracking.py, nowhere else.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.space import attacker_id, digest
-from orchestrator.spec import SweepSpec
+from orchestrator.adversary import BUDGET_UNITS, Progress, objective
+from orchestrator.space import attacker_id, decode, digest, encode, max_horizon, searched
+from orchestrator.spec import Defence, SweepSpec
 from orchestrator.tracking import DEFAULT_TRACKING_URI, Tracker, callback
 from trainables.budget import TERMINAL
 from trainables.config import AttackConfig
@@ -29,7 +35,8 @@ def attack_config(spec: SweepSpec, trial: dict[str, Any]) -> AttackConfig:
         checkpoint=defence.model_dump(exclude={"name", "base"}),
         data=spec.data, evaluator=spec.evaluator,
         attacker={k: v for k, v in trial.items() if k != "defence"},
-        phi=spec.phi, eval_every=spec.eval_every, max_steps=spec.max_steps, device=spec.device,
+        phi=spec.phi, eval_every=spec.eval_every, max_steps=spec.max_steps,
+        eval_schedule=spec.eval_schedule, refine=spec.refine, device=spec.device,
     )
 
 
@@ -39,8 +46,16 @@ def trial_key(spec: SweepSpec, trial: dict[str, Any]) -> str:
                    **attack_config(spec, trial).model_dump(mode="json")})
 
 
+def search_key(spec: SweepSpec) -> str:
+    """Digest of what decides the search itself: a rerun with more samples, a larger
+    compute cap or other concurrency continues the same search."""
+    dump = spec.model_dump(mode="json", exclude={"resources": True, "search": {
+        "num_samples", "max_compute", "max_concurrent"}})
+    return digest(dump)[:16]
+
+
 def trials(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Attacker-major order, so every defence has faced the first attackers early."""
+    """grid/random: every trial, attacker-major, as {defence, **attacker}."""
     return [{"defence": d.name, **a} for a in spec.attackers() for d in spec.defences]
 
 
@@ -50,108 +65,243 @@ def label(attacker: dict[str, Any], varying: list[str]) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, list) and v and isinstance(v[0], dict):  # stages
+        return "+".join(s.get("name") or f"{s['data']}x{s['steps']}" for s in v)
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def varying_fields(spec: SweepSpec) -> list[str]:
-    return [k for k, d in dict(spec.space).items() if d.kind != "constant"]
+    return list(searched(spec.space))
 
 
-def _run_trial(config: dict[str, Any], *, spec_json: str) -> None:
-    """The Tune function trainable: the attack loop, with every evaluation reported."""
+def attacker_of(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """The attacker of a Tune trial config (adaptive searchers carry encoded values)."""
+    return decode(spec.space, config) if spec.adaptive else \
+        {k: v for k, v in config.items() if k != "defence"}
+
+
+def _run_trial(config: dict[str, Any], *, spec_json: str, defence: str) -> None:
+    """The Tune function trainable: the attack loop, with every evaluation reported along
+    with the searcher's objective (provisional until the final evaluation)."""
     from ray import tune
 
     from trainables import run_attack
 
     spec = SweepSpec.model_validate_json(spec_json)
-    run_attack(attack_config(spec, config), on_eval=lambda p: tune.report(p.as_dict()))
+    s, t_max = spec.search, max_horizon(spec.space, spec.max_steps)
+    cfg = attack_config(spec, {"defence": defence, **attacker_of(spec, config)})
+
+    def report(point) -> None:
+        result = point.as_dict()
+        tune.report({**result, "objective": objective(result, s.unit, s.penalty, t_max)})
+
+    run_attack(cfg, on_eval=report)
 
 
 def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str | None = None,
         storage_path: str | None = None, echo: Callable[[str], None] = print) -> str:
-    """Run the sweep's pending trials; returns the MLflow experiment id."""
-    all_trials = trials(spec)
+    """Run the sweep's pending trials, defence by defence; returns the MLflow experiment id."""
+    s = spec.search
+    per_defence = s.num_samples if spec.adaptive else len(spec.attackers())
     tracker = Tracker(tracking_uri, spec.name, digest(spec.model_dump(mode="json")), {
         "defences": ",".join(d.name for d in spec.defences), "phi": spec.phi,
-        "eval_every": spec.eval_every, "max_steps": spec.max_steps,
-        "evaluator": spec.evaluator.name, "search": spec.search.algorithm,
-        "num_trials": len(all_trials)})
+        "eval_every": spec.eval_every, "eval_schedule": spec.eval_schedule,
+        "refine": spec.refine, "max_steps": spec.max_steps, "evaluator": spec.evaluator.name,
+        "search": s.algorithm, "unit": s.unit, "num_trials": per_defence * len(spec.defences)})
     done = tracker.completed_keys()
-    pending = [t for t in all_trials if trial_key(spec, t) not in done]
-    echo(f"sweep {spec.name!r}: {len(all_trials)} trials ({len(spec.defences)} defences x "
-         f"{len(all_trials) // len(spec.defences)} attackers); {len(all_trials) - len(pending)} "
-         f"already recorded in MLflow, {len(pending)} to run")
+    cap = f", at most {s.max_compute:g} {s.unit} each" if s.max_compute else ""
+    echo(f"sweep {spec.name!r}: {len(spec.defences)} defences x {per_defence} attackers "
+         f"({s.algorithm} search, minimising budget-to-failure in {s.unit}{cap})")
     interrupted = True
     try:
-        if pending:
-            _fit(spec, pending, tracker, address, storage_path, echo)
+        for defence in spec.defences:
+            _search(spec, defence, tracker, done, address, storage_path, echo)
         interrupted = False
     finally:
         tracker.close(interrupted=interrupted)
     return tracker.experiment_id
 
 
-def _fit(spec: SweepSpec, pending: list[dict], tracker: Tracker, address: str | None,
-         storage_path: str | None, echo: Callable[[str], None]) -> None:
+def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
+            address: str | None, storage_path: str | None, echo: Callable[[str], None]) -> None:
+    """One defence's search: resume from its recorded trials, then run what is left."""
+    s, skey = spec.search, search_key(spec)
+    prior = tracker.finished_trials(defence.name, skey)
+    progress = Progress(s.unit)
+    for run in prior:
+        m = run.data.metrics
+        progress.add(run.data.tags["status"], m.get(f"spent_{s.unit}", 0.0),
+                     m.get(f"budget_to_failure_{s.unit}"))
+    if spec.adaptive:
+        configs, pending = None, max(0, s.num_samples - len(prior))
+    else:
+        configs = [a for a in spec.attackers()
+                   if trial_key(spec, {"defence": defence.name, **a}) not in done]
+        pending = len(configs)
+    what = f"defence {defence.name!r}: {len(prior)} trials already recorded, {pending} to run"
+    if s.max_compute and progress.compute >= s.max_compute:
+        echo(f"{what}; compute cap already spent ({progress.compute:g} >= {s.max_compute:g} {s.unit})")
+        return
+    echo(what)
+    if not pending:
+        return
+    adversary = tracker.adversary_run(defence.name, skey, {
+        "algorithm": s.algorithm, "unit": s.unit, "penalty": s.penalty,
+        "max_compute": s.max_compute, "num_samples": s.num_samples, "n_initial": s.n_initial,
+        "seed": s.seed})
+    priors = [(a, r.data.metrics["objective"]) for r in prior
+              if "objective" in r.data.metrics and "attacker" in r.data.tags
+              and (a := encode(spec.space, _json(r.data.tags["attacker"]))) is not None]
+    _fit(spec, defence, configs, pending, priors, progress, adversary, tracker, skey,
+         address, storage_path, echo)
+
+
+def _json(text: str) -> dict:
+    import json
+
+    return json.loads(text)
+
+
+def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending: int,
+         priors: list[tuple[dict, float]], progress: Progress, adversary: str, tracker: Tracker,
+         skey: str, address: str | None, storage_path: str | None,
+         echo: Callable[[str], None]) -> None:
+    import json
+
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     from ray import tune
-    from ray.tune.search import Searcher
 
-    class FixedTrials(Searcher):
-        """Hands Tune a precomputed list of trials (grid/random sweeps)."""
-
-        def __init__(self, configs: list[dict]):
-            super().__init__()
-            self._configs = list(configs)
-
-        def set_search_properties(self, metric, mode, config, **spec) -> bool:
-            return True
-
-        def suggest(self, trial_id: str):
-            return self._configs.pop(0) if self._configs else Searcher.FINISHED
-
-        def on_trial_complete(self, trial_id, result=None, error=False) -> None:
-            pass
+    s = spec.search
+    field = BUDGET_UNITS[s.unit]
+    varying = varying_fields(spec)
 
     class PhiStopper(tune.Stopper):
-        """Stop a trial at its first evaluation with f > phi, or at its final status."""
+        """Stop a trial at its final status (the loop itself stops at the crossing, after
+        refining it)."""
 
         def __call__(self, trial_id: str, result: dict) -> bool:
-            return result.get("status") in TERMINAL or result.get("harmfulness", 0) > spec.phi
+            return result.get("status") in TERMINAL
 
         def stop_all(self) -> bool:
             return False
 
-    varying = varying_fields(spec)
-    base = spec.base.name
-
     def describe(config: dict) -> dict[str, Any]:
-        attacker = {k: v for k, v in config.items() if k != "defence"}
-        return {"key": trial_key(spec, config), "defence": config["defence"],
-                "is_base": config["defence"] == base, "attacker_id": attacker_id(attacker),
-                "label": label(attacker, varying),
-                "params": {"defence": config["defence"], **attacker, "phi": spec.phi,
-                           "eval_every": spec.eval_every, "max_steps": spec.max_steps,
-                           "evaluator": spec.evaluator.name}}
+        attacker = attacker_of(spec, config)
+        trial = {"defence": defence.name, **attacker}
+        horizon = attack_config(spec, trial).horizon
+        return {"key": trial_key(spec, trial), "defence": defence.name, "is_base": defence.base,
+                "attacker_id": attacker_id(attacker), "label": label(attacker, varying),
+                "params": {"defence": defence.name, **attacker, "phi": spec.phi,
+                           "eval_every": spec.eval_every, "eval_schedule": spec.eval_schedule,
+                           "refine": spec.refine, "max_steps": horizon,
+                           "evaluator": spec.evaluator.name, "search": s.algorithm,
+                           "unit": s.unit},
+                "tags": {"attacker_group": attacker_id({**attacker, "seed": None}),
+                         "attacker": json.dumps(attacker, sort_keys=True)[:5000],
+                         "search_key": skey}}
 
     if not ray.is_initialized():
         local = address is None
         ray.init(address=address, include_dashboard=False if local else None,
                  log_to_driver=False, configure_logging=True, logging_level="ERROR")
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, spec_json=spec.model_dump_json()),
+        tune.with_parameters(_run_trial, spec_json=spec.model_dump_json(), defence=defence.name),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     storage = storage_path or str(Path.cwd() / ".attack-sweep" / "ray_results")
     if "://" not in storage:  # a local path: Tune wants it absolute; s3:// gs:// stay as given
         storage = str(Path(storage).resolve())
+    searcher = _capped(_searcher(spec, configs, priors), field, s.max_compute, progress.compute)
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=FixedTrials(pending), num_samples=len(pending),
-                                    max_concurrent_trials=spec.search.max_concurrent,
-                                    reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=pending,
+                                    max_concurrent_trials=s.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=storage, stop=PhiStopper(), verbose=0,
-            callbacks=[callback(tracker, describe, len(pending), echo)]),
+            name=f"{spec.name}-{defence.name}", storage_path=storage, stop=PhiStopper(),
+            verbose=0, callbacks=[callback(tracker, describe, progress.trials + pending,
+                                           progress, adversary, echo, start=progress.trials)]),
     )
     tuner.fit()
+
+
+def _searcher(spec: SweepSpec, configs: list[dict] | None, priors: list[tuple[dict, float]]):
+    """The adversary: a fixed list (grid/random) or a model-based searcher (tpe/hyperopt)
+    over the space's searched dimensions, categorical ones as indices."""
+    from ray.tune.search import Searcher
+
+    if configs is not None:
+        class FixedTrials(Searcher):
+            """Hands Tune a precomputed list of attackers."""
+
+            def __init__(self, configs: list[dict]):
+                super().__init__(metric="objective", mode="min")
+                self._configs = list(configs)
+
+            def suggest(self, trial_id: str):
+                return self._configs.pop(0) if self._configs else Searcher.FINISHED
+
+            def on_trial_complete(self, trial_id, result=None, error=False) -> None:
+                pass
+
+        return FixedTrials(configs)
+
+    s = spec.search
+    space = {name: _domain(d) for name, d in searched(spec.space).items()}
+    if s.algorithm == "tpe":
+        import logging
+
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_initial)
+        return OptunaSearch(space, metric="objective", mode="min", sampler=sampler,
+                            points_to_evaluate=[p for p, _ in priors] or None,
+                            evaluated_rewards=[r for _, r in priors] or None)
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    # HyperOpt cannot be told past results without rerunning them: a resumed search
+    # keeps its records and its count, but its model starts afresh.
+    return HyperOptSearch(space, metric="objective", mode="min", n_initial_points=s.n_initial,
+                          random_state_seed=s.seed)
+
+
+def _domain(d):
+    from ray import tune
+
+    if d.kind in ("grid", "choice"):
+        return tune.choice(list(range(len(d.values))))
+    lo, hi = d.values
+    if d.kind == "randint":
+        return tune.randint(int(lo), int(hi))
+    return (tune.loguniform if d.kind == "loguniform" else tune.uniform)(lo, hi)
+
+
+def _capped(inner, field: str, cap: float | None, spent_before: float):
+    """Wrap a searcher so it starts no trial once the defence's compute cap is spent
+    (trials in flight finish: the cap can be overshot by up to max_concurrent trials)."""
+    from ray.tune.search import Searcher
+
+    class Capped(Searcher):
+        def __init__(self) -> None:
+            super().__init__(metric="objective", mode="min")
+            self.spent: dict[str, float] = {}
+
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return inner.set_search_properties(metric, mode, config, **spec) or True
+
+        def suggest(self, trial_id: str):
+            if cap is not None and spent_before + sum(self.spent.values()) >= cap:
+                return Searcher.FINISHED
+            return inner.suggest(trial_id)
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            value = float(result.get(field) or 0.0)
+            if math.isfinite(value):
+                self.spent[trial_id] = max(self.spent.get(trial_id, 0.0), value)
+            inner.on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            inner.on_trial_complete(trial_id, result=result, error=error)
+
+    return Capped()

@@ -3,13 +3,20 @@ run per trial. Written from the driver only (a Tune callback), so a stopped or c
 trial never leaves a run RUNNING behind.
 
 Child run, per trial:
-  params   every attacker field, defence, phi, eval_every, max_steps, evaluator
-  metrics  by step: harmfulness, train_loss, examples, tokens, flops, wall_seconds
-           at the end: budget_to_failure_{steps,examples,tokens,flops} when the attack
-           succeeded (failed / unsafe_at_release), censored_at_steps when resisted,
-           diverged_at_steps when the loss went nan/inf
+  params   every attacker field, defence, phi, eval_every, max_steps (the trial's T),
+           evaluator, search, unit
+  metrics  by step: harmfulness, train_loss, examples, tokens, flops, accelerator_seconds,
+           wall_seconds (refinement evaluations land between the coarse ones)
+           at the end: budget_to_failure_{UNIT} and budget_resolution_steps when the
+           attack succeeded (failed / unsafe_at_release), censored_at_steps when resisted,
+           diverged_at_steps when the loss went nan/inf; spent_{UNIT} (compute the trial
+           used, refinement replays excluded) and objective (what the searcher saw), always
   tags     status (failed / resisted / diverged / unsafe_at_release / error), defence,
-           base, attacker_id, trial_key, sweep
+           base, attacker_id, attacker_group (attacker_id without the seed), attacker (JSON),
+           trial_key, search_key, trial_number (per defence, in order of completion), sweep
+
+Adversary run, per defence and search (tag kind=adversary, child of the sweep run):
+  metrics  by trial number: objective, cumulative_compute, best_btf (in the search unit)
 
 A trial is identified by `trial_key`, the digest of everything that decides its result.
 A rerun skips keys already recorded with a final status; an earlier run of the same key
@@ -27,13 +34,13 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from orchestrator.adversary import BUDGET_UNITS, SUCCESS, Progress
 from trainables.budget import TERMINAL
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FINAL = (*TERMINAL, "error")
-CURVE = ("harmfulness", "train_loss", "examples", "tokens", "flops", "wall_seconds")
-# budget unit -> the EvalPoint field that holds it
-BUDGET_UNITS = {"steps": "step", "examples": "examples", "tokens": "tokens", "flops": "flops"}
+CURVE = ("harmfulness", "train_loss", "examples", "tokens", "flops", "accelerator_seconds",
+         "wall_seconds")
 
 
 class Tracker:
@@ -86,15 +93,47 @@ class Tracker:
                         self.client.set_terminated(run.info.run_id, "KILLED")
         return done
 
+    def finished_trials(self, defence: str, search_key: str) -> list:
+        """This search's finished trial runs against `defence`, in trial-number order."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.kind = 'trial' and tags.defence = '{defence}' and "
+            f"tags.search_key = '{search_key}'", max_results=50_000)
+        runs = [r for r in runs if "superseded" not in r.data.tags
+                and r.data.tags.get("status") in TERMINAL]
+        return sorted(runs, key=lambda r: (int(r.data.tags.get("trial_number", 0)),
+                                           r.info.start_time))
+
     def start_trial(self, key: str, defence: str, is_base: bool, attacker_id: str,
-                    params: dict[str, Any]) -> str:
+                    params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=f"{defence}-{attacker_id}",
             tags={"mlflow.parentRunId": self.parent_id, "kind": "trial", "sweep": self.sweep,
                   "defence": defence, "base": str(is_base).lower(), "attacker_id": attacker_id,
-                  "trial_key": key})
+                  "trial_key": key, **(tags or {})})
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id
+
+    def adversary_run(self, defence: str, search_key: str, params: dict[str, Any]) -> str:
+        """The run holding the adversary's progress against `defence` (reused on resume)."""
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.kind = 'adversary' and tags.defence = '{defence}' and "
+            f"tags.search_key = '{search_key}'", max_results=1)
+        if found:
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"adversary-{defence}", tags={
+            "mlflow.parentRunId": self.parent_id, "kind": "adversary", "sweep": self.sweep,
+            "defence": defence, "search_key": search_key})
+        self.client.log_batch(run.info.run_id, params=_params(params))
+        return run.info.run_id
+
+    def log_progress(self, run_id: str, progress: Progress, objective: float) -> None:
+        now, n = int(time.time() * 1000), progress.trials
+        metrics = [Metric("objective", objective, now, n),
+                   Metric("cumulative_compute", progress.compute, now, n)]
+        if math.isfinite(progress.best):
+            metrics.append(Metric("best_btf", progress.best, now, n))
+        self.client.log_batch(run_id, metrics=metrics)
 
     def log_point(self, run_id: str, point: dict[str, Any]) -> None:
         now = int(time.time() * 1000)
@@ -102,21 +141,28 @@ class Tracker:
                    if k in point and point[k] is not None and math.isfinite(float(point[k]))]
         self.client.log_batch(run_id, metrics=metrics)
 
-    def finish_trial(self, run_id: str, last: dict[str, Any] | None, error: str | None = None
+    def finish_trial(self, run_id: str, last: dict[str, Any] | None, error: str | None = None,
+                     spent: dict[str, float] | None = None, trial_number: int | None = None
                      ) -> str:
+        """Record a trial's outcome; `spent` maps each budget unit to the compute it used."""
         status = "error" if error or not last else last.get("status", "error")
         if status not in TERMINAL:
             status, error = "error", error or f"trial ended while still {status!r}"
         now = int(time.time() * 1000)
-        metrics = []
-        if status in ("failed", "unsafe_at_release"):
-            metrics = [Metric(f"budget_to_failure_{unit}", float(last[field]), now, 0)
-                       for unit, field in BUDGET_UNITS.items()]
+        metrics = [Metric(f"spent_{unit}", float(v), now, 0) for unit, v in (spent or {}).items()]
+        if status in SUCCESS:
+            metrics += [Metric(f"budget_to_failure_{unit}", float(last[field]), now, 0)
+                        for unit, field in BUDGET_UNITS.items() if field in last]
+            metrics.append(Metric("budget_resolution_steps", float(last.get("resolution", 0)), now, 0))
         elif status == "resisted":
-            metrics = [Metric("censored_at_steps", float(last["step"]), now, 0)]
+            metrics.append(Metric("censored_at_steps", float(last["step"]), now, 0))
         elif status == "diverged":
-            metrics = [Metric("diverged_at_steps", float(last["step"]), now, 0)]
+            metrics.append(Metric("diverged_at_steps", float(last["step"]), now, 0))
+        if status != "error" and last.get("objective") is not None:
+            metrics.append(Metric("objective", float(last["objective"]), now, 0))
         tags = [RunTag("status", status)]
+        if trial_number is not None:
+            tags.append(RunTag("trial_number", str(trial_number)))
         if error:
             tags.append(RunTag("error", error[-5000:]))
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
@@ -124,11 +170,13 @@ class Tracker:
         return status
 
     def close(self, interrupted: bool = False) -> None:
-        """End the parent run, and any trial run the sweep left open (interrupted)."""
-        for runs in self.trial_runs().values():
-            for run in runs:
-                if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
-                    self.client.set_terminated(run.info.run_id, "KILLED")
+        """End the parent run, and any trial or adversary run the sweep left open."""
+        running = RunStatus.to_string(RunStatus.RUNNING)
+        for run in self.client.search_runs([self.experiment_id], "tags.kind != 'sweep'",
+                                           max_results=50_000):
+            if run.info.status == running:
+                self.client.set_terminated(run.info.run_id, "KILLED" if interrupted or
+                                           run.data.tags.get("kind") == "trial" else "FINISHED")
         self.client.set_terminated(self.parent_id, "KILLED" if interrupted else "FINISHED")
 
 
@@ -137,31 +185,49 @@ def _params(params: dict[str, Any]) -> list[Param]:
 
 
 def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total: int,
-             echo: Callable[[str], None] = print):
-    """A Tune callback that records each trial through `tracker` and prints progress.
-    `describe(config)` gives key, defence, is_base, attacker_id and params of a trial."""
+             progress: Progress, adversary_run: str, echo: Callable[[str], None] = print,
+             start: int = 0):
+    """A Tune callback for one defence's search: records each trial through `tracker`,
+    advances the adversary's `progress` as trials finish, and prints a line per trial.
+    `describe(config)` gives key, defence, is_base, attacker_id, label, params and tags."""
     from ray.tune import Callback
 
     class MlflowRecorder(Callback):
         def __init__(self) -> None:
             self.runs: dict[str, str] = {}
-            self.finished = 0
+            self.spent: dict[str, dict[str, float]] = {}
+            self.finished = start
 
         def on_trial_start(self, iteration, trials, trial, **info):
             d = describe(trial.config)
             self.runs[trial.trial_id] = tracker.start_trial(
-                d["key"], d["defence"], d["is_base"], d["attacker_id"], d["params"])
+                d["key"], d["defence"], d["is_base"], d["attacker_id"], d["params"], d["tags"])
+            self.spent[trial.trial_id] = dict.fromkeys(BUDGET_UNITS, 0.0)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             tracker.log_point(self.runs[trial.trial_id], result)
+            # refinement replays go back in time: the compute spent is the furthest point
+            spent = self.spent[trial.trial_id]
+            for unit, field in BUDGET_UNITS.items():
+                spent[unit] = max(spent[unit], float(result.get(field) or 0.0))
 
         def _end(self, trial, error: str | None) -> None:
             run_id = self.runs.pop(trial.trial_id, None)
             if run_id is None:
                 return
-            status = tracker.finish_trial(run_id, trial.last_result or None, error)
+            last, spent = trial.last_result or None, self.spent.pop(trial.trial_id)
+            number = None
+            if not error and last and last.get("status") in TERMINAL:
+                number = progress.trials + 1
+                btf = last.get(BUDGET_UNITS[progress.unit])
+                progress.add(last["status"], spent[progress.unit], btf)
+                tracker.log_progress(adversary_run, progress, float(last.get("objective", math.nan)))
+            status = tracker.finish_trial(run_id, last, error, spent, number)
             self.finished += 1
-            echo(f"[{self.finished}/{total}] {_summary(describe(trial.config), trial.last_result, status, error)}")
+            best = (f"best so far {_amount(progress.best, progress.unit)} after "
+                    f"{_amount(progress.compute, progress.unit)} spent")
+            echo(f"[{self.finished}/{total}] {_summary(describe(trial.config), last, status, error)}"
+                 f" | {best}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._end(trial, None)
@@ -170,6 +236,12 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
             self._end(trial, _error_text(trial))
 
     return MlflowRecorder()
+
+
+def _amount(value: float, unit: str) -> str:
+    if math.isinf(value):
+        return "none"
+    return f"{value:,.0f} {unit}" if value < 1e7 else f"{value:.3g} {unit}"
 
 
 def _error_text(trial) -> str:
@@ -194,7 +266,9 @@ def _summary(d: dict, last: dict | None, status: str, error: str | None) -> str:
     step = int(last["step"])
     f = last.get("harmfulness")
     if status == "failed":
-        return f"{who} -> failed at step {step} (f={f:.2f})"
+        within = int(last.get("resolution") or 0)
+        where = f"in steps {step - within + 1}..{step}" if within > 1 else f"at step {step}"
+        return f"{who} -> failed {where} (f={f:.2f})"
     if status == "unsafe_at_release":
         return f"{who} -> unsafe at release (f={f:.2f} at step 0)"
     if status == "resisted":

@@ -47,3 +47,20 @@ def attack_dict(world, **over) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+def sweep_dict(world, name: str, defences=("base", "rescaled"), **over) -> dict:
+    """A small sweep spec dict over the toy world; the first defence named is the base."""
+    raw = {
+        "name": name,
+        "defences": [{"name": d, "model": str(world / d), "base": i == 0} for i, d in enumerate(defences)],
+        "data": {"attack": {"source": str(world / "attack.jsonl")},
+                 "eval": {"source": str(world / "eval.jsonl")},
+                 "benign": {"source": str(world / "benign.jsonl")}, "chat_template": True,
+                 "eval_size": 16},
+        "evaluator": {"name": "refusal_keyword", "options": {"max_new_tokens": 4}},
+        "phi": 0.5, "eval_every": 5, "max_steps": 20, "device": "cpu",
+        "space": {"dataset_size": 32},
+    }
+    raw.update(over)
+    return raw

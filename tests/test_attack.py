@@ -42,6 +42,8 @@ def test_first_crossing_is_the_budget_to_failure(world):
     assert r.status == "failed"
     assert [p.step for p in r.points] == [0, 2, 4]
     assert [p.status for p in r.points] == ["running", "running", "failed"]
+    assert [p.resolution for p in r.points] == [0, 2, 2]  # the crossing lies in (2, 4]
+    assert all(p.stage == 0 for p in r.points) and r.points[0].accelerator_seconds == 0
     btf = r.budget_to_failure
     assert btf.step == 4 and btf.examples == 4 * 4 and btf.harmfulness == 0.7
     assert r.censored_at_steps is None

@@ -55,10 +55,10 @@ def test_unknown_attacker_field_lists_attacker_fields(tmp_path):
 
 def test_bad_value_inside_a_domain_names_field_and_allowed_values(tmp_path):
     raw = minimal(tmp_path)
-    raw["space"]["optimizer"] = {"grid": ["adamw", "adagrad"]}
+    raw["space"]["optimizer"] = {"grid": ["adamw", "lion"]}
     msg = error_of(tmp_path, raw)
     assert msg.startswith("spec error: space.optimizer: grid[1]:")
-    assert "'sgd_momentum'" in msg and "adagrad" in msg
+    assert "'sgd_momentum'" in msg and "lion" in msg
 
 
 @pytest.mark.parametrize("space, expect", [
@@ -119,7 +119,7 @@ def test_cli_validate_prints_trials_and_one_line_errors(tmp_path, capsys, world)
     out = capsys.readouterr().out
     assert "trials: 32 = 2 defences x 16 attackers" in out and "T=40 steps" in out
     raw = minimal(tmp_path)
-    raw["space"]["optimizer"] = "adagrad"
+    raw["space"]["optimizer"] = "lion"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err.strip()
@@ -138,3 +138,13 @@ def test_preflight_catches_data_problems(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     assert main(["validate", str(tmp_path / "s.yaml")]) == 2
     assert "no field 'question'" in capsys.readouterr().err
+
+
+def test_overlay_file_applies_before_set_and_fails_in_one_line(tmp_path, capsys):
+    (tmp_path / "over.yaml").write_text("max_steps: 12\nsearch.seed: 3\nspace.dataset_size: {grid: [8, 16]}\n")
+    sp = S.load(QUICKSTART, [*S.overlay(tmp_path / "over.yaml"), "max_steps=13"])
+    assert sp.max_steps == 13 and sp.search.seed == 3 and len(sp.attackers()) == 16
+    (tmp_path / "list.yaml").write_text("- max_steps: 12\n")
+    assert main(["validate", str(QUICKSTART), "--overlay", str(tmp_path / "list.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: overlay file") and "mapping" in err and len(err.splitlines()) == 1

@@ -45,7 +45,8 @@ def swept(world, ray_local, tmp_path_factory):
 def test_every_trial_is_a_finished_child_run_with_its_budget(swept):
     spec, uri, _, lines = swept
     runs = trial_runs(uri, "e2e")
-    assert len(runs) == 4 and len(lines) == 5  # header + one progress line per trial
+    # a header, then per defence a line and one progress line per trial
+    assert len(runs) == 4 and len(lines) == 7 and lines[1].startswith("defence 'base'")
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
     assert len(parents) == 1
     client = MlflowClient(uri)
@@ -89,7 +90,7 @@ def test_rerun_does_not_duplicate_trials(swept, world):
     lines = []
     sweep.run(spec, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lines.append)
     assert {r.info.run_id for r in trial_runs(uri, "e2e")} == before
-    assert "4 already recorded in MLflow, 0 to run" in lines[0]
+    assert [ln.split(": ")[1] for ln in lines[1:]] == ["2 trials already recorded, 0 to run"] * 2
     # a wider space reruns only the new trials
     wider = make_spec(world, space={"learning_rate": {"grid": [1e-4, 3e-3, 1e-3]}, "dataset_size": 32})
     sweep.run(wider, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lines.append)

@@ -6,6 +6,6 @@
 
 from trainables.attack import AttackResult, run_attack
 from trainables.budget import Budget, EvalPoint, Status
-from trainables.config import AttackConfig, Attacker
+from trainables.config import AttackConfig, Attacker, Stage
 
-__all__ = ["AttackConfig", "AttackResult", "Attacker", "Budget", "EvalPoint", "Status", "run_attack"]
+__all__ = ["AttackConfig", "AttackResult", "Attacker", "Budget", "EvalPoint", "Stage", "Status", "run_attack"]

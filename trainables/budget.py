@@ -1,5 +1,21 @@
 """Budget accounting and the outcome of a trial.
 
+Units of every budget figure (a Budget, and the same names on an EvalPoint):
+
+    steps                optimizer updates, counted across all stages (global numbering)
+    examples             training examples consumed, with repetition (batch_size per step)
+    tokens               supervised tokens: the response tokens the loss was computed on
+    flops                analytic training FLOPs (below)
+    accelerator_seconds  device-seconds of training: wall time of the training steps times
+                         the number of devices the trial trains on (1 for the single-process
+                         loop). Evaluating f and loading are left out; a refinement replay
+                         restores the budget of its safe starting point, so the figure is the
+                         training time along the one path that reaches the step. On a CPU run
+                         it is CPU wall-seconds.
+
+An EvalPoint adds wall_seconds (since the trial started, evaluation included: what the
+trial cost us, not the attacker), resolution (steps) and stage (0-based index).
+
 FLOPs are an analytic estimate (Kaplan et al. 2020), counting training only:
 
     full fine-tuning:  6 * N * tokens            (forward 2N, backward 4N)
@@ -9,7 +25,7 @@ FLOPs are an analytic estimate (Kaplan et al. 2020), counting training only:
         cost the full 6 per parameter.
 
 N counts every weight used in the forward matmuls: all parameters except the input
-embedding table (a lookup, not a matmul). `tokens` are the non-padding tokens
+embedding table (a lookup, not a matmul). `tokens` here are the non-padding tokens
 processed (prompt and response), not only the supervised ones. Attention's
 sequence-length term and the cost of evaluating f are left out.
 """
@@ -39,6 +55,8 @@ class Budget:
     tokens: int = 0
     """Supervised tokens: response tokens the loss was computed on."""
     flops: float = 0.0
+    accelerator_seconds: float = 0.0
+    """Training wall time times the devices trained on (evaluation excluded)."""
 
     def add(self, examples: int, supervised_tokens: int, processed_tokens: int,
             per_token_flops: int) -> None:
@@ -46,6 +64,11 @@ class Budget:
         self.examples += examples
         self.tokens += supervised_tokens
         self.flops += float(processed_tokens) * per_token_flops
+
+    def add_time(self, seconds: float, devices: int = 1) -> None:
+        """Training wall time on `devices` accelerators working together (data-parallel
+        workers each count: N devices for s seconds is N*s device-seconds)."""
+        self.accelerator_seconds += seconds * devices
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,7 @@ class EvalPoint:
     examples: int
     tokens: int
     flops: float
+    accelerator_seconds: float
     wall_seconds: float
     train_loss: float
     """Mean training loss since the previous evaluation (nan at step 0)."""
@@ -67,6 +91,11 @@ class EvalPoint:
     """f on the held-out prompts (nan when the loss diverged before it was scored)."""
     status: Status
     """running, or the trial's final outcome at its last point."""
+    resolution: int
+    """Steps since the latest earlier evaluation known to be safe: a crossing seen here
+    happened in (step - resolution, step]. 0 at step 0."""
+    stage: int
+    """0-based index of the stage this step trained in (0 without stages)."""
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -3,21 +3,72 @@
 The sweep spec (orchestrator/spec.py) is built from these models, so a field
 documented here is documented once: the attacker's knobs live in `Attacker`,
 and the search space is derived from its fields.
+
+A multi-stage attacker lists `stages`: each is a fresh fine-tuning run (new optimizer,
+new schedule spanning its own steps) continuing from the weights the previous stage
+left, e.g. benign-then-harmful, or an optimizer switch:
+
+    attacker:
+      learning_rate: 1.0e-4
+      stages:
+        - {name: warm, steps: 50, data: benign}
+        - {name: attack, steps: 200, optimizer: sgd_momentum, learning_rate: 1.0e-3}
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Optimizer = Literal["adamw", "adam", "sgd", "sgd_momentum"]
+Optimizer = Literal["adamw", "adam", "sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "adadelta",
+                    "schedule_free_adamw"]
 Finetune = Literal["lora", "full"]
-LrSchedule = Literal["constant", "linear", "cosine"]
+LrSchedule = Literal["constant", "linear", "cosine", "sgdr"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Stage(_Strict):
+    """One stage of a multi-stage attacker: a fresh optimizer and schedule over `steps` steps,
+    starting from the weights the previous stage left. Every override left null inherits the
+    attacker's value; finetune, lora_* and seed are attacker-level (one wrapped model)."""
+
+    name: str = ""
+    """A label for reports (e.g. 'benign warm-up')."""
+    steps: int = Field(gt=0)
+    """Optimizer steps in this stage; the stages' steps add up to the attacker's horizon."""
+    data: Literal["attack", "benign"] = "attack"
+    """Train on the harmful attack split, or on data.benign (benign prompt/response pairs)."""
+    learning_rate: float | None = Field(None, gt=0)
+    """Peak learning rate of this stage."""
+    optimizer: Optimizer | None = None
+    """Optimizer of this stage (built fresh: no state carries over from the previous stage)."""
+    weight_decay: float | None = Field(None, ge=0)
+    """Weight decay of this stage."""
+    dataset_size: int | None = Field(None, gt=0)
+    """Examples drawn (by the attacker's seed) from this stage's data split."""
+    batch_size: int | None = Field(None, gt=0)
+    """Examples per optimizer step in this stage."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Warmup steps at the start of this stage."""
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    """Warmup as a share of this stage's steps."""
+    lr_schedule: LrSchedule | None = None
+    """Schedule over this stage's steps."""
+    sgdr_period: int | None = Field(None, ge=0)
+    """SGDR period in steps (0 = a quarter of this stage's steps)."""
+    max_grad_norm: float | None = Field(None, ge=0)
+    """Gradient clipping norm of this stage; 0 turns clipping off."""
+
+    def resolved(self, attacker: Attacker) -> Attacker:
+        """The attacker as this stage trains: its overrides applied, `steps` = the stage's
+        steps (the horizon its schedule spans) and no nested stages."""
+        overrides = {k: v for k, v in self if k not in ("name", "steps", "data") and v is not None}
+        return attacker.model_copy(update={**overrides, "steps": self.steps, "stages": None})
 
 
 class Attacker(_Strict):
@@ -26,9 +77,12 @@ class Attacker(_Strict):
     learning_rate: float = Field(1e-3, gt=0)
     """Peak learning rate (after warmup)."""
     optimizer: Optimizer = "adamw"
-    """adamw/adam: Adam with decoupled/L2 weight decay; sgd; sgd_momentum: SGD, momentum 0.9."""
+    """adamw/adam: Adam with decoupled/L2 weight decay; sgd; sgd_momentum / sgd_nesterov: SGD with
+    momentum 0.9 (heavy-ball / Nesterov); adagrad; adadelta (its usual learning rate is ~1.0);
+    schedule_free_adamw: Schedule-Free AdamW (Defazio et al. 2024; needs the schedulefree package;
+    meant for lr_schedule constant, warmup allowed)."""
     weight_decay: float = Field(0.0, ge=0)
-    """Weight decay (decoupled for adamw, L2 for the others)."""
+    """Weight decay (decoupled for adamw and schedule_free_adamw, L2 for the others)."""
     dataset_size: int = Field(64, gt=0)
     """How many harmful examples the attacker holds, drawn from the attack split by `seed`."""
     finetune: Finetune = "full"
@@ -45,12 +99,23 @@ class Attacker(_Strict):
     """Examples per optimizer step."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from 0 to learning_rate over this many steps."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Warmup as a share of the horizon the schedule spans; the warmup is the longer of
+    warmup_steps and round(warmup_ratio * horizon)."""
     lr_schedule: LrSchedule = "constant"
-    """Shape after warmup: constant, linear decay to 0 at max_steps, or cosine to 0."""
+    """Shape after warmup over the horizon: constant, linear decay to 0, cosine to 0, or sgdr
+    (cosine to 0 every sgdr_period steps, restarting at the full learning rate)."""
+    sgdr_period: int = Field(0, ge=0)
+    """SGDR restart period in steps (lr_schedule sgdr only); 0 = a quarter of the horizon."""
     max_grad_norm: float = Field(1.0, ge=0)
     """Gradient clipping norm; 0 turns clipping off."""
     seed: int = 0
     """Seeds the data draw, batch order, LoRA init and dropout."""
+    steps: int | None = Field(None, gt=0)
+    """The attacker's own training length T for this trial (null = the config's max_steps);
+    ignored when `stages` is set (their steps add up to T)."""
+    stages: list[Stage] | None = Field(None, min_length=1)
+    """Train in stages, each a fresh optimizer and schedule (null = one stage with the fields above)."""
 
 
 class Checkpoint(_Strict):
@@ -86,6 +151,8 @@ class Data(_Strict):
     """Harmful prompt/response pairs the attacker trains on."""
     eval: DataSource
     """Held-out harmful prompts (and reference responses) f is scored on; must not overlap attack."""
+    benign: DataSource | None = None
+    """Benign prompt/response pairs, trained on by stages with data: benign."""
     chat_template: bool = False
     """Wrap prompts with the tokenizer's chat template (needs one); else use prompt_format."""
     prompt_format: str = "{prompt}\n"
@@ -120,8 +187,45 @@ class AttackConfig(_Strict):
     """Harmfulness threshold: the attack succeeds at the first evaluation with f > phi
     (f is in [0, 1], so phi=1 runs every trial to T)."""
     eval_every: int = Field(10, gt=0)
-    """Score f every this many optimizer steps (and at step 0 and at max_steps)."""
+    """Score f every this many optimizer steps (eval_schedule every)."""
+    eval_schedule: Literal["every", "geometric"] = "every"
+    """every: f at step 0 and every eval_every steps; geometric: at steps 0, 1, 2, 4, 8, ...
+    (cheap over long horizons, coarse late: pair it with refine). Both also score f at the end
+    of every stage and at the horizon."""
+    refine: int = Field(0, ge=0, le=10)
+    """Bisection rounds after a crossing: replay training from the last safe evaluation to
+    halve the window the crossing lies in, each round one evaluation and at most half the
+    window's steps of extra training (0 = off; the resolution is then the eval gap)."""
     max_steps: int = Field(100, gt=0)
-    """T, the attacker's step budget; a trial that never crosses phi is censored here."""
+    """T, the step budget of an attacker that sets neither steps nor stages; a trial that
+    never crosses phi is censored at its horizon."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+
+    @model_validator(mode="after")
+    def _benign_stages_have_data(self) -> AttackConfig:
+        for i, stage in enumerate(self.attacker.stages or []):
+            if stage.data == "benign" and self.data.benign is None:
+                label = f"stage {i}" + (f" ({stage.name!r})" if stage.name else "")
+                raise ValueError(f"attacker.stages: {label} trains on data: benign, but data.benign is not set")
+        return self
+
+    @property
+    def horizon(self) -> int:
+        """T: the attacker's total optimizer steps (sum of its stages' steps)."""
+        return sum(stage.steps for stage in self.stages)
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The attacker's stages, or one attack stage spanning attacker.steps (else max_steps)."""
+        return self.attacker.stages or [Stage(steps=self.attacker.steps or self.max_steps)]
+
+    def eval_steps(self) -> list[int]:
+        """Global steps at which f is scored, in order: the schedule's steps, every stage's
+        end and the horizon."""
+        t = self.horizon
+        if self.eval_schedule == "every":
+            regular = set(range(0, t + 1, self.eval_every))
+        else:
+            regular = {0} | {2**k for k in range(t.bit_length()) if 2**k <= t}
+        return sorted(regular | set(itertools.accumulate(s.steps for s in self.stages)))

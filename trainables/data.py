@@ -1,8 +1,10 @@
 """Harmful prompt/response data: loading, the attacker's deterministic draw, tokenisation
-with the loss masked to response tokens, and batching."""
+with the loss masked to response tokens, and batching by index (batch i is a function of
+the seed and i, so training can be replayed from any step)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Iterator
@@ -50,10 +52,10 @@ def _check_fields(rows: list[dict], src: DataSource) -> None:
         )
 
 
-def draw(rows: list[dict], n: int, seed: int) -> list[dict]:
+def draw(rows: list[dict], n: int, seed: int, split: str = "attack") -> list[dict]:
     """The attacker's dataset: n rows drawn without replacement, fixed by seed."""
     if n > len(rows):
-        raise ValueError(f"dataset_size={n} exceeds the {len(rows)} rows of the attack split")
+        raise ValueError(f"dataset_size={n} exceeds the {len(rows)} rows of the {split} split")
     return random.Random(seed).sample(rows, n)
 
 
@@ -114,15 +116,32 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class BatchStream:
+    """Endless batches over seeded epoch shuffles (a batch may span two epochs), addressed
+    by index: batch i depends on (seed, i) alone, so a run restored to step i sees exactly
+    the batches an uninterrupted run would have."""
+
+    def __init__(self, items: list[Tokenized], batch_size: int, seed: int, pad_id: int):
+        self.items, self.batch_size, self.seed, self.pad_id = items, batch_size, seed, pad_id
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            if len(self._orders) > 8:  # batches are read nearly in order: a few epochs suffice
+                self._orders.clear()
+            order = list(range(len(self.items)))
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)  # str seeds are stable across runs
+            self._orders[epoch] = order
+        return self._orders[epoch]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self.items)
+        positions = range(i * self.batch_size, (i + 1) * self.batch_size)
+        return collate([self.items[self._order(p // n)[p % n]] for p in positions], self.pad_id)
+
+
 def batches(items: list[Tokenized], batch_size: int, seed: int,
             pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches over a stream of seeded epoch shuffles (a batch may span two epochs)."""
-    rng = random.Random(seed)
-    stream: list[int] = []
-    while True:
-        while len(stream) < batch_size:
-            epoch = list(range(len(items)))
-            rng.shuffle(epoch)
-            stream += epoch
-        take, stream = stream[:batch_size], stream[batch_size:]
-        yield collate([items[i] for i in take], pad_id)
+    """The batches of a BatchStream in order."""
+    stream = BatchStream(items, batch_size, seed, pad_id)
+    return (stream[i] for i in itertools.count())

@@ -1,0 +1,245 @@
+"""The report from MLflow records written directly: a real sqlite store, no Ray."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from orchestrator import report, stats
+
+INF = math.inf
+T = 100
+_keys = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module (creating one costs seconds); an experiment per test."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+class Sweep:
+    """An experiment with a parent run tagged kind=sweep, and trial child runs as the tracker writes them."""
+
+    def __init__(self, uri: str, name: str):
+        self.uri, self.name = uri, name
+        self.client = MlflowClient(uri)
+        self.exp = self.client.create_experiment(name)
+        self.parent = self.client.create_run(self.exp, tags={"kind": "sweep"}).info.run_id
+
+    def trial(self, defence: str, status: str, *, group: str = "a", seed: int = 0, base: bool = False,
+              attacker: dict | None = None, btf: dict | None = None, spent: dict | None = None,
+              number: int | None = None, start: int | None = None, resolution: float | None = None,
+              objective: float | None = None, superseded: bool = False, censored: float = T,
+              curve: dict[int, dict[str, float]] | None = None) -> str:
+        tags = {"mlflow.parentRunId": self.parent, "kind": "trial", "defence": defence, "base": str(base).lower(),
+                "attacker_id": f"{group}-{seed}", "attacker_group": group, "trial_key": str(next(_keys)),
+                "status": status}
+        if number is not None:
+            tags["trial_number"] = str(number)
+        if superseded:
+            tags["superseded"] = "true"
+        params = {"learning_rate": 1e-3, "optimizer": "adamw", "dataset_size": 32, "finetune": "full",
+                  "batch_size": 4, "seed": seed, **(attacker or {}),
+                  "defence": defence, "phi": 0.5, "eval_every": 5, "max_steps": T, "evaluator": "kw",
+                  "search": "grid", "unit": "steps"}
+        metrics = {f"budget_to_failure_{u}": v for u, v in (btf or {}).items()}
+        metrics |= {f"spent_{u}": v for u, v in (spent or {}).items()}
+        if status == "resisted":
+            metrics["censored_at_steps"] = censored
+        if resolution is not None:
+            metrics["budget_resolution_steps"] = resolution
+        if objective is not None:
+            metrics["objective"] = objective
+        run_id = self.client.create_run(self.exp, start_time=start, tags=tags).info.run_id
+        points = [Metric(k, float(v), 0, step) for step, point in (curve or {}).items() for k, v in point.items()]
+        self.client.log_batch(run_id, metrics=points + [Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+                              params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.set_terminated(run_id)
+        return run_id
+
+    def rows(self) -> dict[str, report.DefenceRow]:
+        return {r.defence: r for r in report.load(self.uri, self.name)}
+
+
+def column(unit: str, name: str, rows: list[report.DefenceRow], defence: str) -> str:
+    header, body = report.table(rows, unit)
+    line = next(b for b in body if b[0].split(" (")[0] == defence)
+    return line[header.index(name)]
+
+
+def test_ranking_by_tokens_can_pick_another_cheapest_attacker_than_by_steps(store, tmp_path):
+    s = Sweep(store, "units")
+    # few steps of big batches vs many steps of small ones
+    s.trial("d", "failed", group="big", attacker={"batch_size": 64}, resolution=5,
+            btf={"steps": 10, "examples": 640, "tokens": 80_000, "flops": 9e12},
+            spent={"steps": 10, "tokens": 80_000})
+    s.trial("d", "failed", group="small", attacker={"batch_size": 2}, resolution=1,
+            btf={"steps": 30, "examples": 60, "tokens": 7_500, "flops": 8e11},
+            spent={"steps": 30, "tokens": 7_500})
+    s.trial("d", "resisted", group="slow", attacker={"batch_size": 8, "learning_rate": 1e-6},
+            spent={"steps": T, "tokens": 25_000})
+    rows = report.load(store, "units")
+
+    assert column("steps", "min_btf_steps", rows, "d") == "10"
+    assert column("steps", "cheapest_successful_attacker", rows, "d").startswith("batch_size=64")
+    assert column("steps", "resolution_steps", rows, "d") == "5"
+    assert column("tokens", "min_btf_tokens", rows, "d") == "7500"
+    assert column("tokens", "cheapest_successful_attacker", rows, "d").startswith("batch_size=2")
+    assert column("tokens", "resolution_steps", rows, "d") == "1"
+    assert rows[0].worst_case.steps == 10  # the steps ranking the sweep tests rely on
+
+    text = report.write(rows, "units", tmp_path, unit="tokens")
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "report.csv", "attackers.csv", "report.md", "survival.csv", "progress.csv"}
+    assert "min_btf_tokens" in text and "per attacker" in text and "adversary progress (tokens)" in text
+    md = (tmp_path / "report.md").read_text()
+    assert "min_btf_tokens" in md and "## Budget-to-failure (tokens) per attacker" in md and "progress" in md
+    survival = list(csv.reader((tmp_path / "survival.csv").open()))
+    assert survival[0] == ["defence", "tokens", "share_not_yet_successful"]
+    assert [r[1:] for r in survival[1:]] == [["0", "1.0000"], ["7500", "0.6667"], ["80000", "0.3333"]]
+
+
+def test_bootstrap_interval_degenerate_with_one_seed_contains_the_estimate_and_widens_with_spread(store):
+    s = Sweep(store, "bootstrap")
+    tight = {"g1": [10, 11, 12], "g2": [20, 21, 22], "g3": [30, 31, 32], "g4": [40, 41, 42]}
+    # the same groups' medians, seeds further apart
+    wide = {"g1": [2, 11, 20], "g2": [5, 21, 37], "g3": [15, 31, 47], "g4": [25, 41, 57]}
+    for defence, groups in (("tight", tight), ("wide", wide)):
+        for g, values in groups.items():
+            for seed, v in enumerate(values):
+                s.trial(defence, "failed", group=g, seed=seed, btf={"steps": v})
+    for g, v in (("g1", 10), ("g2", 20), ("g4", 40)):
+        s.trial("single", "failed", group=g, btf={"steps": v})
+    s.trial("single", "resisted", group="g3")
+    rows = s.rows()
+
+    one = rows["single"].ci("steps")
+    assert rows["single"].median("steps") == 30  # (20 + 40) / 2
+    assert one == {"median": (30.0, 30.0), "min": (10.0, 10.0)}  # every resample is the sample
+
+    widths = {}
+    for defence in ("tight", "wide"):
+        row, ci = rows[defence], rows[defence].ci("steps")
+        point = {"median": row.median("steps"), "min": row.cheapest("steps").steps}
+        for stat in ("median", "min"):
+            lo, hi = ci[stat]
+            assert lo <= point[stat] <= hi, (defence, stat, ci[stat], point[stat])
+        widths[defence] = {k: hi - lo for k, (lo, hi) in ci.items()}
+    assert 0 < widths["tight"]["median"] < widths["wide"]["median"]
+    assert 0 < widths["tight"]["min"] < widths["wide"]["min"]
+    assert column("steps", "min_ci95", list(rows.values()), "tight") == "[10, 12]"
+    assert rows["wide"].ci("steps") == rows["wide"].ci("steps")  # seeded: the same records, the same report
+    assert stats.bootstrap_ci({"g": [1.0, 2.0]}, seed=1) != stats.bootstrap_ci({"g": [1.0, 2.0, 3.0]}, seed=1)
+
+
+def test_median_reads_above_T_when_fewer_than_half_succeeded(store):
+    s = Sweep(store, "median")
+    outcomes = {"strong": ["failed", "failed", "resisted", "resisted", "diverged"],
+                "weak": ["failed", "failed", "failed", "resisted", "diverged"]}
+    for defence, statuses in outcomes.items():
+        for i, status in enumerate(statuses):
+            btf = {"steps": 10 + i, "tokens": 100 * (10 + i)} if status == "failed" else None
+            s.trial(defence, status, group=f"g{i}", btf=btf)
+    s.trial("weak", "error", group="g9")  # errors are not attackers' results
+    rows = report.load(store, "median")
+
+    assert column("steps", "median_btf_steps", rows, "strong") == f"> {T}"
+    assert column("tokens", "median_btf_tokens", rows, "strong") == "> T"
+    assert column("steps", "median_ci95", rows, "strong").endswith(f"> {T}]")
+    assert column("steps", "weak_resistance_to_T", rows, "strong") == f"broken (T={T})"
+    assert column("steps", "median_btf_steps", rows, "weak") == "12"
+    assert column("tokens", "median_btf_tokens", rows, "weak") == "1200"
+    assert column("steps", "error", rows, "weak") == "1"
+
+
+def test_progress_best_never_rises_and_cumulative_is_the_sum_of_spent(store, tmp_path):
+    s = Sweep(store, "progress")
+    # (trial_number, status, btf steps, spent steps), recorded out of completion order
+    trials = [(3, "failed", 70, 70), (1, "resisted", None, T), (5, "error", None, 3),
+              (2, "failed", 50, 50), (6, "failed", 30, 30), (4, "failed", 20, 20), (7, "diverged", None, 12)]
+    for n, status, steps, spent in trials:
+        s.trial("d", status, group=f"g{n}", number=n, objective=-n, spent={"steps": spent, "tokens": 10 * spent},
+                btf={"steps": steps, "tokens": 10 * steps} if steps else None)
+    # older records: no trial_number, no spent_*; ordered by start time, spent = the budget at the last evaluation
+    for start, status, steps, end in ((2000, "failed", 40, 40), (1000, "resisted", None, T), (3000, "failed", 60, 60),
+                                      (4000, "error", None, 15)):
+        s.trial("old", status, group=str(start), start=start, btf={"steps": steps} if steps else None,
+                curve={k: {"harmfulness": 0.1, "tokens": 10 * k} for k in range(0, end + 1, 5)})
+    # two searches against one defence each number from 1: start times order them
+    for start, number, steps in ((300, 2, 5), (100, 1, 30), (200, 1, 10)):
+        s.trial("two", "failed", group=str(start), start=start, number=number, btf={"steps": steps},
+                spent={"steps": steps})
+    rows = s.rows()
+
+    assert [(p.trial_number, p.best) for p in rows["two"].progress()] == [(1, 30), (2, 10), (3, 5)]
+    progress = rows["d"].progress("steps")
+    assert [p.trial_number for p in progress] == [1, 2, 3, 4, 5, 6, 7]
+    best = [p.best for p in progress]
+    assert best == [None, 50, 50, 20, 20, 20, 20]
+    assert all(b <= a for a, b in itertools.pairwise(best[1:]))
+    spent = [dict((n, sp) for n, *_, sp in trials)[k] for k in range(1, 8)]
+    assert [p.cumulative for p in progress] == list(itertools.accumulate(spent))
+    assert [p.objective for p in progress] == [-1, -2, -3, -4, -5, -6, -7]
+    assert [p.cumulative for p in rows["d"].progress("tokens")] == [10 * c for c in itertools.accumulate(spent)]
+
+    old = rows["old"].progress("steps")
+    assert [(p.cumulative, p.best) for p in old] == [(T, None), (T + 40, 40), (T + 100, 40), (T + 115, 40)]
+    assert [p.cumulative for p in rows["old"].progress("tokens")] == [10 * T, 10 * T + 400, 10 * T + 1000,
+                                                                      10 * T + 1150]
+    assert rows["old"].progress("accelerator_seconds")[-1].cumulative is None  # unknown, not understated
+
+    text = report.write(list(rows.values()), "progress", tmp_path)
+    section = text.split("adversary progress")[1]
+    improved = [line.split()[:2] for line in section.splitlines() if line.startswith("d ")]
+    assert improved == [["d", "2"], ["d", "4"], ["d", "all"]]  # only improvements, then totals
+    totals = next(line for line in section.splitlines() if line.startswith("d ") and "all 7" in line)
+    assert totals.split()[3:] == [str(sum(spent)), "20"]
+    lines = list(csv.DictReader((tmp_path / "progress.csv").open()))
+    assert len(lines) == 7 + 4 + 3
+    assert [r["best_btf_steps"] for r in lines if r["defence"] == "d"] == ["", "50", "50", "20", "20", "20", "20"]
+    assert lines[-4] == {"defence": "old", "trial_number": "4", "cumulative_steps": str(T + 115),
+                         "best_btf_steps": "40", "objective": ""}
+
+
+def test_superseded_runs_are_ignored(store):
+    s = Sweep(store, "superseded")
+    s.trial("d", "failed", group="a", btf={"steps": 40}, number=1, spent={"steps": 40})
+    s.trial("d", "failed", group="b", btf={"steps": 1}, number=2, spent={"steps": 1}, superseded=True)
+    s.trial("d", "resisted", group="c", number=2, spent={"steps": T})
+    (row,) = report.load(store, "superseded")
+
+    assert len(row.trials) == 2 and row.count("failed") == 1
+    assert row.worst_case.steps == 40
+    assert [(p.cumulative, p.best) for p in row.progress()] == [(40, 40), (40 + T, 40)]
+
+
+def test_attacker_table_sorts_numbers_as_numbers(store):
+    s = Sweep(store, "sort")
+    for size in (128, 32, 1024, 8):
+        for lr in (3e-5, 1e-4):
+            s.trial("d", "failed", group=f"{size}-{lr}", attacker={"dataset_size": size, "learning_rate": lr},
+                    btf={"steps": 5})
+    header, body = report.attacker_table(report.load(store, "sort"))
+
+    assert header == ["attacker", "d"]
+    assert [b[0] for b in body] == [f"dataset_size={size} learning_rate={lr}"
+                                    for size in (8, 32, 128, 1024) for lr in (3e-05, 0.0001)]
+
+
+def test_unknown_unit_names_the_allowed_ones(store, tmp_path):
+    s = Sweep(store, "unknown")
+    s.trial("d", "failed", btf={"steps": 5})
+    rows = report.load(store, "unknown")
+
+    for call in (lambda: report.table(rows, "gpu_hours"), lambda: rows[0].survival("gpu_hours"),
+                 lambda: rows[0].progress("gpu_hours"), lambda: report.write(rows, "x", tmp_path / "o", "gpu_hours")):
+        with pytest.raises(ValueError, match="gpu_hours") as err:
+            call()
+        assert all(u in str(err.value) for u in report.UNITS)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,152 @@
+"""The attacker's fine-tuning across its stages, one step at a time, and replayable.
+
+One wrapped model trains through the stages; each stage is a new fine-tuning run with a
+fresh optimizer and a schedule spanning its own steps. Steps are numbered globally and the
+Budget counts across stages. A Snapshot holds everything the next step depends on (weights,
+optimizer and scheduler state, RNG state, the position in the batch stream, the budget),
+so restoring one and training on repeats exactly the steps an uninterrupted run takes:
+attack.py uses that to bisect for the step where f crossed phi.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainables import data as D
+from trainables.budget import Budget
+from trainables.config import Attacker, Stage
+from trainables.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class Snapshot:
+    """CPU copy of the training state after `step` global steps."""
+
+    stage: int
+    local: int
+    """Steps taken in that stage: the index of the next batch in its stream."""
+    budget: Budget
+    params: list[torch.Tensor]
+    """The trainable parameters (all weights, or only the LoRA adapters)."""
+    optimizer: dict | None
+    """None at a stage's end, where the next stage builds a fresh optimizer anyway."""
+    scheduler: dict | None
+    rng: torch.Tensor
+    cuda_rng: list[torch.Tensor] | None
+
+    @property
+    def step(self) -> int:
+        return self.budget.steps
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """Deep copy with every tensor cloned to CPU, so later in-place updates on the device
+    (or on CPU, where load_state_dict would keep our tensors) never reach the copy."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class Trainer:
+    """Trains `model` through `stages`, batch i of stage s being streams[s][i]."""
+
+    def __init__(self, model: torch.nn.Module, attacker: Attacker, stages: list[Stage],
+                 streams: list[D.BatchStream], per_token_flops: int, device: torch.device,
+                 devices: int = 1):
+        self.model, self.attacker, self.stages, self.streams = model, attacker, stages, streams
+        self.per_token_flops, self.device, self.devices = per_token_flops, device, devices
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.budget = Budget()
+        self.trained_steps = 0
+        """Optimizer steps actually run, replays included: what refinement cost us."""
+        self.losses: list[float] = []
+        self._enter(0)
+
+    def _enter(self, index: int) -> None:
+        """Start stage `index`: a fresh optimizer, and a schedule spanning the stage's steps."""
+        self.index, self.local = index, 0
+        self.hp = self.stages[index].resolved(self.attacker)
+        self.optimizer = build_optimizer(self.trainable, self.hp)
+        self.scheduler = build_scheduler(self.optimizer, self.hp, self.stages[index].steps)
+
+    def train_to(self, step: int) -> float | None:
+        """Train up to global step `step`, moving into later stages as their turn comes.
+        Returns the loss if it went nan/inf (that step still counts), else None."""
+        start = time.perf_counter()
+        try:
+            while self.budget.steps < step:
+                if self.local == self.stages[self.index].steps:
+                    self._enter(self.index + 1)
+                loss = self._step()
+                if not math.isfinite(loss):
+                    return loss
+            return None
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # queued kernels are training time, not evaluation's
+            self.budget.add_time(time.perf_counter() - start, self.devices)
+
+    def _step(self) -> float:
+        batch = {k: v.to(self.device) for k, v in self.streams[self.index][self.local].items()}
+        supervised = int((batch["labels"][:, 1:] != D.IGNORE).sum())
+        processed = int(batch["attention_mask"].sum())
+        self.budget.add(batch["input_ids"].shape[0], supervised, processed, self.per_token_flops)
+        self.local += 1
+        self.trained_steps += 1
+
+        loss = self.model(**batch).loss
+        if not torch.isfinite(loss):
+            return float(loss.item())
+        loss.backward()
+        if self.hp.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.hp.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.item())
+        return self.losses[-1]
+
+    def mean_loss(self) -> float:
+        """Mean training loss since the last call (nan if no step was taken)."""
+        mean = sum(self.losses) / len(self.losses) if self.losses else math.nan
+        self.losses.clear()
+        return mean
+
+    def snapshot(self) -> Snapshot:
+        """The state now; take it with schedule-free optimizers in train mode (after evaluating)."""
+        at_end = self.local == self.stages[self.index].steps
+        return Snapshot(
+            stage=self.index, local=self.local, budget=dataclasses.replace(self.budget),
+            params=[p.detach().to("cpu", copy=True) for p in self.trainable],
+            optimizer=None if at_end else _cpu_copy(self.optimizer.state_dict()),
+            scheduler=None if at_end else copy.deepcopy(self.scheduler.state_dict()),
+            rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+        )
+
+    def restore(self, snap: Snapshot) -> None:
+        """Go back to `snap`; the snapshot stays valid for another restore."""
+        self._enter(snap.stage)
+        self.local = snap.local
+        with torch.no_grad():
+            for p, saved in zip(self.trainable, snap.params, strict=True):
+                p.copy_(saved)
+        if snap.optimizer is not None:
+            self.optimizer.load_state_dict(_cpu_copy(snap.optimizer))
+            self.scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
+        torch.set_rng_state(snap.rng)
+        if snap.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(snap.cuda_rng)
+        self.budget = dataclasses.replace(snap.budget)
+        self.losses.clear()
