@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             runs[algorithm].append(trajectory(uri, run_one(algorithm, seed, trials, uri, storage)))
             print(f"{algorithm} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
-    defences = list(runs["grid"][0])
+    defences = sorted(runs["grid"][0])
     targets = {d: min(b for rs in runs.values() for r in rs for _, b in r[d]) for d in defences}
 
     print(f"\nattacker compute (steps) spent until the defence's worst case was found; "

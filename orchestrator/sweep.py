@@ -169,6 +169,9 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
     import json
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's own Ctrl-C handler ends fit() quietly, and the sweep would go on to the next
+    # defence; without it the KeyboardInterrupt reaches run(), which closes the records.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     import ray
     from ray import tune
 
