@@ -33,6 +33,7 @@ lint: install
 
 bench: install
 	$(PY) bench/overhead.py
+	$(PY) bench/adversary.py
 
 clean:
 	rm -rf $(VENV) .attack-sweep reports mlflow.db

@@ -14,6 +14,7 @@ what Tune sees. Ray is imported here and in the Tune callback of tracking.py, no
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -151,23 +152,15 @@ def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
         "seed": s.seed})
     priors = [(a, r.data.metrics["objective"]) for r in prior
               if "objective" in r.data.metrics and "attacker" in r.data.tags
-              and (a := encode(spec.space, _json(r.data.tags["attacker"]))) is not None]
+              and (a := encode(spec.space, json.loads(r.data.tags["attacker"]))) is not None]
     _fit(spec, defence, configs, pending, priors, progress, adversary, tracker, skey,
          address, storage_path, echo)
-
-
-def _json(text: str) -> dict:
-    import json
-
-    return json.loads(text)
 
 
 def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending: int,
          priors: list[tuple[dict, float]], progress: Progress, adversary: str, tracker: Tracker,
          skey: str, address: str | None, storage_path: str | None,
          echo: Callable[[str], None]) -> None:
-    import json
-
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Tune's own Ctrl-C handler ends fit() quietly, and the sweep would go on to the next
     # defence; without it the KeyboardInterrupt reaches run(), which closes the records.
