@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from orchestrator.space import Dim
 from orchestrator.spec import SpecError, SweepSpec
 from trainables import data as D
@@ -64,6 +66,24 @@ def check(spec: SweepSpec) -> list[str]:
         if need > rows:
             raise SpecError(f"spec error: {'space.dataset_size' if split == 'attack' else 'space.stages'}"
                             f": {need} exceeds the {rows} rows of data.{split}; lower it")
+    if ds := spec.distributed:
+        split = spec.resources.workers * ds.gradient_accumulation_steps
+        batch = space["batch_size"]
+        sizes = range(int(batch.values[0]), int(batch.values[1])) if batch.kind == "randint" else batch.values
+        if bad := sorted({int(b) for b in sizes if int(b) % split}):
+            raise SpecError(f"spec error: space.batch_size: {bad[0]} does not divide over "
+                            f"{spec.resources.workers} workers x {ds.gradient_accumulation_steps} "
+                            f"gradient-accumulation steps; use multiples of {split}")
+    if not spec.adaptive:  # every trial's config, checked as the trial would
+        from orchestrator.sweep import attack_config
+
+        for attacker in spec.attackers():
+            try:
+                attack_config(spec, {"defence": spec.base.name, **attacker})
+            except ValidationError as err:
+                first = err.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "attacker"
+                raise SpecError(f"spec error: {where}: {first['msg'].removeprefix('Value error, ')}") from None
     if spec.evaluator.name == "nll" and not spec.data.eval.response_field:
         raise SpecError("spec error: data.eval.response_field: the nll evaluator needs "
                         "reference responses")

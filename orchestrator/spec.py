@@ -9,6 +9,7 @@ Errors come out one per line, each naming the field and what it accepts:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.space import SAMPLED, AttackerSpace, attackers
 from trainables import evaluators
-from trainables.config import Checkpoint, Data, EvaluatorConfig
+from trainables.config import Checkpoint, Data, DeepSpeed, EvaluatorConfig
 
 
 class SpecError(ValueError):
@@ -70,9 +71,13 @@ class Search(_Strict):
 
 class Resources(_Strict):
     cpu: float = Field(1.0, gt=0)
-    """CPUs per trial (fractions allowed)."""
+    """CPUs per trial, or per worker when workers > 1 (fractions allowed)."""
     gpu: float = Field(0.0, ge=0)
-    """GPUs per trial (fractions allowed)."""
+    """GPUs per trial, or per worker when workers > 1 (fractions allowed)."""
+    workers: int = Field(1, ge=1)
+    """Ray Train workers per trial: > 1 runs each trial as a TorchTrainer whose workers train
+    data-parallel under DeepSpeed (deepspeed.config, ZeRO stage 0 by default), one GPU each
+    where gpu > 0, else CPU processes (gloo)."""
 
 
 class SweepSpec(_Strict):
@@ -100,6 +105,9 @@ class SweepSpec(_Strict):
     search: Search = Search()
     space: AttackerSpace = AttackerSpace()
     resources: Resources = Resources()
+    deepspeed: DeepSpeed | None = None
+    """Train under DeepSpeed: {config: clusters/deepspeed/zero2.json (a path, relative to the
+    spec, or a mapping), gradient_accumulation_steps, precision}. Also with one worker."""
     device: str = "auto"
     """auto, cpu, cuda: where each trial trains."""
 
@@ -115,6 +123,20 @@ class SweepSpec(_Strict):
             raise ValueError(f"mark exactly one defence with 'base: true' (the undefended model);"
                              f" found {len(bases)}")
         return defences
+
+    @field_validator("deepspeed", mode="before")
+    @classmethod
+    def _read_deepspeed_config(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("config"), str):
+            path = Path(value["config"]).expanduser()
+            try:
+                config = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise ValueError(f"config: no such file {str(path)!r}") from None
+            except json.JSONDecodeError as err:
+                raise ValueError(f"config: {str(path)!r} is not valid JSON ({err})") from None
+            return {**value, "config": config}
+        return value
 
     @field_validator("evaluator")
     @classmethod
@@ -134,11 +156,19 @@ class SweepSpec(_Strict):
             if self.search.num_samples != 1:
                 raise ValueError("search.num_samples must be 1 with search.algorithm=grid "
                                  "(add a seed dimension to repeat attackers)")
+        if self.refine and self.distributed is not None:
+            raise ValueError("refine needs snapshots of the training state, which DeepSpeed / multi-worker "
+                             "trials do not take; set refine: 0")
         if self.search.algorithm in ADAPTIVE and not any(
                 d.kind != "constant" for d in dict(self.space).values()):
             raise ValueError(f"search.algorithm={self.search.algorithm} needs at least one "
                              "non-constant space dimension to search")
         return self
+
+    @property
+    def distributed(self) -> DeepSpeed | None:
+        """The DeepSpeed settings trials train under (workers > 1 implies ZeRO stage 0)."""
+        return self.deepspeed or (DeepSpeed() if self.resources.workers > 1 else None)
 
     @property
     def adaptive(self) -> bool:
@@ -224,6 +254,10 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
         if isinstance(d, dict):
             for key in ("model", "adapter", "tokenizer"):
                 fix(d, key)
+    if isinstance(raw.get("deepspeed"), dict) and isinstance(raw["deepspeed"].get("config"), str):
+        path = Path(raw["deepspeed"]["config"]).expanduser()
+        if not path.is_absolute():
+            raw["deepspeed"]["config"] = str((base_dir / path).resolve())
     data = raw.get("data") or {}
     for split in ("attack", "eval", "benign"):
         if isinstance(data.get(split), dict):

@@ -38,6 +38,7 @@ def attack_config(spec: SweepSpec, trial: dict[str, Any]) -> AttackConfig:
         attacker={k: v for k, v in trial.items() if k != "defence"},
         phi=spec.phi, eval_every=spec.eval_every, max_steps=spec.max_steps,
         eval_schedule=spec.eval_schedule, refine=spec.refine, device=spec.device,
+        deepspeed=spec.distributed,
     )
 
 
@@ -81,22 +82,58 @@ def attacker_of(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
         {k: v for k, v in config.items() if k != "defence"}
 
 
-def _run_trial(config: dict[str, Any], *, spec_json: str, defence: str) -> None:
+def _run_trial(config: dict[str, Any], *, spec_json: str, defence: str, storage: str) -> None:
     """The Tune function trainable: the attack loop, with every evaluation reported along
-    with the searcher's objective (provisional until the final evaluation)."""
+    with the searcher's objective (provisional until the final evaluation). With workers > 1
+    the loop runs in each worker of a Ray Train TorchTrainer, whose rank-0 reports reach
+    Tune through TuneReportCallback."""
     from ray import tune
 
-    from trainables import run_attack
-
     spec = SweepSpec.model_validate_json(spec_json)
-    s, t_max = spec.search, max_horizon(spec.space, spec.max_steps)
+    s = spec.search
     cfg = attack_config(spec, {"defence": defence, **attacker_of(spec, config)})
+    loop_config = {"cfg": cfg.model_dump_json(), "unit": s.unit, "penalty": s.penalty,
+                   "t_max": max_horizon(spec.space, spec.max_steps)}
+    if spec.resources.workers == 1:
+        _attack_loop(loop_config, report=tune.report)
+        return
 
-    def report(point) -> None:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # reports reach Tune at once
+    r = spec.resources
+    trainer = TorchTrainer(
+        _attack_loop, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if r.gpu > 0 else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.workers, use_gpu=r.gpu > 0,
+            resources_per_worker={"CPU": r.cpu, **({"GPU": r.gpu} if r.gpu else {})}),
+        run_config=ray.train.RunConfig(name=f"{tune.get_context().get_trial_name()}-train",
+                                       storage_path=storage, callbacks=[TuneReportCallback()]))
+    trainer.fit()
+
+
+def _attack_loop(loop_config: dict[str, Any], report: Callable[[dict], None] | None = None) -> None:
+    """One trial's attack, in a Tune trial or in each worker of its TorchTrainer."""
+    from trainables import AttackConfig, run_attack
+
+    cfg = AttackConfig.model_validate_json(loop_config["cfg"])
+    if report is None:  # a Ray Train worker: its own device, and reports through Ray Train
+        import ray.train
+        import ray.train.torch
+
+        report = ray.train.report
+        if cfg.device != "cpu" and ray.train.torch.get_device().type == "cuda":
+            cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
+    unit, penalty, t_max = loop_config["unit"], loop_config["penalty"], loop_config["t_max"]
+
+    def on_eval(point) -> None:
         result = point.as_dict()
-        tune.report({**result, "objective": objective(result, s.unit, s.penalty, t_max)})
+        report({**result, "objective": objective(result, unit, penalty, t_max)})
 
-    run_attack(cfg, on_eval=report)
+    run_attack(cfg, on_eval=on_eval)
 
 
 def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str | None = None,
@@ -201,23 +238,40 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
         local = address is None
         ray.init(address=address, include_dashboard=False if local else None,
                  log_to_driver=False, configure_logging=True, logging_level="ERROR")
-    trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, spec_json=spec.model_dump_json(), defence=defence.name),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     storage = storage_path or str(Path.cwd() / ".attack-sweep" / "ray_results")
     if "://" not in storage:  # a local path: Tune wants it absolute; s3:// gs:// stay as given
         storage = str(Path(storage).resolve())
+    r = spec.resources
+    # a multi-worker trial's own process only drives its TorchTrainer, whose workers hold the
+    # resources; without a cap Tune would start every such trial at once
+    max_concurrent = s.max_concurrent
+    if r.workers > 1:
+        max_concurrent = max_concurrent or _trials_that_fit(r)
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, spec_json=spec.model_dump_json(), defence=defence.name,
+                             storage=storage),
+        {"cpu": r.cpu, "gpu": r.gpu} if r.workers == 1 else {"cpu": 0.01})
     searcher = _capped(_searcher(spec, configs, priors), field, s.max_compute, progress.compute)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=pending,
-                                    max_concurrent_trials=s.max_concurrent, reuse_actors=True),
+                                    max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{defence.name}", storage_path=storage, stop=PhiStopper(),
             verbose=0, callbacks=[callback(tracker, describe, progress.trials + pending,
                                            progress, adversary, echo, start=progress.trials)]),
     )
     tuner.fit()
+
+
+def _trials_that_fit(r) -> int:
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [int(total.get("CPU", 0) // (r.cpu * r.workers + 0.01))]
+    if r.gpu:
+        fits.append(int(total.get("GPU", 0) // (r.gpu * r.workers)))
+    return max(1, min(fits))
 
 
 def _searcher(spec: SweepSpec, configs: list[dict] | None, priors: list[tuple[dict, float]]):

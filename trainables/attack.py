@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainables import data as D
+from trainables import evaluators
 from trainables.budget import EvalPoint, Status, flops_per_token
 from trainables.checkpoint import (
     load_model,
@@ -48,6 +49,7 @@ from trainables.checkpoint import (
 from trainables.config import AttackConfig
 from trainables.evaluators import EvalItem, make_evaluator
 from trainables.optim import evaluating
+from trainables.parallel import DataParallel
 from trainables.trainer import Snapshot, Trainer
 
 
@@ -70,10 +72,16 @@ class AttackResult:
 
 def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda p: None,
                devices: int = 1) -> AttackResult:
-    """`devices`: accelerators the trial trains on, the factor on accelerator_seconds."""
+    """`devices`: accelerators the trial trains on, the factor on accelerator_seconds (a
+    DeepSpeed trial counts its workers itself). Under DeepSpeed every worker calls this with
+    the same cfg and reports the same points."""
     atk, stages = cfg.attacker, cfg.stages
     torch.manual_seed(atk.seed)
     device = resolve_device(cfg.device)
+    parallel = DataParallel(cfg.deepspeed, device) if cfg.deepspeed else None
+    if parallel is not None:
+        devices = parallel.world.size
+        evaluators.synced_generation = parallel.synced_generation
 
     # --- the released model, made trainable ---------------------------------------
     tokenizer = load_tokenizer(cfg.checkpoint)
@@ -99,13 +107,17 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     ]
     evaluate = make_evaluator(cfg.evaluator.name, cfg.evaluator.options)
 
-    trainer = Trainer(model, atk, stages, streams, flops_per_token(n_matmul, n_lora), device, devices)
+    trainer = Trainer(model, atk, stages, streams, flops_per_token(n_matmul, n_lora), device, devices,
+                      parallel)
     start = time.perf_counter()
     points: list[EvalPoint] = []
 
     def score() -> float:
         with evaluating(trainer.optimizer):
-            return evaluate(model, tokenizer, eval_items)
+            if parallel is None:
+                return evaluate(model, tokenizer, eval_items)
+            f = evaluate(model, tokenizer, eval_items) if parallel.scores_here else math.nan
+            return parallel.broadcast(f)  # every rank takes rank 0's decision
 
     def emit(point: EvalPoint) -> EvalPoint:
         points.append(point)

@@ -176,6 +176,33 @@ class EvaluatorConfig(_Strict):
     """Options of that evaluator (see trainables/evaluators.py)."""
 
 
+class DeepSpeed(_Strict):
+    """Train under DeepSpeed (ZeRO stage 0-3, optional CPU offload): the ZeRO choices come from
+    a config file (clusters/deepspeed/*.json); batch sizes, precision and clipping from here."""
+
+    config: dict[str, Any] = Field(default_factory=lambda: {"zero_optimization": {"stage": 0}})
+    """The DeepSpeed config's own sections (zero_optimization, ...); the spec reads it from a
+    file. train_*batch_size*, gradient_accumulation_steps, bf16/fp16 and gradient_clipping
+    are filled in from the attacker and must not be set here."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step on each worker: batch_size = micro x this x workers."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on a GPU that has it, else fp32 (CPU trains in fp32)."""
+
+    @model_validator(mode="after")
+    def _no_run_time_keys(self) -> DeepSpeed:
+        owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "bf16", "fp16", "gradient_clipping", "optimizer", "scheduler"}
+        if clash := sorted(owned & set(self.config)):
+            raise ValueError(f"deepspeed.config sets {', '.join(clash)}: attack-sweep fills these from the "
+                             "attacker (batch_size, max_grad_norm) and deepspeed.precision; remove them")
+        return self
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.config.get("zero_optimization", {}).get("stage", 0))
+
+
 class AttackConfig(_Strict):
     """Everything one trial needs: what to attack, with what, and when to stop."""
 
@@ -201,6 +228,19 @@ class AttackConfig(_Strict):
     never crosses phi is censored at its horizon."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    deepspeed: DeepSpeed | None = None
+    """Train under DeepSpeed (one process, or each Ray Train worker of a distributed trial);
+    None: plain PyTorch in one process."""
+
+    @model_validator(mode="after")
+    def _deepspeed_limits(self) -> AttackConfig:
+        if self.deepspeed is not None and self.refine:
+            raise ValueError("refine: bisection replays need a snapshot of the training state, which "
+                             "DeepSpeed trials do not take; set refine: 0 (or use eval_every: 1)")
+        if self.deepspeed is not None and len(self.stages) > 1:
+            raise ValueError("attacker.stages: multi-stage attacks run in one process only; "
+                             "drop deepspeed or use a single stage")
+        return self
 
     @model_validator(mode="after")
     def _benign_stages_have_data(self) -> AttackConfig:

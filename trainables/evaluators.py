@@ -102,6 +102,11 @@ def refusal_keyword(options: RefusalKeywordOptions) -> Evaluator:
     return score
 
 
+synced_generation = False
+"""Set by a ZeRO-3 trial whose ranks all generate together: every rank then runs forward
+passes until the last rank is done, as partitioned weights need (HF `synced_gpus`)."""
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
              batch_size: int) -> list[str]:
@@ -117,7 +122,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_generation)
             new = gen[:, enc["input_ids"].shape[1]:]
             out += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:

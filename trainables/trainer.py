@@ -23,6 +23,7 @@ from trainables import data as D
 from trainables.budget import Budget
 from trainables.config import Attacker, Stage
 from trainables.optim import build_optimizer, build_scheduler
+from trainables.parallel import DataParallel
 
 
 @dataclass
@@ -63,7 +64,9 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, attacker: Attacker, stages: list[Stage],
                  streams: list[D.BatchStream], per_token_flops: int, device: torch.device,
-                 devices: int = 1):
+                 devices: int = 1, parallel: DataParallel | None = None):
+        self.parallel = parallel
+        """Set: each step runs on a DeepSpeed engine, the global batch split across workers."""
         self.model, self.attacker, self.stages, self.streams = model, attacker, stages, streams
         self.per_token_flops, self.device, self.devices = per_token_flops, device, devices
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -79,6 +82,8 @@ class Trainer:
         self.hp = self.stages[index].resolved(self.attacker)
         self.optimizer = build_optimizer(self.trainable, self.hp)
         self.scheduler = build_scheduler(self.optimizer, self.hp, self.stages[index].steps)
+        if self.parallel is not None:
+            self.engine = self.parallel.wrap(self.model, self.optimizer, self.scheduler, self.hp)
 
     def train_to(self, step: int) -> float | None:
         """Train up to global step `step`, moving into later stages as their turn comes.
@@ -98,13 +103,19 @@ class Trainer:
             self.budget.add_time(time.perf_counter() - start, self.devices)
 
     def _step(self) -> float:
-        batch = {k: v.to(self.device) for k, v in self.streams[self.index][self.local].items()}
+        batch = self.streams[self.index][self.local]  # the global batch: budgets count all of it
         supervised = int((batch["labels"][:, 1:] != D.IGNORE).sum())
         processed = int(batch["attention_mask"].sum())
         self.budget.add(batch["input_ids"].shape[0], supervised, processed, self.per_token_flops)
         self.local += 1
         self.trained_steps += 1
+        if self.parallel is not None:
+            loss = self.parallel.step(self.engine, batch)
+            if math.isfinite(loss):
+                self.losses.append(loss)
+            return loss
 
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         loss = self.model(**batch).loss
         if not torch.isfinite(loss):
             return float(loss.item())

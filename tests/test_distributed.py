@@ -1,0 +1,109 @@
+"""Data-parallel trials: the global batch split across ranks, a single-process DeepSpeed
+trial with no launcher variables, and a 2-worker CPU (gloo) Ray Train trial that agrees
+with the single-process one. GPUs are not here: ZeRO-2/3 with bf16 on CUDA runs in
+bench/gpu_check.sh, not in CI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import attack_dict, sweep_dict
+from mlflow.tracking import MlflowClient
+
+from orchestrator import spec as S
+from orchestrator import sweep
+from trainables import AttackConfig, run_attack
+from trainables.parallel import World, shard
+
+
+def batch(n=8, length=5):
+    ids = torch.arange(n * length).reshape(n, length)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def test_each_rank_gets_its_own_rows_of_the_global_batch():
+    b = batch(8)
+    seen = []
+    for rank in range(2):
+        pieces = shard(b, World(rank, 2), accumulation=2)
+        assert len(pieces) == 2 and all(p["input_ids"].shape[0] == 2 for p in pieces)
+        seen.append({tuple(row.tolist()) for p in pieces for row in p["input_ids"]})
+    assert not seen[0] & seen[1]  # no two ranks see the same example
+    assert seen[0] | seen[1] == {tuple(row.tolist()) for row in b["input_ids"]}  # and none is dropped
+    with pytest.raises(ValueError, match="batch_size=6 does not divide over 2 workers x 2"):
+        shard(batch(6), World(0, 2), accumulation=2)
+
+
+SINGLE = """
+import json, sys
+from trainables import AttackConfig, run_attack
+r = run_attack(AttackConfig.model_validate_json(sys.argv[1]))
+b = r.budget_to_failure
+print("RESULT " + json.dumps({"status": r.status, "step": b.step if b else None,
+                             "examples": b.examples if b else None}))
+"""
+
+
+@pytest.mark.parametrize("stage,finetune,lr", [(2, "full", 1e-4), (3, "lora", 1e-3)])
+def test_single_process_deepspeed_needs_no_launcher_variables(world, stage, finetune, lr):
+    over = {"max_steps": 20, "eval_every": 2,
+            "attacker": {"learning_rate": lr, "dataset_size": 16, "batch_size": 4, "finetune": finetune}}
+    plain = run_attack(AttackConfig.model_validate(attack_dict(world, **over)))
+    cfg = AttackConfig.model_validate(attack_dict(
+        world, deepspeed={"config": {"zero_optimization": {"stage": stage}}}, **over))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", SINGLE, cfg.model_dump_json()], capture_output=True,
+                         text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert got["status"] == plain.status == "failed"
+    assert abs(got["step"] - plain.budget_to_failure.step) <= 2  # within one evaluation interval
+    assert got["examples"] == got["step"] * 4
+
+
+def test_two_cpu_workers_agree_with_one_process(world, ray_local, tmp_path):
+    space = {"dataset_size": 32, "learning_rate": 1e-4, "batch_size": 8}
+    raw = sweep_dict(world, "two-workers", defences=("base",), max_steps=20, eval_every=2,
+                     space=space, resources={"cpu": 0.5, "workers": 2})
+    spec = S.from_dict(raw)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lines = []
+    sweep.run(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"), echo=lines.append)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("two-workers").experiment_id],
+                                "tags.kind = 'trial'")
+    assert run.data.tags["status"] == "failed", lines
+    m = run.data.metrics
+
+    torch.set_num_threads(1)
+    one = run_attack(sweep.attack_config(S.from_dict({**raw, "resources": {"cpu": 1}}),
+                                         {"defence": "base", **spec.attackers()[0]}))
+    assert one.status == "failed"
+    assert abs(m["budget_to_failure_steps"] - one.budget_to_failure.step) <= spec.eval_every
+    # budgets count the global batch, across both workers
+    assert m["budget_to_failure_examples"] == m["budget_to_failure_steps"] * 8
+    # one metric stream: one point per evaluation, not one per worker
+    curve = client.get_metric_history(run.info.run_id, "harmfulness")
+    assert [p.step for p in curve] == list(range(0, int(m["budget_to_failure_steps"]) + 1, 2))
+
+
+def test_a_batch_that_does_not_split_over_the_workers_fails_before_ray(world, tmp_path, capsys):
+    import yaml
+
+    from orchestrator.cli import main
+
+    raw = sweep_dict(world, "bad-split", space={"dataset_size": 32, "batch_size": {"grid": [8, 6]}},
+                     resources={"cpu": 1, "workers": 2}, deepspeed={"gradient_accumulation_steps": 2})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("spec error: space.batch_size: 6 does not divide over 2 workers x 2 gradient-accumulation "
+                   "steps; use multiples of 4")
+    raw = sweep_dict(world, "bad-refine", refine=2, deepspeed={"config": str(tmp_path / "none.json")})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 2
+    assert "spec error: deepspeed: config: no such file" in capsys.readouterr().err
