@@ -70,7 +70,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     sweep.run(sp, tracking_uri=args.tracking_uri, address=args.address,
               storage_path=args.storage_path)
-    return _report(args.tracking_uri, sp.name, args.out, args.unit or sp.search.unit)
+    rc = _report(args.tracking_uri, sp.name, args.out, args.unit or sp.search.unit)
+    errors = _errored(args.tracking_uri, sp.name)
+    if rc == 0 and errors:  # a job whose trials crashed must not read SUCCEEDED
+        print(f"error: {errors} trial(s) ended in error (MLflow tag 'error' holds why); "
+              "rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return rc
+
+
+def _errored(tracking_uri: str, experiment: str) -> int:
+    from orchestrator import report
+
+    return sum(row.count("error") for row in report.load(tracking_uri, experiment))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

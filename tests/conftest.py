@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# a local ray.init() turns Ray's token auth on and writes ~/.ray/auth_token unless told not to;
+# the tests' own local clusters need no auth (test_job_submit.py starts its head with a token)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")

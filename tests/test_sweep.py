@@ -120,7 +120,7 @@ def test_report_numbers_equal_the_mlflow_records(swept, capsys):
     assert "| defence |" in (out / "report.md").read_text()
 
 
-def test_trial_error_is_recorded_and_the_sweep_goes_on(world, ray_local, tmp_path):
+def test_trial_error_is_recorded_and_the_sweep_goes_on(world, ray_local, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = make_spec(world, name="err", max_steps=5, space={
         "finetune": "lora", "lora_target_modules": {"grid": [["nonexistent_proj"], ["q_proj"]]},
@@ -131,6 +131,15 @@ def test_trial_error_is_recorded_and_the_sweep_goes_on(world, ray_local, tmp_pat
     assert len(runs) == 4 and status.count("error") == 2
     bad = next(r for r in runs if r.data.tags["status"] == "error")
     assert bad.info.status == "FAILED" and "nonexistent_proj" in bad.data.tags["error"]
+    # `attack-sweep run` retries them, and exits non-zero while they still fail (a Ray job
+    # running it then ends FAILED, not SUCCEEDED)
+    import yaml
+
+    (tmp_path / "err.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    rc = main(["run", str(tmp_path / "err.yaml"), "--tracking-uri", uri, "--out", str(tmp_path / "r"),
+               "--storage-path", str(tmp_path / "ray")])
+    assert rc == 1 and "2 trial(s) ended in error" in capsys.readouterr().err
+    assert len(trial_runs(uri, "err")) == 6  # the two errored trials ran again, the others did not
 
 
 def test_an_interrupted_trial_is_superseded_not_duplicated(world, ray_local, tmp_path):
