@@ -4,7 +4,10 @@ LoRA versus full fine-tuning is decided here and nowhere else."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainables.config import Attacker, Checkpoint
@@ -32,6 +35,7 @@ def load_tokenizer(ckpt: Checkpoint):
 def load_model(ckpt: Checkpoint, device: torch.device) -> torch.nn.Module:
     """The released model: base weights, with the defender's PEFT adapter merged in if any,
     so the attacker starts from exactly what was published."""
+    transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar per trial is noise in a sweep
     model = AutoModelForCausalLM.from_pretrained(
         ckpt.model,
         revision=ckpt.revision,
@@ -61,7 +65,9 @@ def make_trainable(model: torch.nn.Module, attacker: Attacker) -> tuple[torch.nn
         target_modules=attacker.lora_target_modules,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to answer
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, config)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, n_lora
 
