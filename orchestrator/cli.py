@@ -177,7 +177,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished trials are in MLflow; rerun the same command to resume",
               file=sys.stderr)
+        _leave(130)
         return 130
+
+
+def _leave(code: int) -> None:
+    """Exit now. The sweep closed its MLflow records before the interrupt reached here, but
+    threads Ray and Tune leave behind after a Ctrl-C can hang the interpreter's exit: give
+    ray.shutdown a bounded chance, then leave without waiting for them."""
+    import threading
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            stop = threading.Thread(target=ray.shutdown, daemon=True)
+            stop.start()
+            stop.join(timeout=15)
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":
