@@ -42,9 +42,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     per_defence = s.num_samples if sp.adaptive else len(sp.attackers())
     n = per_defence * len(sp.defences)
     t_max = max_horizon(sp.space, sp.max_steps)
-    batch = space["batch_size"]
-    max_batch = int(batch.values[1]) - 1 if batch.kind == "randint" else max(batch.values)
-    max_batch = max([max_batch, *(st.batch_size or 0 for v in space["stages"].values if v for st in v)])
+    max_batch = max([space["batch_size"].largest(),
+                     *(st.batch_size or 0 for v in space["stages"].values if v for st in v)])
     print(f"spec OK: {sp.name}")
     print(f"  trials: {n} = {len(sp.defences)} defences x {per_defence} attackers ({s.algorithm} search"
           + (f", {s.n_initial} random first" if sp.adaptive else "") + ")")
@@ -70,26 +69,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     sweep.run(sp, tracking_uri=args.tracking_uri, address=args.address,
               storage_path=args.storage_path)
-    rc = _report(args.tracking_uri, sp.name, args.out, args.unit or sp.search.unit)
-    errors = _errored(args.tracking_uri, sp.name)
-    if rc == 0 and errors:  # a job whose trials crashed must not read SUCCEEDED
-        print(f"error: {errors} trial(s) ended in error (MLflow tag 'error' holds why); "
-              "rerun the same command to retry them", file=sys.stderr)
-        return 1
-    return rc
-
-
-def _errored(tracking_uri: str, experiment: str) -> int:
-    from orchestrator import report
-
-    return sum(row.count("error") for row in report.load(tracking_uri, experiment))
+    return _report(args.tracking_uri, sp.name, args.out, args.unit or sp.search.unit, fail_on_errors=True)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     return _report(args.tracking_uri, args.experiment, args.out, args.unit or "steps")
 
 
-def _report(tracking_uri: str, experiment: str, out: str | None, unit: str) -> int:
+def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
+            fail_on_errors: bool = False) -> int:
+    """Print and write the report; with fail_on_errors, 1 when trials ended in error (a Ray
+    job whose trials crashed must not read SUCCEEDED)."""
     from orchestrator import report
 
     rows = report.load(tracking_uri, experiment)
@@ -100,6 +90,11 @@ def _report(tracking_uri: str, experiment: str, out: str | None, unit: str) -> i
     print()
     print(report.write(rows, experiment, out_dir, unit=unit))
     print(f"\nwritten: {out_dir}/report.csv, attackers.csv, report.md, survival.csv, progress.csv")
+    errors = sum(row.count("error") for row in rows)
+    if fail_on_errors and errors:
+        print(f"error: {errors} trial(s) ended in error (MLflow tag 'error' holds why); "
+              "rerun the same command to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

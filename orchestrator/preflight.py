@@ -5,11 +5,9 @@ checked: hub models and datasets are fetched by the trials themselves."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.space import Dim
 from orchestrator.spec import SpecError, SweepSpec
 from trainables import data as D
 from trainables.optim import missing_dependency
@@ -19,10 +17,6 @@ def _missing_local_path(value: str | None) -> bool:
     """A value written as a path (not a hub id) that does not exist."""
     return bool(value) and value.startswith(("/", "./", "../", "~")) and \
         not Path(value).expanduser().exists()
-
-
-def _largest(dim: Dim) -> Any:
-    return int(dim.values[1]) - 1 if dim.kind == "randint" else max(dim.values)
 
 
 def _stages(spec: SweepSpec) -> list[dict]:
@@ -44,9 +38,9 @@ def check(spec: SweepSpec) -> list[str]:
     if any(s.data == "benign" for s in stages) and spec.data.benign is None:
         raise SpecError("spec error: data.benign: a stage trains on benign data; "
                         "give data.benign: {source: ...}")
-    wanted = {"attack": max([_largest(space["dataset_size"]),
+    wanted = {"attack": max([space["dataset_size"].largest(),
                              *(s.dataset_size or 0 for s in stages if s.data == "attack")]),
-              "benign": max([0, *((s.dataset_size or _largest(space["dataset_size"]))
+              "benign": max([0, *((s.dataset_size or space["dataset_size"].largest())
                                   for s in stages if s.data == "benign")]),
               "eval": 0}
     for split, need in wanted.items():
@@ -68,9 +62,7 @@ def check(spec: SweepSpec) -> list[str]:
                             f": {need} exceeds the {rows} rows of data.{split}; lower it")
     if ds := spec.distributed:
         split = spec.resources.workers * ds.gradient_accumulation_steps
-        batch = space["batch_size"]
-        sizes = range(int(batch.values[0]), int(batch.values[1])) if batch.kind == "randint" else batch.values
-        if bad := sorted({int(b) for b in sizes if int(b) % split}):
+        if bad := sorted({int(b) for b in space["batch_size"].values_or_range() if int(b) % split}):
             raise SpecError(f"spec error: space.batch_size: {bad[0]} does not divide over "
                             f"{spec.resources.workers} workers x {ds.gradient_accumulation_steps} "
                             f"gradient-accumulation steps; use multiples of {split}")

@@ -49,6 +49,14 @@ class Dim:
     def to_yaml(self) -> Any:
         return self.values[0] if self.kind == "constant" else {self.kind: list(self.values)}
 
+    def values_or_range(self) -> Any:
+        """Every value this domain can give (randint's high is exclusive)."""
+        return range(int(self.values[0]), int(self.values[1])) if self.kind == "randint" else self.values
+
+    def largest(self, default: Any = None) -> Any:
+        """The largest value this domain can give; None values count as `default`."""
+        return max(default if v is None else v for v in self.values_or_range())
+
 
 def _dim_parser(name: str, info: FieldInfo):
     ann = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
@@ -184,11 +192,7 @@ def encode(space: BaseModel, attacker: dict[str, Any]) -> dict[str, Any] | None:
 def max_horizon(space: BaseModel, max_steps: int) -> int:
     """The longest training length T an attacker of this space can have (for the penalty)."""
     dims: dict[str, Dim] = dict(space)
-    steps = dims["steps"]
-    if steps.kind == "randint":
-        longest = int(steps.values[1]) - 1
-    else:
-        longest = max(int(v) if v is not None else max_steps for v in steps.values)
+    longest = int(dims["steps"].largest(default=max_steps))
     stage_sums = [sum(int(_get(s, "steps")) for s in v) for v in dims["stages"].values if v]
     if stage_sums and all(dims["stages"].values):  # every attacker is staged: steps is unused
         return max(stage_sums)
