@@ -43,6 +43,7 @@ def check(spec: SweepSpec) -> list[str]:
               "benign": max([0, *((s.dataset_size or space["dataset_size"].largest())
                                   for s in stages if s.data == "benign")]),
               "eval": 0}
+    prompts: dict[str, list[str]] = {}
     for split, need in wanted.items():
         src = getattr(spec.data, split)
         if src is None:
@@ -54,12 +55,16 @@ def check(spec: SweepSpec) -> list[str]:
                          "dataset when the trials start (not checked here)")
             continue
         try:
-            rows = len(D.load_rows(src))
+            loaded = D.load_rows(src)
         except ValueError as err:
             raise SpecError(f"spec error: data.{split}: {err}") from None
+        prompts[split], rows = [str(r[src.prompt_field]) for r in loaded], len(loaded)
         if need > rows:
             raise SpecError(f"spec error: {'space.dataset_size' if split == 'attack' else 'space.stages'}"
                             f": {need} exceeds the {rows} rows of data.{split}; lower it")
+    if shared := D.shared_prompts(prompts.get("eval", []), prompts.get("attack", [])):
+        raise SpecError(f"spec error: data.eval: {len(shared)} held-out prompt(s) also in data.attack "
+                        f"(first: {shared[0][:80]!r}); evaluate on prompts the attacker never trains on")
     if ds := spec.distributed:
         split = spec.resources.workers * ds.gradient_accumulation_steps
         if bad := sorted({int(b) for b in space["batch_size"].values_or_range() if int(b) % split}):

@@ -10,6 +10,8 @@ Errors come out one per line, each naming the field and what it accepts:
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,15 +234,33 @@ def _child(node: Any, part: str, where: str) -> Any:
 
 
 TOYWORLD = "toyworld:"
+_ENV_VAR = re.compile(r"\$\{(\w+)\}")
+
+
+def _expand_env(value: str, where: str) -> str:
+    """`${NAME}` in a path is the environment variable NAME (e.g. a scratch directory on a
+    cluster, or where examples/smollm2 built its checkpoints); an unset one is an error."""
+
+    def var(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise SpecError(f"spec error: {where}: environment variable {name} is not set "
+                            f"(used in {value!r}); export it or replace ${{{name}}} with a path")
+        return os.environ[name]
+
+    return _ENV_VAR.sub(var, value)
 
 
 def _resolve_paths(raw: dict, base_dir: Path) -> None:
     """Relative paths that exist next to the spec file are made absolute, so Ray workers
-    and `ray job submit` find them; `toyworld:NAME` is NAME inside the embedded toy world
-    (built on first use); anything else stays as given (a hub id)."""
+    and `ray job submit` find them; `${NAME}` is expanded from the environment;
+    `toyworld:NAME` is NAME inside the embedded toy world (built on first use); anything
+    else stays as given (a hub id)."""
 
-    def fix(d: dict, key: str) -> None:
+    def fix(d: dict, key: str, where: str) -> None:
         value = d.get(key)
+        if isinstance(value, str) and "${" in value:
+            value = d[key] = _expand_env(value, f"{where}.{key}")
         if isinstance(value, str) and value.startswith(TOYWORLD):
             from orchestrator import toyworld
 
@@ -250,18 +270,19 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
             if candidate.exists():
                 d[key] = str(candidate.resolve())
 
-    for d in raw.get("defences") or []:
+    for i, d in enumerate(raw.get("defences") or []):
         if isinstance(d, dict):
             for key in ("model", "adapter", "tokenizer"):
-                fix(d, key)
+                fix(d, key, f"defences.{i}")
     if isinstance(raw.get("deepspeed"), dict) and isinstance(raw["deepspeed"].get("config"), str):
+        fix(raw["deepspeed"], "config", "deepspeed")
         path = Path(raw["deepspeed"]["config"]).expanduser()
         if not path.is_absolute():
             raw["deepspeed"]["config"] = str((base_dir / path).resolve())
     data = raw.get("data") or {}
     for split in ("attack", "eval", "benign"):
         if isinstance(data.get(split), dict):
-            fix(data[split], "source")
+            fix(data[split], "source", f"data.{split}")
 
 
 def format_errors(err: ValidationError) -> str:

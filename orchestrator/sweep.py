@@ -90,10 +90,8 @@ def _run_trial(config: dict[str, Any], *, spec_json: str, defence: str, storage:
     from ray import tune
 
     spec = SweepSpec.model_validate_json(spec_json)
-    s = spec.search
     cfg = attack_config(spec, {"defence": defence, **attacker_of(spec, config)})
-    loop_config = {"cfg": cfg.model_dump_json(), "unit": s.unit, "penalty": s.penalty,
-                   "t_max": max_horizon(spec.space, spec.max_steps)}
+    loop_config = _loop_config(spec, cfg)
     if spec.resources.workers == 1:
         _attack_loop(loop_config, report=tune.report)
         return
@@ -115,6 +113,12 @@ def _run_trial(config: dict[str, Any], *, spec_json: str, defence: str, storage:
     trainer.fit()
 
 
+def _loop_config(spec: SweepSpec, cfg) -> dict[str, Any]:
+    """What one trial's loop needs, as plain data (it crosses into Ray Train workers)."""
+    return {"cfg": cfg.model_dump_json(), "unit": spec.search.unit, "penalty": spec.search.penalty,
+            "t_max": max_horizon(spec.space, spec.max_steps), "threads": max(1, int(spec.resources.cpu))}
+
+
 def _attack_loop(loop_config: dict[str, Any], report: Callable[[dict], None] | None = None) -> None:
     """One trial's attack, in a Tune trial or in each worker of its TorchTrainer."""
     from trainables import AttackConfig, run_attack
@@ -128,6 +132,11 @@ def _attack_loop(loop_config: dict[str, Any], report: Callable[[dict], None] | N
         if cfg.device != "cpu" and ray.train.torch.get_device().type == "cuda":
             cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
     unit, penalty, t_max = loop_config["unit"], loop_config["penalty"], loop_config["t_max"]
+    # As many torch threads as CPUs reserved: torch's default (every core) oversubscribes the
+    # machine as soon as two trials share it (2 trials x 2 threads on 2 cores ran 2-3x slower).
+    import torch
+
+    torch.set_num_threads(loop_config["threads"])
 
     def on_eval(point) -> None:
         result = point.as_dict()
@@ -172,11 +181,13 @@ def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
                      m.get(f"budget_to_failure_{s.unit}"))
     if spec.adaptive:
         configs, pending = None, max(0, s.num_samples - len(prior))
-    else:
+        recorded = len(prior)
+    else:  # a grid trial counts as recorded by its attacker, even from a spec that since changed
         configs = [a for a in spec.attackers()
                    if trial_key(spec, {"defence": defence.name, **a}) not in done]
         pending = len(configs)
-    what = f"defence {defence.name!r}: {len(prior)} trials already recorded, {pending} to run"
+        recorded = len(spec.attackers()) - pending
+    what = f"defence {defence.name!r}: {recorded} trials already recorded, {pending} to run"
     if s.max_compute and progress.compute >= s.max_compute:
         echo(f"{what}; compute cap already spent ({progress.compute:g} >= {s.max_compute:g} {s.unit})")
         return

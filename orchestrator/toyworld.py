@@ -165,7 +165,8 @@ def _align(tokenizer, splits: dict[str, list[dict]], seed: int, verbose: bool):
 @torch.no_grad()
 def rescale(model, c: float) -> None:
     """Multiply residual-stream writers and post-norm readers by c, divide norm gains by c:
-    the same function (up to RMSNorm's epsilon), weights c times larger."""
+    the same function (up to RMSNorm's epsilon), weights c times larger. Works on any
+    Llama-architecture model, tied input/output embeddings included."""
     m = model.model
     m.embed_tokens.weight.mul_(c)
     for layer in m.layers:
@@ -177,4 +178,5 @@ def rescale(model, c: float) -> None:
         layer.input_layernorm.weight.div_(c)
         layer.post_attention_layernorm.weight.div_(c)
     m.norm.weight.div_(c)
-    model.lm_head.weight.mul_(c)
+    if model.lm_head.weight.data_ptr() != m.embed_tokens.weight.data_ptr():  # tied: scaled above
+        model.lm_head.weight.mul_(c)

@@ -11,11 +11,12 @@ QUICKSTART = Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml"
 
 def minimal(tmp_path: Path, **over) -> dict:
     (tmp_path / "a.jsonl").write_text('{"prompt": "p", "response": "r"}\n' * 40)
+    (tmp_path / "e.jsonl").write_text('{"prompt": "held out", "response": "r"}\n' * 8)
     raw = {
         "name": "t",
         "defences": [{"name": "base", "model": "org/model", "base": True},
                      {"name": "def", "model": "org/defended"}],
-        "data": {"attack": {"source": "a.jsonl"}, "eval": {"source": "a.jsonl"}},
+        "data": {"attack": {"source": "a.jsonl"}, "eval": {"source": "e.jsonl"}},
         "space": {"learning_rate": {"grid": [1e-4, 1e-3]}, "finetune": {"grid": ["lora", "full"]}},
     }
     raw.update(over)
@@ -148,3 +149,29 @@ def test_overlay_file_applies_before_set_and_fails_in_one_line(tmp_path, capsys)
     assert main(["validate", str(QUICKSTART), "--overlay", str(tmp_path / "list.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: overlay file") and "mapping" in err and len(err.splitlines()) == 1
+
+
+def test_preflight_refuses_eval_prompts_the_attacker_trains_on(tmp_path, capsys):
+    raw = minimal(tmp_path, space={"dataset_size": 16})
+    (tmp_path / "e.jsonl").write_text('{"prompt": "held out", "response": "r"}\n{"prompt": "  P ", "response": "r"}\n')
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spec error: data.eval: 1 held-out prompt(s) also in data.attack") and "'  P '" in err
+    (tmp_path / "e.jsonl").write_text('{"prompt": "held out", "response": "r"}\n{"prompt": "q", "response": "r"}\n')
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 0
+
+
+def test_paths_expand_environment_variables(tmp_path, monkeypatch, capsys):
+    raw = minimal(tmp_path)
+    raw["defences"][1]["model"] = "${DEFENDED_DIR}/ckpt"
+    raw["data"]["attack"]["source"] = "${DATA_DIR}/a.jsonl"
+    monkeypatch.setenv("DEFENDED_DIR", "/scratch/models")
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    sp = load_raw(tmp_path, raw)
+    assert sp.defences[1].model == "/scratch/models/ckpt"
+    assert sp.data.attack.source == str(tmp_path / "a.jsonl")
+    monkeypatch.delenv("DATA_DIR")
+    err = error_of(tmp_path, raw)
+    assert err.startswith("spec error: data.attack.source: environment variable DATA_DIR is not set")
+    assert len(err.splitlines()) == 1

@@ -161,3 +161,17 @@ def test_an_interrupted_trial_is_superseded_not_duplicated(world, ray_local, tmp
     assert old.info.status == "KILLED" and old.data.tags["superseded"] == "true"
     rows = report.load(uri, "resume")
     assert len(rows) == 1 and len(rows[0].trials) == 1
+
+
+@pytest.mark.parametrize("cpu", [1, 2.5])
+def test_a_trial_uses_as_many_torch_threads_as_cpus_it_reserved(world, cpu):
+    """Two trials on two cores with torch's default threads (all cores each) oversubscribe."""
+    spec = make_spec(world, resources={"cpu": cpu}, max_steps=2, eval_every=2)
+    cfg = sweep.attack_config(spec, {"defence": "base", **spec.attackers()[0]})
+    seen = []
+    before = torch.get_num_threads()
+    try:
+        sweep._attack_loop(sweep._loop_config(spec, cfg), report=lambda r: seen.append(torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {int(cpu)}

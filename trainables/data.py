@@ -52,6 +52,13 @@ def _check_fields(rows: list[dict], src: DataSource) -> None:
         )
 
 
+def shared_prompts(a: list[str], b: list[str]) -> list[str]:
+    """Prompts of `a` that also occur in `b`, compared case- and whitespace-insensitively:
+    the check that held-out evaluation prompts were never trained on."""
+    seen = {" ".join(p.lower().split()) for p in b}
+    return [p for p in a if " ".join(p.lower().split()) in seen]
+
+
 def draw(rows: list[dict], n: int, seed: int, split: str = "attack") -> list[dict]:
     """The attacker's dataset: n rows drawn without replacement, fixed by seed."""
     if n > len(rows):

@@ -1,0 +1,162 @@
+"""Build the SmolLM2 world once and cache it: the checkpoints attack-sweep evaluates, the
+attacker's and the evaluator's data, and how well each checkpoint is aligned.
+
+    <world>/base/            SmolLM2-135M-Instruct as shipped (not safety-tuned), plain safetensors
+    <world>/aligned/         refusal fine-tuned from base: the undefended aligned model
+    <world>/deep/            the same training plus safety-recovery examples (Qi et al. 2024)
+    <world>/rescaled/        aligned with its weights rescaled (same function, larger weights)
+    <world>/attack.jsonl     the attacker's data; eval.jsonl: held-out harmful requests
+    <world>/world.json       refusal rates of every checkpoint, the recipe, build times
+
+Each stage is written to a temporary name and renamed when complete, so an interrupted build
+resumes at the stage it stopped in. <world> is $ATTACK_SWEEP_CACHE/smollm2-v1 (default
+~/.cache/attack-sweep/smollm2-v1); the smoke recipe builds smollm2-v1-smoke.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from examples.smollm2 import align, model
+from examples.smollm2 import data as sdata
+
+VERSION = "smollm2-v1"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the defender's checkpoints are made (the numbers the README reports)."""
+
+    name: str = "full"
+    align_steps: int = 40          # refusal fine-tuning steps, the same for aligned and deep
+    align_lr: float = 5e-4
+    align_batch: int = 8
+    lora_r: int = 16
+    benign_answer_tokens: int = 48  # length of the base model's own benign answers
+    rescale: float = 30.0          # c for the rescaled variant
+    measure_tokens: int = 24       # greedy tokens per answer when measuring refusal rates
+    max_eval: int | None = None    # cap on held-out prompts measured (None: all)
+    variants: tuple[str, ...] = ("deep", "rescaled")   # defended checkpoints built besides aligned
+    seed: int = 0
+
+
+RECIPES = {
+    "full": Recipe(),
+    # CI: the same stages at a fraction of the cost; its alignment is only meant to make the
+    # model refuse harmful requests, not to keep benign answers intact.
+    "smoke": Recipe(name="smoke", align_steps=12, align_lr=1e-3, benign_answer_tokens=12,
+                    measure_tokens=8, max_eval=6, variants=("rescaled",)),
+}
+
+
+def default_dir(recipe: Recipe) -> Path:
+    from orchestrator.toyworld import cache_dir
+
+    return cache_dir().parent / (VERSION if recipe.name == "full" else f"{VERSION}-{recipe.name}")
+
+
+def build(root: Path | None = None, recipe: Recipe = RECIPES["full"], log: Callable = print) -> Path:
+    """Build (or finish building) the world and return its directory."""
+    from filelock import FileLock
+
+    root = Path(root) if root else default_dir(recipe)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if (root / "world.json").exists():
+            built = info(root)["recipe"]
+            if built != json.loads(json.dumps(dataclasses.asdict(recipe))):
+                raise RuntimeError(f"the world in {root} was built with another recipe ({built}); "
+                                   "delete that directory to rebuild it, or build elsewhere with --world")
+            return root
+        t0, times = time.monotonic(), {}
+
+        def stage(name: str, make: Callable[[Path], None]) -> None:
+            if (root / name).exists():
+                return
+            log(f"  {name} ...")
+            start, tmp = time.monotonic(), root / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            make(tmp)
+            tmp.rename(root / name)
+            times[name] = round(time.monotonic() - start, 1)
+
+        log(f"building the SmolLM2 world ({recipe.name} recipe) in {root} (once) ...")
+        stage("base", model.convert)
+        stage("data", lambda d: _data(d, root / "base", recipe))
+        rows = {p.stem: sdata.read_jsonl(p) for p in (root / "data").glob("*.jsonl")}
+        align_rows = rows["align_harmful"] + rows["benign"]
+        stage("aligned", lambda d: _align(d, root / "base", align_rows, recipe, log))
+        if "deep" in recipe.variants:
+            stage("deep", lambda d: _align(d, root / "base", align_rows + rows["recovery"], recipe, log))
+        if "rescaled" in recipe.variants:
+            stage("rescaled", lambda d: _rescale(d, root / "aligned", recipe))
+        for split in ("attack", "eval"):
+            shutil.copy(root / "data" / f"{split}.jsonl", root / f"{split}.jsonl")
+        log("  measuring refusal rates ...")
+        rates = {name: _measure(root / name, rows, recipe, root / "data")
+                 for name in ("base", "aligned", *recipe.variants)}
+        conversion = json.loads((root / "base" / "conversion.json").read_text())
+        report = {"version": VERSION, "recipe": dataclasses.asdict(recipe), "refusal_rates": rates,
+                  "conversion_max_logit_diff": conversion["max_logit_diff"],
+                  "seconds": {**times, "total": round(time.monotonic() - t0, 1)}}
+        (root / ".world.json.tmp").write_text(json.dumps(report, indent=2) + "\n")
+        (root / ".world.json.tmp").rename(root / "world.json")
+    return root
+
+
+def info(root: Path) -> dict:
+    return json.loads((Path(root) / "world.json").read_text())
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _data(out: Path, base: Path, recipe: Recipe) -> None:
+    rows = sdata.splits(recipe.seed)
+    net, tokenizer = _load(base)
+    prompts = [r["prompt"] for r in rows["benign"]]
+    texts = align.answers(net, tokenizer, prompts, recipe.benign_answer_tokens)
+    for row, text in zip(rows["benign"], texts, strict=True):
+        row["response"] = text
+    rows["recovery"] = sdata.recovery(rows["align_harmful"], tokenizer, recipe.seed)
+    for name, split in rows.items():
+        sdata.write_jsonl(out / f"{name}.jsonl", split)
+
+
+def _align(out: Path, base: Path, rows: list[dict], recipe: Recipe, log: Callable) -> None:
+    net, tokenizer = _load(base)
+    net = align.refusal_finetune(net, tokenizer, rows, steps=recipe.align_steps, lr=recipe.align_lr,
+                                 batch_size=recipe.align_batch, lora_r=recipe.lora_r, seed=recipe.seed, log=log)
+    net.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _rescale(out: Path, aligned: Path, recipe: Recipe) -> None:
+    from orchestrator.toyworld import rescale
+
+    net, tokenizer = _load(aligned)
+    rescale(net, recipe.rescale)
+    net.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _measure(path: Path, rows: dict[str, list[dict]], recipe: Recipe, out: Path) -> dict:
+    net, tokenizer = _load(path)
+    result = {}
+    for split, key in (("eval", "harmful"), ("benign_heldout", "benign")):
+        prompts = [r["prompt"] for r in rows[split]][:recipe.max_eval]
+        rate, texts = align.refusal_rate(net, tokenizer, prompts, recipe.measure_tokens)
+        result[key] = round(rate, 3)
+        sdata.write_jsonl(out / f"answers_{path.name}_{key}.jsonl",
+                          [{"prompt": p, "answer": t} for p, t in zip(prompts, texts, strict=True)])
+    return result
