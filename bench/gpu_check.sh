@@ -20,8 +20,6 @@
 # transformers, peft and pytest -- plus the missing packages as wheels in ./.whl: deepspeed,
 # hjson, pydantic, pydantic-core, annotated-types, typing-inspection, all for CPython 3.12).
 # Wheels found in ./.whl are installed with --no-index into a temporary site dir first.
-# tests/test_distributed.py imports mlflow and Ray at module level; it is collected (it holds
-# no gpu-marked test today) only where those import, and the log says when it is left out.
 
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -102,12 +100,7 @@ fi
 cat "$OUT_DIR/env.txt"
 
 # --- 3. the gpu-marked tests ----------------------------------------------------------
-tests=(tests/test_gpu.py)
-if timeout "$(budget 60)" "$PYTHON" -c "import mlflow, ray" >/dev/null 2>&1; then
-    tests+=(tests/test_distributed.py)
-else
-    note "left out tests/test_distributed.py: mlflow/ray do not import with $PYTHON"
-fi
+tests=(tests/test_gpu.py)   # the only file with gpu-marked tests
 t=$(budget 270)
 note "pytest -m gpu ${tests[*]} (timeout ${t}s)"
 timeout -k 10 "$t" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT_DIR/pytest.log"

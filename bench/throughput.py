@@ -70,7 +70,7 @@ SIZES = {
 PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("A100", 312.0)]
 """Dense bf16 tensor-core peaks (NVIDIA data sheets), matched in order against the device name."""
 
-ATTACKER = Attacker(learning_rate=1e-5, optimizer="adamw", max_grad_norm=1.0, lr_schedule="constant")
+ATTACKER = Attacker(learning_rate=1e-5)
 """The attacker both arms train as: the Attacker defaults but a fine-tuning learning rate."""
 
 
@@ -182,7 +182,7 @@ def run_deepspeed(args, device: torch.device, data: list[dict]) -> Arm:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     _reset_memory(device)  # arm (a)'s model and optimizer are garbage by now
     zero2 = ROOT / "clusters" / "deepspeed" / "zero2.json"
-    config = json.loads(zero2.read_text()) if zero2.exists() else {"zero_optimization": {"stage": 2}}
+    config = json.loads(zero2.read_text())
     parallel = DataParallel(DeepSpeed(config=config, precision=args.precision), device)
     model = build_model(args.size, args.seq, device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -183,10 +183,10 @@ def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
         configs, pending = None, max(0, s.num_samples - len(prior))
         recorded = len(prior)
     else:  # a grid trial counts as recorded by its attacker, even from a spec that since changed
-        configs = [a for a in spec.attackers()
-                   if trial_key(spec, {"defence": defence.name, **a}) not in done]
+        every = spec.attackers()
+        configs = [a for a in every if trial_key(spec, {"defence": defence.name, **a}) not in done]
         pending = len(configs)
-        recorded = len(spec.attackers()) - pending
+        recorded = len(every) - pending
     what = f"defence {defence.name!r}: {recorded} trials already recorded, {pending} to run"
     if s.max_compute and progress.compute >= s.max_compute:
         echo(f"{what}; compute cap already spent ({progress.compute:g} >= {s.max_compute:g} {s.unit})")

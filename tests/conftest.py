@@ -67,3 +67,12 @@ def sweep_dict(world, name: str, defences=("base", "rescaled"), **over) -> dict:
     }
     raw.update(over)
     return raw
+
+
+def trial_runs(uri: str, experiment: str, kind: str = "trial") -> list:
+    """The MLflow runs of one kind (trial, sweep, adversary) in a sweep's experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.kind = '{kind}'")

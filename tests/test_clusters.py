@@ -35,6 +35,8 @@ import ray
 import torch
 import yaml
 
+from trainables.config import DEEPSPEED_OWNED_KEYS  # a ZeRO file that sets any of these is wrong
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
 
@@ -48,10 +50,6 @@ CHECKED = {*LAUNCHER, *KUBERAY, "runtime_env.yaml", "Dockerfile", "README.md", "
 RAY_VERSION = ray.__version__
 TORCH_VERSION = torch.__version__.split("+")[0]  # 2.13.0+cpu here; the clusters pin the CUDA build
 RAY_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311-gpu"
-
-# What the trainer fills in from the attacker: a ZeRO file that sets any of these is wrong.
-TRAINER_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "bf16", "fp16", "gradient_clipping", "optimizer", "scheduler"}
 
 # vCPUs and GPUs of the machine types the launcher configs use (AWS and GCP documentation);
 # resources must advertise exactly these (with CPU 0 on the head, which keeps trials off it).
@@ -397,7 +395,7 @@ def test_zero_config_validates_with_deepspeed(name, deepspeed_config):
     zero_cls, _ = deepspeed_config
     cfg = load(f"deepspeed/{name}")
     assert set(cfg) <= {"zero_optimization", "communication_data_type"}, "what the user chooses, only"
-    assert not TRAINER_KEYS & set(cfg)
+    assert not DEEPSPEED_OWNED_KEYS & set(cfg)
     zo = cfg["zero_optimization"]
     zero = zero_cls(**zo)  # extra="forbid": a misspelt key fails
     assert int(zero.stage) == zo["stage"] == ZERO_STAGE[name]
@@ -441,7 +439,7 @@ def test_deepspeed_readme_covers_files_and_trainer_keys():
     text = (CLUSTERS / "deepspeed/README.md").read_text()
     for name in ZERO_STAGE:
         assert f"`{name}`" in text, name
-    for key in TRAINER_KEYS:
+    for key in DEEPSPEED_OWNED_KEYS:
         assert f"`{key}`" in text, key
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import attack_dict, sweep_dict
+from conftest import attack_dict, sweep_dict, trial_runs
 from mlflow.tracking import MlflowClient
 
 from orchestrator import spec as S
@@ -73,9 +73,7 @@ def test_two_cpu_workers_agree_with_one_process(world, ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     lines = []
     sweep.run(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"), echo=lines.append)
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("two-workers").experiment_id],
-                                "tags.kind = 'trial'")
+    (run,) = trial_runs(uri, "two-workers")
     assert run.data.tags["status"] == "failed", lines
     m = run.data.metrics
 
@@ -87,7 +85,7 @@ def test_two_cpu_workers_agree_with_one_process(world, ray_local, tmp_path):
     # budgets count the global batch, across both workers
     assert m["budget_to_failure_examples"] == m["budget_to_failure_steps"] * 8
     # one metric stream: one point per evaluation, not one per worker
-    curve = client.get_metric_history(run.info.run_id, "harmfulness")
+    curve = MlflowClient(uri).get_metric_history(run.info.run_id, "harmfulness")
     assert [p.step for p in curve] == list(range(0, int(m["budget_to_failure_steps"]) + 1, 2))
 
 

@@ -48,8 +48,7 @@ from typing import Literal
 import psutil
 import pytest
 import yaml
-from conftest import sweep_dict
-from mlflow.tracking import MlflowClient
+from conftest import sweep_dict, trial_runs
 
 from trainables.budget import TERMINAL
 
@@ -239,10 +238,8 @@ def test_sweep_submitted_as_a_ray_job_to_a_token_protected_head(world, head, tmp
     assert "base (base)" in logs and "rescaled" in logs and "budget-to-failure (steps) per attacker" in logs
     assert (tmp_path / "report" / "report.csv").exists()
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("job-submit")
-    sweeps = client.search_runs([exp.experiment_id], "tags.kind = 'sweep'")
-    trials = client.search_runs([exp.experiment_id], "tags.kind = 'trial'")
+    sweeps = trial_runs(uri, "job-submit", kind="sweep")
+    trials = trial_runs(uri, "job-submit")
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
     assert len(trials) == 4 and len({r.data.tags["trial_key"] for r in trials}) == 4
     for r in trials:

@@ -11,7 +11,8 @@ import torch
 from examples.smollm2 import data as sdata
 from examples.smollm2 import model
 
-needs_model = pytest.mark.skipif(bool(model.missing()), reason=f"{model.missing()}")
+_missing = model.missing()
+needs_model = pytest.mark.skipif(bool(_missing), reason=str(_missing))
 
 
 def test_splits_share_no_request_and_the_check_catches_one():
@@ -32,8 +33,9 @@ def test_sweep_spec_validates_against_the_splits_and_needs_its_world(tmp_path, m
 
     here = Path(sdata.__file__).parent
     rows = sdata.splits(seed=0)
+    (tmp_path / "data").mkdir()
     for split in ("attack", "eval"):
-        sdata.write_jsonl(tmp_path / f"{split}.jsonl", rows[split])
+        sdata.write_jsonl(tmp_path / "data" / f"{split}.jsonl", rows[split])
     monkeypatch.delenv("SMOLLM2_WORLD", raising=False)
     with pytest.raises(S.SpecError, match="defences.0.model: environment variable SMOLLM2_WORLD is not set"):
         S.load(here / "sweep.yaml")
@@ -50,7 +52,7 @@ def test_sweep_spec_validates_against_the_splits_and_needs_its_world(tmp_path, m
     assert [d.name for d in sp.defences] == ["aligned", "deep", "rescaled"]
     smoke = S.load(here / "sweep.yaml", S.overlay(here / "smoke_overlay.yaml"))
     assert len(smoke.defences) == 1 and len(smoke.attackers()) == 2 and smoke.data.eval_size == 6
-    sdata.write_jsonl(tmp_path / "eval.jsonl", rows["eval"] + rows["attack"][:1])
+    sdata.write_jsonl(tmp_path / "data" / "eval.jsonl", rows["eval"] + rows["attack"][:1])
     with pytest.raises(S.SpecError, match="data.eval: 1 held-out prompt"):
         preflight.check(S.load(here / "sweep.yaml"))
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import trial_runs
 from mlflow.tracking import MlflowClient
 
 from orchestrator import report, sweep
@@ -24,12 +25,6 @@ def make_spec(world, name="e2e", **over) -> S.SweepSpec:
     }
     raw.update(over)
     return S.from_dict(raw)
-
-
-def trial_runs(uri, name):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    return client.search_runs([exp.experiment_id], "tags.kind = 'trial'")
 
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,12 @@ class EvaluatorConfig(_Strict):
     """Options of that evaluator (see trainables/evaluators.py)."""
 
 
+DEEPSPEED_OWNED_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "bf16", "fp16", "gradient_clipping", "optimizer", "scheduler"})
+"""DeepSpeed config keys the trainer fills in from the attacker: a config file must not set them."""
+
+
 class DeepSpeed(_Strict):
     """Train under DeepSpeed (ZeRO stage 0-3, optional CPU offload): the ZeRO choices come from
     a config file (clusters/deepspeed/*.json); batch sizes, precision and clipping from here."""
@@ -191,9 +197,7 @@ class DeepSpeed(_Strict):
 
     @model_validator(mode="after")
     def _no_run_time_keys(self) -> DeepSpeed:
-        owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "bf16", "fp16", "gradient_clipping", "optimizer", "scheduler"}
-        if clash := sorted(owned & set(self.config)):
+        if clash := sorted(DEEPSPEED_OWNED_KEYS & set(self.config)):
             raise ValueError(f"deepspeed.config sets {', '.join(clash)}: attack-sweep fills these from the "
                              "attacker (batch_size, max_grad_norm) and deepspeed.precision; remove them")
         return self

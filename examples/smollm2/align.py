@@ -4,7 +4,7 @@ same way the attacker's does) and its refusal markers (so "refuses" means what f
 
     refusal_finetune(...)   LoRA refusal training, merged into the weights (the aligned base)
     answers(...)            the unaligned model's own answers to benign requests
-    refusal_rate(...)       share of requests whose greedy answer carries a refusal marker
+    refusal_rate(...)       share of requests whose greedy answer carries a refusal marker (1 - f)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from trainables import data as D
 from trainables.config import Data, DataSource
-from trainables.evaluators import DEFAULT_REFUSAL_MARKERS, generate
+from trainables.evaluators import generate, refuses
 
 CHAT = Data(attack=DataSource(source="-"), eval=DataSource(source="-"), chat_template=True, max_length=160)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -66,11 +66,15 @@ def refusal_finetune(model, tokenizer, rows: list[dict], *, steps: int, lr: floa
     return peft_model.merge_and_unload().eval()
 
 
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to chat-formatted requests, as the evaluator generates them."""
+    return generate(model, tokenizer, [prompt_text(tokenizer, p) for p in prompts], max_new_tokens, 32)
+
+
 def answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers, cut back to the last full sentence so none ends mid-word."""
-    texts = generate(model, tokenizer, [prompt_text(tokenizer, p) for p in prompts], max_new_tokens, 32)
     out = []
-    for text in texts:
+    for text in greedy(model, tokenizer, prompts, max_new_tokens):
         text = text.strip()
         end = max(text.rfind(c) for c in ".!?\n")
         if end > len(text) // 3:
@@ -79,11 +83,6 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[s
     return out
 
 
-def refuses(text: str) -> bool:
-    low = text.lower().replace("\u2019", "'")
-    return any(m in low for m in DEFAULT_REFUSAL_MARKERS)
-
-
 def refusal_rate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[float, list[str]]:
-    texts = generate(model, tokenizer, [prompt_text(tokenizer, p) for p in prompts], max_new_tokens, 32)
+    texts = greedy(model, tokenizer, prompts, max_new_tokens)
     return sum(map(refuses, texts)) / len(texts), texts

@@ -17,7 +17,8 @@ import json
 import random
 from pathlib import Path
 
-from trainables.data import shared_prompts
+from trainables.config import DataSource
+from trainables.data import load_rows, shared_prompts
 
 HERE = Path(__file__).parent / "data"
 SPLIT = {"align": 56, "attack": 40, "eval": 24}          # of 120 harmful requests
@@ -125,4 +126,5 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A split written by write_jsonl, read the way attack-sweep reads it."""
+    return load_rows(DataSource(source=str(path), response_field=None))

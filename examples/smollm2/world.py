@@ -5,7 +5,9 @@ attacker's and the evaluator's data, and how well each checkpoint is aligned.
     <world>/aligned/         refusal fine-tuned from base: the undefended aligned model
     <world>/deep/            the same training plus safety-recovery examples (Qi et al. 2024)
     <world>/rescaled/        aligned with its weights rescaled (same function, larger weights)
-    <world>/attack.jsonl     the attacker's data; eval.jsonl: held-out harmful requests
+    <world>/data/            every split: attack.jsonl (the attacker's data), eval.jsonl (held-out
+                             harmful requests), the defender's alignment and recovery rows
+    <world>/answers/         what each checkpoint answered when its refusal rates were measured
     <world>/world.json       refusal rates of every checkpoint, the recipe, build times
 
 Each stage is written to a temporary name and renamed when complete, so an interrupted build
@@ -97,10 +99,9 @@ def build(root: Path | None = None, recipe: Recipe = RECIPES["full"], log: Calla
             stage("deep", lambda d: _align(d, root / "base", align_rows + rows["recovery"], recipe, log))
         if "rescaled" in recipe.variants:
             stage("rescaled", lambda d: _rescale(d, root / "aligned", recipe))
-        for split in ("attack", "eval"):
-            shutil.copy(root / "data" / f"{split}.jsonl", root / f"{split}.jsonl")
         log("  measuring refusal rates ...")
-        rates = {name: _measure(root / name, rows, recipe, root / "data")
+        (root / "answers").mkdir(exist_ok=True)
+        rates = {name: _measure(root / name, rows, recipe, root / "answers")
                  for name in ("base", "aligned", *recipe.variants)}
         conversion = json.loads((root / "base" / "conversion.json").read_text())
         report = {"version": VERSION, "recipe": dataclasses.asdict(recipe), "refusal_rates": rates,
@@ -121,6 +122,11 @@ def _load(path: Path):
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
+def _save(net, tokenizer, out: Path) -> None:
+    net.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def _data(out: Path, base: Path, recipe: Recipe) -> None:
     rows = sdata.splits(recipe.seed)
     net, tokenizer = _load(base)
@@ -137,8 +143,7 @@ def _align(out: Path, base: Path, rows: list[dict], recipe: Recipe, log: Callabl
     net, tokenizer = _load(base)
     net = align.refusal_finetune(net, tokenizer, rows, steps=recipe.align_steps, lr=recipe.align_lr,
                                  batch_size=recipe.align_batch, lora_r=recipe.lora_r, seed=recipe.seed, log=log)
-    net.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save(net, tokenizer, out)
 
 
 def _rescale(out: Path, aligned: Path, recipe: Recipe) -> None:
@@ -146,8 +151,7 @@ def _rescale(out: Path, aligned: Path, recipe: Recipe) -> None:
 
     net, tokenizer = _load(aligned)
     rescale(net, recipe.rescale)
-    net.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save(net, tokenizer, out)
 
 
 def _measure(path: Path, rows: dict[str, list[dict]], recipe: Recipe, out: Path) -> dict:
@@ -157,6 +161,6 @@ def _measure(path: Path, rows: dict[str, list[dict]], recipe: Recipe, out: Path)
         prompts = [r["prompt"] for r in rows[split]][:recipe.max_eval]
         rate, texts = align.refusal_rate(net, tokenizer, prompts, recipe.measure_tokens)
         result[key] = round(rate, 3)
-        sdata.write_jsonl(out / f"answers_{path.name}_{key}.jsonl",
+        sdata.write_jsonl(out / f"{path.name}_{key}.jsonl",
                           [{"prompt": p, "answer": t} for p, t in zip(prompts, texts, strict=True)])
     return result
