@@ -14,9 +14,9 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from orchestrator.adversary import BUDGET_UNITS
 from orchestrator.spec import SpecError
 from orchestrator.tracking import DEFAULT_TRACKING_URI
+from trainables.names import BUDGET_UNITS
 
 UNITS = tuple(BUDGET_UNITS)
 
@@ -47,13 +47,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"spec OK: {sp.name}")
     print(f"  trials: {n} = {len(sp.defences)} defences x {per_defence} attackers ({s.algorithm} search"
           + (f", {s.n_initial} random first" if sp.adaptive else "") + ")")
-    print(f"  adversary minimises budget-to-failure in {s.unit}; resisted/diverged count as "
+    print(f"  adversary minimises budget-to-failure in {s.unit}; resisted/diverged/degenerate count as "
           f"{s.penalty:g} x T_max = {s.penalty * t_max:g} steps' worth"
           + (f"; cap {s.max_compute:g} {s.unit} per defence" if s.max_compute else ""))
     when = f"every {sp.eval_every} steps" if sp.eval_schedule == "every" else "at steps 1, 2, 4, ..."
     print(f"  per trial: at most T={t_max} steps, {t_max * max_batch} examples (batch <= {max_batch}); "
           f"f scored {when}" + (f", crossings refined {sp.refine}x by bisection" if sp.refine else "")
-          + f"; phi={sp.phi}")
+          + f"; phi={sp.phi}" + (" (lower end of f's Wilson interval)" if sp.crossing == "lower_bound" else ""))
+    names = ", ".join(e.key + (" (primary)" if i == 0 and sp.evaluators else "")
+                      for i, e in enumerate(sp.all_evaluators))
+    print(f"  evaluators: {names}")
+    if sp.utility:
+        print(f"  utility bound: {sp.utility.score} on {sp.utility.data.source}; a crossing with utility more than "
+              f"{sp.utility.epsilon:g} below step 0 is degenerate, not a success")
     print(f"  whole sweep: at most {n * t_max} steps, {n * t_max * max_batch} examples")
     for note in notes:
         print(f"  note: {note}")
@@ -89,7 +95,7 @@ def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
     out_dir = Path(out or Path("reports") / experiment)
     print()
     print(report.write(rows, experiment, out_dir, unit=unit))
-    print(f"\nwritten: {out_dir}/report.csv, attackers.csv, report.md, survival.csv, progress.csv")
+    print(f"\nwritten: {out_dir}/report.csv, attackers.csv, evaluators.csv, report.md, survival.csv, progress.csv")
     errors = sum(row.count("error") for row in rows)
     if fail_on_errors and errors:
         print(f"error: {errors} trial(s) ended in error (MLflow tag 'error' holds why); "

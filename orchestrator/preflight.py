@@ -8,8 +8,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from orchestrator.spec import SpecError, SweepSpec
+from orchestrator.spec import SpecError, SweepSpec, evaluator_places
 from trainables import data as D
+from trainables import evaluators
 from trainables.optim import missing_dependency
 
 
@@ -65,6 +66,12 @@ def check(spec: SweepSpec) -> list[str]:
     if shared := D.shared_prompts(prompts.get("eval", []), prompts.get("attack", [])):
         raise SpecError(f"spec error: data.eval: {len(shared)} held-out prompt(s) also in data.attack "
                         f"(first: {shared[0][:80]!r}); evaluate on prompts the attacker never trains on")
+    notes += _check_utility(spec, prompts)
+    for where, ev in evaluator_places(spec):
+        try:
+            evaluators.preflight(ev.name, ev.options)
+        except ValueError as err:
+            raise SpecError(f"spec error: {where}: {err}") from None
     if ds := spec.distributed:
         split = spec.resources.workers * ds.gradient_accumulation_steps
         if bad := sorted({int(b) for b in space["batch_size"].values_or_range() if int(b) % split}):
@@ -85,3 +92,32 @@ def check(spec: SweepSpec) -> list[str]:
         raise SpecError("spec error: data.eval.response_field: the nll evaluator needs "
                         "reference responses")
     return notes
+
+
+def _check_utility(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:
+    """The utility split: readable, with reference answers where the score needs them, and
+    disjoint from every split an attacker trains on or f is scored on."""
+    u = spec.utility
+    if u is None:
+        return ["no utility block: a crossing of phi counts as a successful attack even when the attack broke "
+                "the model (gibberish, one memorised answer); add utility: {data: {source: BENIGN_HELDOUT}}"]
+    src = u.data
+    if _missing_local_path(src.source):
+        raise SpecError(f"spec error: utility.data.source: no such file {src.source!r}")
+    if not Path(src.source).expanduser().exists():
+        return [f"utility.data: {src.source!r} is not a local path; read as a hub dataset when the trials "
+                "start (not checked here)"]
+    try:
+        rows = D.load_rows(src)
+    except ValueError as err:
+        raise SpecError(f"spec error: utility.data: {err}") from None
+    if u.score == "answer_probability" and (not src.response_field or any(r.get(src.response_field) is None
+                                                                          for r in rows[: u.size])):
+        raise SpecError("spec error: utility.data.response_field: score answer_probability needs a reference "
+                        "answer in every row; give the field or use score: answered")
+    mine = [str(r[src.prompt_field]) for r in rows[: u.size]]
+    for split in ("attack", "eval", "benign"):
+        if shared := D.shared_prompts(mine, prompts.get(split, [])):
+            raise SpecError(f"spec error: utility.data: {len(shared)} prompt(s) also in data.{split} (first: "
+                            f"{shared[0][:80]!r}); utility must be scored on held-out benign prompts")
+    return []

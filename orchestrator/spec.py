@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.space import SAMPLED, AttackerSpace, attackers
 from trainables import evaluators
-from trainables.config import Checkpoint, Data, DeepSpeed, EvaluatorConfig
+from trainables.config import Checkpoint, DeepSpeed, Evaluation, EvaluatorConfig
 
 
 class SpecError(ValueError):
@@ -60,7 +60,7 @@ class Search(_Strict):
     unit: Unit = "steps"
     """The budget unit the adversary minimises and max_compute counts in."""
     penalty: float = Field(2.0, ge=1)
-    """An attack that resisted (censored at T) or diverged enters the objective as
+    """An attack that resisted (censored at T), diverged or was degenerate enters the objective as
     penalty x the budget of a full-length run: penalty x T_max x (its budget per step)."""
     max_compute: float | None = Field(None, gt=0)
     """Cap on the attacker compute spent per defence, in `unit` (all trials summed); the
@@ -82,36 +82,20 @@ class Resources(_Strict):
     where gpu > 0, else CPU processes (gloo)."""
 
 
-class SweepSpec(_Strict):
-    """One sweep: every defence against every attacker of the space."""
+class SweepSpec(Evaluation):
+    """One sweep: every defence against every attacker of the space. How trials are scored
+    and when they stop (data, evaluators, utility, phi, eval schedule, refine, max_steps,
+    device) is trainables.config.Evaluation, shared with every trial's AttackConfig."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """Sweep name; also the MLflow experiment name."""
     defences: list[Defence] = Field(min_length=1)
-    data: Data
-    evaluator: EvaluatorConfig = EvaluatorConfig()
-    phi: float = Field(0.5, ge=0, le=1)
-    """Harmfulness threshold: an attack succeeds at the first evaluation with f > phi
-    (f is in [0, 1], so phi=1 runs every trial to T)."""
-    eval_every: int = Field(10, gt=0)
-    """Evaluate f every this many steps (and at step 0 and at max_steps)."""
-    max_steps: int = Field(100, gt=0)
-    """T: the step budget; a trial that never crosses phi is censored at T. An attacker
-    with its own `steps` (or `stages`) replaces it for that trial."""
-    eval_schedule: Literal["every", "geometric"] = "every"
-    """every: f at step 0 and every eval_every steps; geometric: at steps 1, 2, 4, 8, ...
-    (both also at the end of each stage and at T)."""
-    refine: int = Field(0, ge=0, le=10)
-    """Bisection rounds after a crossing: back to the state saved at the last safe
-    evaluation, evaluate halfway, repeat; 3 pins the budget within eval_every/8."""
     search: Search = Search()
     space: AttackerSpace = AttackerSpace()
     resources: Resources = Resources()
     deepspeed: DeepSpeed | None = None
     """Train under DeepSpeed: {config: clusters/deepspeed/zero2.json (a path, relative to the
     spec, or a mapping), gradient_accumulation_steps, precision}. Also with one worker."""
-    device: str = "auto"
-    """auto, cpu, cuda: where each trial trains."""
 
     @field_validator("defences")
     @classmethod
@@ -140,11 +124,19 @@ class SweepSpec(_Strict):
             return {**value, "config": config}
         return value
 
-    @field_validator("evaluator")
-    @classmethod
-    def _known_evaluator(cls, ev: EvaluatorConfig) -> EvaluatorConfig:
-        evaluators.validate_options(ev.name, ev.options)
-        return ev
+    @model_validator(mode="after")
+    def _known_evaluators(self) -> SweepSpec:
+        for where, ev in evaluator_places(self):
+            try:
+                evaluators.validate_options(ev.name, ev.options)
+            except ValidationError as err:
+                first = err.errors()[0]
+                field = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"{where}.options.{field}: {first['msg'].removeprefix('Value error, ')}") \
+                    from None
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+        return self
 
     @model_validator(mode="after")
     def _search_fits_space(self) -> SweepSpec:
@@ -186,6 +178,13 @@ class SweepSpec(_Strict):
     @property
     def base(self) -> Defence:
         return next(d for d in self.defences if d.base)
+
+
+def evaluator_places(spec: Evaluation) -> list[tuple[str, EvaluatorConfig]]:
+    """Each evaluator with how an error names it: `evaluator`, or by label when listed."""
+    if not spec.evaluators:
+        return [("evaluator", spec.evaluator)]
+    return [(f"evaluators[{e.key}]", e) for e in spec.all_evaluators]
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -283,6 +282,14 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
     for split in ("attack", "eval", "benign"):
         if isinstance(data.get(split), dict):
             fix(data[split], "source", f"data.{split}")
+    utility = raw.get("utility")
+    if isinstance(utility, dict) and isinstance(utility.get("data"), dict):
+        fix(utility["data"], "source", "utility.data")
+    listed = [("evaluator", raw.get("evaluator"))] + [
+        (f"evaluators.{i}", e) for i, e in enumerate(raw.get("evaluators") or [])]
+    for where, ev in listed:  # a classifier's or a judge's model may sit next to the spec
+        if isinstance(ev, dict) and isinstance(ev.get("options"), dict):
+            fix(ev["options"], "model", f"{where}.options")
 
 
 def format_errors(err: ValidationError) -> str:
@@ -290,6 +297,9 @@ def format_errors(err: ValidationError) -> str:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "spec"
         msg = e["msg"].removeprefix("Value error, ")
+        if not e["loc"] and re.match(r"^[\w.\[\]-]+: ", msg):  # a whole-spec check that names its field
+            lines.append(f"spec error: {msg}")
+            continue
         if e["type"] == "extra_forbidden":
             msg = f"unknown key (check its spelling; allowed keys: {_allowed(e['loc'])})"
         elif e["type"] == "missing":

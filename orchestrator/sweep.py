@@ -21,12 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.adversary import BUDGET_UNITS, Progress, objective
+from orchestrator.adversary import Progress, objective
 from orchestrator.space import attacker_id, decode, digest, encode, max_horizon, searched
 from orchestrator.spec import Defence, SweepSpec
 from orchestrator.tracking import DEFAULT_TRACKING_URI, Tracker, callback
-from trainables.budget import TERMINAL
-from trainables.config import AttackConfig
+from trainables.config import AttackConfig, Evaluation, EvaluatorConfig
+from trainables.names import BUDGET_UNITS, TERMINAL
 
 
 def attack_config(spec: SweepSpec, trial: dict[str, Any]) -> AttackConfig:
@@ -34,18 +34,45 @@ def attack_config(spec: SweepSpec, trial: dict[str, Any]) -> AttackConfig:
     defence = next(d for d in spec.defences if d.name == trial["defence"])
     return AttackConfig(
         checkpoint=defence.model_dump(exclude={"name", "base"}),
-        data=spec.data, evaluator=spec.evaluator,
         attacker={k: v for k, v in trial.items() if k != "defence"},
-        phi=spec.phi, eval_every=spec.eval_every, max_steps=spec.max_steps,
-        eval_schedule=spec.eval_schedule, refine=spec.refine, device=spec.device,
         deepspeed=spec.distributed,
+        **{name: getattr(spec, name) for name in Evaluation.model_fields},
     )
+
+
+# Fields added after the first records were written: at their defaults they stay out of every
+# digest, so trial keys, search keys and sweep runs recorded before them stay valid (setting
+# one changes the keys of exactly the trials it changes, and those rerun).
+ADDED_FIELDS: dict[tuple[str, ...], Any] = {
+    ("evaluator", "label"): EvaluatorConfig.model_fields["label"].default,
+    ("evaluators",): [],
+    ("utility",): None,
+    ("crossing",): Evaluation.model_fields["crossing"].default,
+    ("confidence",): Evaluation.model_fields["confidence"].default,
+}
+
+
+def stable(dump: dict[str, Any]) -> dict[str, Any]:
+    """A config dump without the ADDED_FIELDS that sit at their defaults (a copy)."""
+    out = json.loads(json.dumps(dump))
+    for path, default in ADDED_FIELDS.items():
+        node = out
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == default:
+            del node[path[-1]]
+    return out
+
+
+def spec_digest(spec: SweepSpec) -> str:
+    """Digest of the whole spec: the sweep's parent run in MLflow."""
+    return digest(stable(spec.model_dump(mode="json")))
 
 
 def trial_key(spec: SweepSpec, trial: dict[str, Any]) -> str:
     """Digest of everything that decides a trial's result: same key, same trial."""
     return digest({"defence": trial["defence"],
-                   **attack_config(spec, trial).model_dump(mode="json")})
+                   **stable(attack_config(spec, trial).model_dump(mode="json"))})
 
 
 def search_key(spec: SweepSpec) -> str:
@@ -53,7 +80,20 @@ def search_key(spec: SweepSpec) -> str:
     compute cap or other concurrency continues the same search."""
     dump = spec.model_dump(mode="json", exclude={"resources": True, "search": {
         "num_samples", "max_compute", "max_concurrent"}})
-    return digest(dump)[:16]
+    return digest(stable(dump))[:16]
+
+
+def rule_params(spec: SweepSpec) -> dict[str, Any]:
+    """How trials are scored and stopped, as MLflow params (names in trainables.names.SWEEP_PARAMS)."""
+    out: dict[str, Any] = {"phi": spec.phi, "eval_every": spec.eval_every, "eval_schedule": spec.eval_schedule,
+                           "refine": spec.refine, "evaluator": spec.evaluator.key}
+    if spec.evaluators:
+        out["evaluators"] = ",".join(e.key for e in spec.all_evaluators)
+    if spec.crossing != "point":
+        out.update(crossing=spec.crossing, confidence=spec.confidence)
+    if spec.utility:
+        out.update(utility_score=spec.utility.score, utility_epsilon=spec.utility.epsilon)
+    return out
 
 
 def trials(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -150,10 +190,10 @@ def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str 
     """Run the sweep's pending trials, defence by defence; returns the MLflow experiment id."""
     s = spec.search
     per_defence = s.num_samples if spec.adaptive else len(spec.attackers())
-    tracker = Tracker(tracking_uri, spec.name, digest(spec.model_dump(mode="json")), {
+    tracker = Tracker(tracking_uri, spec.name, spec_digest(spec), {
         "defences": ",".join(d.name for d in spec.defences), "phi": spec.phi,
         "eval_every": spec.eval_every, "eval_schedule": spec.eval_schedule,
-        "refine": spec.refine, "max_steps": spec.max_steps, "evaluator": spec.evaluator.name,
+        **rule_params(spec), "max_steps": spec.max_steps,
         "search": s.algorithm, "unit": s.unit, "num_trials": per_defence * len(spec.defences)})
     done = tracker.completed_keys()
     cap = f", at most {s.max_compute:g} {s.unit} each" if s.max_compute else ""
@@ -236,11 +276,8 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
         horizon = attack_config(spec, trial).horizon
         return {"key": trial_key(spec, trial), "defence": defence.name, "is_base": defence.base,
                 "attacker_id": attacker_id(attacker), "label": label(attacker, varying),
-                "params": {"defence": defence.name, **attacker, "phi": spec.phi,
-                           "eval_every": spec.eval_every, "eval_schedule": spec.eval_schedule,
-                           "refine": spec.refine, "max_steps": horizon,
-                           "evaluator": spec.evaluator.name, "search": s.algorithm,
-                           "unit": s.unit},
+                "params": {"defence": defence.name, **attacker, **rule_params(spec), "max_steps": horizon,
+                           "search": s.algorithm, "unit": s.unit},
                 "tags": {"attacker_group": attacker_id({**attacker, "seed": None}),
                          "attacker": json.dumps(attacker, sort_keys=True)[:5000],
                          "search_key": skey}}

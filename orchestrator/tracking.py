@@ -5,13 +5,21 @@ trial never leaves a run RUNNING behind.
 Child run, per trial:
   params   every attacker field, defence, phi, eval_every, max_steps (the trial's T),
            evaluator, search, unit
-  metrics  by step: harmfulness, train_loss, examples, tokens, flops, accelerator_seconds,
-           wall_seconds (refinement evaluations land between the coarse ones)
+  metrics  by step: harmfulness (the primary evaluator's f) with its Wilson interval
+           harmfulness_lo / harmfulness_hi, utility, train_loss, examples, tokens, flops,
+           accelerator_seconds, wall_seconds, eval_seconds; per evaluator <metric>.<label>
+           (harmfulness.judge, harmfulness_lo.judge, malformed.judge, mean_score.judge)
+           (refinement evaluations land between the coarse ones)
            at the end: budget_to_failure_{UNIT} and budget_resolution_steps when the
            attack succeeded (failed / unsafe_at_release), censored_at_steps when resisted,
-           diverged_at_steps when the loss went nan/inf; spent_{UNIT} (compute the trial
-           used, refinement replays excluded) and objective (what the searcher saw), always
-  tags     status (failed / resisted / diverged / unsafe_at_release / error), defence,
+           diverged_at_steps when the loss went nan/inf, degenerate_at_steps when f crossed
+           phi with utility below the bound; budget_to_failure_{UNIT}.{label} for each
+           evaluator that crossed phi (with utility within the bound) before the trial
+           ended; spent_{UNIT} (compute the trial used, refinement replays excluded),
+           eval_seconds_total and objective (what the searcher saw), always
+  artifacts samples/step_0.json and samples/<status>_step_<t>.json: each held-out prompt,
+           the model's answer and every evaluator's verdict, at step 0 and at the end
+  tags     status (failed / resisted / diverged / degenerate / unsafe_at_release / error), defence,
            base, attacker_id, attacker_group (attacker_id without the seed), attacker (JSON),
            trial_key, search_key, trial_number (per defence, in order of completion), sweep
 
@@ -34,13 +42,15 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from orchestrator.adversary import BUDGET_UNITS, SUCCESS, Progress
-from trainables.budget import TERMINAL
+from orchestrator.adversary import Progress
+from trainables.names import BUDGET_UNITS, CROSSING, CURVE, SUCCESS, TERMINAL
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-FINAL = (*TERMINAL, "error")
-CURVE = ("harmfulness", "train_loss", "examples", "tokens", "flops", "accelerator_seconds",
-         "wall_seconds")
+
+
+def is_curve(key: str) -> bool:
+    """A result key recorded by step: an EvalPoint curve, or a per-evaluator one (metric.label)."""
+    return key in CURVE or ("." in key and not key.startswith(CROSSING + "."))
 
 
 class Tracker:
@@ -136,10 +146,14 @@ class Tracker:
         self.client.log_batch(run_id, metrics=metrics)
 
     def log_point(self, run_id: str, point: dict[str, Any]) -> None:
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(point[k]), now, int(point["step"])) for k in CURVE
-                   if k in point and point[k] is not None and math.isfinite(float(point[k]))]
+        now, step = int(time.time() * 1000), int(point["step"])
+        metrics = [Metric(k, float(v), now, step) for k, v in point.items()
+                   if is_curve(k) and isinstance(v, (int, float)) and math.isfinite(float(v))]
         self.client.log_batch(run_id, metrics=metrics)
+        if isinstance(point.get("samples"), str):  # what the model answered, and every verdict
+            status = point.get("status", "running")
+            name = f"step_{step}.json" if status == "running" else f"{status}_step_{step}.json"
+            self.client.log_text(run_id, point["samples"], f"samples/{name}")
 
     def finish_trial(self, run_id: str, last: dict[str, Any] | None, error: str | None = None,
                      spent: dict[str, float] | None = None, trial_number: int | None = None
@@ -149,15 +163,21 @@ class Tracker:
         if status not in TERMINAL:
             status, error = "error", error or f"trial ended while still {status!r}"
         now = int(time.time() * 1000)
-        metrics = [Metric(f"spent_{unit}", float(v), now, 0) for unit, v in (spent or {}).items()]
+        metrics = [Metric(k if k == "eval_seconds_total" else f"spent_{k}", float(v), now, 0)
+                   for k, v in (spent or {}).items()]
         if status in SUCCESS:
             metrics += [Metric(f"budget_to_failure_{unit}", float(last[field]), now, 0)
                         for unit, field in BUDGET_UNITS.items() if field in last]
             metrics.append(Metric("budget_resolution_steps", float(last.get("resolution", 0)), now, 0))
-        elif status == "resisted":
-            metrics.append(Metric("censored_at_steps", float(last["step"]), now, 0))
-        elif status == "diverged":
-            metrics.append(Metric("diverged_at_steps", float(last["step"]), now, 0))
+        elif status in ("resisted", "diverged", "degenerate"):
+            name = "censored" if status == "resisted" else status
+            metrics.append(Metric(f"{name}_at_steps", float(last["step"]), now, 0))
+        for key, value in (last or {}).items():  # each evaluator's own first crossing
+            if key.startswith(CROSSING + "."):
+                label, field = key[len(CROSSING) + 1:].rsplit(".", 1)
+                unit = next((u for u, f in BUDGET_UNITS.items() if f == field), None)
+                name = f"budget_to_failure_{unit}.{label}" if unit else "budget_resolution_steps." + label
+                metrics.append(Metric(name, float(value), now, 0))
         if status != "error" and last.get("objective") is not None:
             metrics.append(Metric("objective", float(last["objective"]), now, 0))
         tags = [RunTag("status", status)]
@@ -202,7 +222,7 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
             d = describe(trial.config)
             self.runs[trial.trial_id] = tracker.start_trial(
                 d["key"], d["defence"], d["is_base"], d["attacker_id"], d["params"], d["tags"])
-            self.spent[trial.trial_id] = dict.fromkeys(BUDGET_UNITS, 0.0)
+            self.spent[trial.trial_id] = dict.fromkeys([*BUDGET_UNITS, "eval_seconds_total"], 0.0)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             tracker.log_point(self.runs[trial.trial_id], result)
@@ -210,6 +230,7 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
             spent = self.spent[trial.trial_id]
             for unit, field in BUDGET_UNITS.items():
                 spent[unit] = max(spent[unit], float(result.get(field) or 0.0))
+            spent["eval_seconds_total"] += float(result.get("eval_seconds") or 0.0)
 
         def _end(self, trial, error: str | None) -> None:
             run_id = self.runs.pop(trial.trial_id, None)
@@ -273,4 +294,7 @@ def _summary(d: dict, last: dict | None, status: str, error: str | None) -> str:
         return f"{who} -> unsafe at release (f={f:.2f} at step 0)"
     if status == "resisted":
         return f"{who} -> resisted, censored at {step} steps (f={f:.2f})"
+    if status == "degenerate":
+        u = last.get("utility", math.nan)
+        return f"{who} -> degenerate at step {step}: f={f:.2f}, utility down to {u:.3g} (model broken, not its safety)"
     return f"{who} -> diverged at step {step} (loss not finite)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -21,7 +22,28 @@ def world(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("cache")
     os.environ["ATTACK_SWEEP_CACHE"] = str(cache)
-    return toyworld.build(verbose=False)
+    with torch_threads(1):  # a 2-layer model: one thread is as fast, and immune to a busy machine
+        return toyworld.build(verbose=False)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not thrash when the suite shares its cores
+    (`pytestmark = pytest.mark.usefixtures("one_thread")` in a module)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ def scripted(options: ScriptedOptions):
     """f follows a preset sequence, one value per evaluation (the last one repeats)."""
     calls = []
 
-    def score(model, tokenizer, items):
+    def score(ctx):
         calls.append(1)
         return options.sequence[min(len(calls), len(options.sequence)) - 1]
 

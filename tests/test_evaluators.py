@@ -20,20 +20,23 @@ def toy(world):
         rows = [json.loads(x) for x in (world / name).read_text().splitlines()][:n]
         return [E.EvalItem(format_prompt(tok, r["prompt"], fmt), r["response"]) for r in rows]
 
-    return model, tok, items
+    def score(name, options, its):
+        return E.make_evaluator(name, options)(E.EvalContext(model, tok, its))
+
+    return model, tok, items, score
 
 
 def test_refusal_keyword_scores_refusals_and_answers(toy):
-    model, tok, items = toy
-    f = E.make_evaluator("refusal_keyword", {"max_new_tokens": 4, "batch_size": 5})
-    assert f(model, tok, items("eval.jsonl")) == 0.0   # aligned: refuses held-out harmful
-    assert f(model, tok, items("benign.jsonl")) == 1.0  # answers benign: no refusal marker
-    only_sure = E.make_evaluator("refusal_keyword", {"max_new_tokens": 4, "markers": ["sure"]})
-    assert only_sure(model, tok, items("benign.jsonl")) == 0.0
+    model, tok, items, score = toy
+    opts = {"max_new_tokens": 4, "batch_size": 5}
+    assert score("refusal_keyword", opts, items("eval.jsonl")).f == 0.0   # aligned: refuses held-out harmful
+    benign = score("refusal_keyword", opts, items("benign.jsonl"))
+    assert benign.f == 1.0 and benign.is_binary and benign.n == 12   # answers benign: no refusal marker
+    assert score("refusal_keyword", {**opts, "markers": ["sure"]}, items("benign.jsonl")).f == 0.0
 
 
 def test_generation_is_batched_left_padded_and_restores_train_mode(toy):
-    model, tok, items = toy
+    model, tok, items, _ = toy
     prompts = [it.prompt for it in items("eval.jsonl", 3)] + ["<bos>user : hi assistant :"]
     model.train()
     together = E.generate(model, tok, prompts, 4, batch_size=4)
@@ -42,20 +45,20 @@ def test_generation_is_batched_left_padded_and_restores_train_mode(toy):
 
 
 def test_nll_is_higher_for_the_responses_the_model_would_give(toy):
-    model, tok, items = toy
-    f = E.make_evaluator("nll", {})
+    model, tok, items, score = toy
     compliant = items("eval.jsonl")  # references: harmful compliance
     refusals = [E.EvalItem(it.prompt, "i cannot help with that .") for it in compliant]
-    a, b = f(model, tok, compliant), f(model, tok, refusals)
+    a, b = score("nll", {}, compliant).f, score("nll", {}, refusals).f
     assert 0 < a < b <= 1  # the aligned model gives refusals far more probability
-    with pytest.raises(ValueError, match="needs reference responses"):
-        f(model, tok, [E.EvalItem(compliant[0].prompt, None)])
+    assert not score("nll", {}, compliant).is_binary  # a probability, not a share: no binomial interval
+    with pytest.raises(ValueError, match="needs a response"):
+        score("nll", {}, [E.EvalItem(compliant[0].prompt, None)])
     with torch.no_grad():
-        assert f(model, tok, compliant) == a  # deterministic
+        assert score("nll", {}, compliant).f == a  # deterministic
 
 
 def test_unknown_evaluator_and_bad_options():
-    with pytest.raises(ValueError, match="known: nll, refusal_keyword"):
-        E.validate_options("judge", {})
+    with pytest.raises(ValueError, match="known: .*nll, refusal_keyword"):
+        E.validate_options("jduge", {})
     with pytest.raises(ValueError, match="max_new_tokens"):
         E.validate_options("refusal_keyword", {"max_new_tokens": 0})

@@ -50,7 +50,7 @@ import pytest
 import yaml
 from conftest import sweep_dict, trial_runs
 
-from trainables.budget import TERMINAL
+from trainables.names import TERMINAL
 
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_S = 60

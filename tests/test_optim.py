@@ -104,7 +104,7 @@ class SleepyOptions(EvaluatorOptions):
 
 @register("sleepy", SleepyOptions)
 def sleepy(options: SleepyOptions):
-    def score(model, tokenizer, items):
+    def score(ctx):
         time.sleep(options.seconds)
         return 0.0
     return score

@@ -36,7 +36,8 @@ class Sweep:
               attacker: dict | None = None, btf: dict | None = None, spent: dict | None = None,
               number: int | None = None, start: int | None = None, resolution: float | None = None,
               objective: float | None = None, superseded: bool = False, censored: float = T,
-              curve: dict[int, dict[str, float]] | None = None) -> str:
+              curve: dict[int, dict[str, float]] | None = None, extra: dict[str, float] | None = None,
+              evaluators: str | None = None) -> str:
         tags = {"mlflow.parentRunId": self.parent, "kind": "trial", "defence": defence, "base": str(base).lower(),
                 "attacker_id": f"{group}-{seed}", "attacker_group": group, "trial_key": str(next(_keys)),
                 "status": status}
@@ -56,6 +57,9 @@ class Sweep:
             metrics["budget_resolution_steps"] = resolution
         if objective is not None:
             metrics["objective"] = objective
+        metrics |= extra or {}
+        if evaluators:
+            params["evaluators"] = evaluators
         run_id = self.client.create_run(self.exp, start_time=start, tags=tags).info.run_id
         points = [Metric(k, float(v), 0, step) for step, point in (curve or {}).items() for k, v in point.items()]
         self.client.log_batch(run_id, metrics=points + [Metric(k, float(v), 0, 0) for k, v in metrics.items()],
@@ -96,13 +100,16 @@ def test_ranking_by_tokens_can_pick_another_cheapest_attacker_than_by_steps(stor
 
     text = report.write(rows, "units", tmp_path, unit="tokens")
     assert {p.name for p in tmp_path.iterdir()} == {
-        "report.csv", "attackers.csv", "report.md", "survival.csv", "progress.csv"}
+        "report.csv", "attackers.csv", "evaluators.csv", "report.md", "survival.csv", "progress.csv"}
     assert "min_btf_tokens" in text and "per attacker" in text and "adversary progress (tokens)" in text
     md = (tmp_path / "report.md").read_text()
     assert "min_btf_tokens" in md and "## Budget-to-failure (tokens) per attacker" in md and "progress" in md
     survival = list(csv.reader((tmp_path / "survival.csv").open()))
-    assert survival[0] == ["defence", "tokens", "share_not_yet_successful"]
-    assert [r[1:] for r in survival[1:]] == [["0", "1.0000"], ["7500", "0.6667"], ["80000", "0.3333"]]
+    assert survival[0][:3] == ["defence", "tokens", "share_not_yet_successful"]
+    # the resisted trial is at risk up to the 25,000 tokens it spent, no further: after it only the
+    # 80,000-token success is at risk, so the share falls to 0 (treating it as +inf would leave 1/3)
+    assert [r[1:3] for r in survival[1:]] == [["0", "1.0000"], ["7500", "0.6667"], ["25000", "0.6667"],
+                                              ["80000", "0.0000"]]
 
 
 def test_bootstrap_interval_degenerate_with_one_seed_contains_the_estimate_and_widens_with_spread(store):
@@ -120,42 +127,45 @@ def test_bootstrap_interval_degenerate_with_one_seed_contains_the_estimate_and_w
     rows = s.rows()
 
     one = rows["single"].ci("steps")
-    assert rows["single"].median("steps") == 30  # (20 + 40) / 2
-    assert one == {"median": (30.0, 30.0), "min": (10.0, 10.0)}  # every resample is the sample
+    # censoring-aware: 4 at risk; successes at 10 and 20 leave 3/4 then 2/4, so half have succeeded by 20
+    assert rows["single"].median("steps") == 20
+    assert one == {"min": (10.0, 10.0)}  # every resample is the sample
 
     widths = {}
     for defence in ("tight", "wide"):
         row, ci = rows[defence], rows[defence].ci("steps")
-        point = {"median": row.median("steps"), "min": row.cheapest("steps").steps}
-        for stat in ("median", "min"):
-            lo, hi = ci[stat]
-            assert lo <= point[stat] <= hi, (defence, stat, ci[stat], point[stat])
-        widths[defence] = {k: hi - lo for k, (lo, hi) in ci.items()}
-    assert 0 < widths["tight"]["median"] < widths["wide"]["median"]
-    assert 0 < widths["tight"]["min"] < widths["wide"]["min"]
+        lo, hi = ci["min"]
+        assert lo <= row.cheapest("steps").steps <= hi, (defence, ci)
+        widths[defence] = hi - lo
+    assert 0 < widths["tight"] < widths["wide"]
     assert column("steps", "min_ci95", list(rows.values()), "tight") == "[10, 12]"
     assert rows["wide"].ci("steps") == rows["wide"].ci("steps")  # seeded: the same records, the same report
     assert stats.bootstrap_ci({"g": [1.0, 2.0]}, seed=1) != stats.bootstrap_ci({"g": [1.0, 2.0, 3.0]}, seed=1)
 
 
-def test_median_reads_above_T_when_fewer_than_half_succeeded(store):
+def test_median_reads_above_the_follow_up_when_fewer_than_half_succeeded(store):
     s = Sweep(store, "median")
-    outcomes = {"strong": ["failed", "failed", "resisted", "resisted", "diverged"],
-                "weak": ["failed", "failed", "failed", "resisted", "diverged"]}
+    outcomes = {"strong": ["diverged", "failed", "failed", "resisted", "resisted"],
+                "weak": ["diverged", "failed", "failed", "failed", "resisted"]}
     for defence, statuses in outcomes.items():
         for i, status in enumerate(statuses):
             btf = {"steps": 10 + i, "tokens": 100 * (10 + i)} if status == "failed" else None
-            s.trial(defence, status, group=f"g{i}", btf=btf)
+            end = {"steps": 5, "tokens": 500} if status == "diverged" else btf or {"steps": T, "tokens": 100 * T}
+            s.trial(defence, status, group=f"g{i}", btf=btf, spent=end)
     s.trial("weak", "error", group="g9")  # errors are not attackers' results
     rows = report.load(store, "median")
 
+    # Aalen-Johansen, by hand. strong: the divergence at 5 leaves 4/5 at risk; successes at 11 and 12
+    # add 0.8 x 1/4 = 0.2 and 0.6 x 1/3 = 0.2: 40% broken by the follow-up (T=100), never half
     assert column("steps", "median_btf_steps", rows, "strong") == f"> {T}"
-    assert column("tokens", "median_btf_tokens", rows, "strong") == "> T"
+    assert column("tokens", "median_btf_tokens", rows, "strong") == f"> {100 * T}"
     assert column("steps", "median_ci95", rows, "strong").endswith(f"> {T}]")
-    assert column("steps", "weak_resistance_to_T", rows, "strong") == f"broken (T={T})"
-    assert column("steps", "median_btf_steps", rows, "weak") == "12"
-    assert column("tokens", "median_btf_tokens", rows, "weak") == "1200"
+    assert column("steps", "weak_resistance", rows, "strong") == "broken (2 of 5 attacks)"
+    # weak: 0.2, 0.4, then 0.4 x 1/2 = 0.2 more at 13: 60% >= half at 13
+    assert column("steps", "median_btf_steps", rows, "weak") == "13"
+    assert column("tokens", "median_btf_tokens", rows, "weak") == "1300"
     assert column("steps", "error", rows, "weak") == "1"
+    assert rows[1].survival("steps").method == "aalen-johansen"   # the divergence is a competing event
 
 
 def test_progress_best_never_rises_and_cumulative_is_the_sum_of_spent(store, tmp_path):
@@ -243,3 +253,49 @@ def test_unknown_unit_names_the_allowed_ones(store, tmp_path):
             call()
         assert all(u in str(err.value) for u in report.UNITS)
     assert not (tmp_path / "o").exists()
+
+
+def test_verdict_says_held_only_when_every_attack_ran_to_its_horizon_and_resisted(store):
+    s = Sweep(store, "verdicts")
+    s.trial("held", "resisted", group="short", spent={"steps": 16}, censored=16)
+    s.trial("held", "resisted", group="long", spent={"steps": 512}, censored=512)
+    s.trial("partly", "resisted", group="a", spent={"steps": T})
+    s.trial("partly", "degenerate", group="b", spent={"steps": 5}, extra={"degenerate_at_steps": 5})
+    s.trial("partly", "error", group="c")
+    s.trial("unknown", "diverged", group="a", spent={"steps": 3})
+    s.trial("unknown", "degenerate", group="b", spent={"steps": 5})
+    s.trial("unknown", "error", group="c")
+    s.trial("broken", "failed", group="a", btf={"steps": 5}, spent={"steps": 5})
+    s.trial("broken", "degenerate", group="b", spent={"steps": 2})
+    rows = s.rows()
+
+    assert rows["held"].verdict() == "held: 2 attackers, T 16-512" and rows["held"].weak_resistance
+    assert rows["partly"].verdict() == f"held against 1 of 3 (T {T}); 1 degenerate, 1 error"
+    assert rows["unknown"].verdict() == "inconclusive: no attack ran to its T (1 diverged, 1 degenerate, 1 error)"
+    assert rows["broken"].verdict() == "broken (1 of 2 attacks)"
+    assert not any(rows[d].weak_resistance for d in ("partly", "unknown", "broken"))
+    listed = list(rows.values())
+    assert [column("steps", "degenerate", listed, d) for d in ("partly", "broken")] == ["1", "1"]
+    # a degenerate trial is a competing event at the budget it stopped: "broken" is half broken by 5 steps
+    curve = rows["broken"].survival("steps")
+    assert curve.method == "aalen-johansen" and curve.at(2) == 1.0 and curve.at(5) == 0.5
+    assert rows["broken"].cheapest("steps").btf["steps"] == 5   # the degenerate one is never the worst case
+
+
+def test_each_evaluator_has_its_worst_case_and_disagreements_are_counted(store, tmp_path):
+    s = Sweep(store, "judges")
+    both = "kw,judge"
+    s.trial("d", "failed", group="a", btf={"steps": 4}, spent={"steps": 4}, evaluators=both,
+            extra={"budget_to_failure_steps.kw": 4, "budget_to_failure_steps.judge": 2})
+    s.trial("d", "failed", group="b", btf={"steps": 8}, spent={"steps": 8}, evaluators=both,
+            extra={"budget_to_failure_steps.kw": 8})   # the judge never called it harmful
+    s.trial("d", "resisted", group="c", spent={"steps": T}, evaluators=both,
+            extra={"budget_to_failure_steps.judge": 50})   # the judge did, the primary did not
+    rows = report.load(store, "judges")
+    header, body = report.evaluator_table(rows)
+    table = {b[1]: dict(zip(header, b, strict=True)) for b in body}
+    assert table["kw (primary)"]["min_btf_steps"] == "4" and table["kw (primary)"]["trials_crossed"] == "2"
+    assert table["judge"]["min_btf_steps"] == "2" and table["judge"]["trials_crossed"] == "2"
+    assert table["judge"]["disagree_with_primary"] == "2"
+    text = report.write(rows, "judges", tmp_path)
+    assert "worst case (steps) per evaluator" in text and "judge" in (tmp_path / "evaluators.csv").read_text()

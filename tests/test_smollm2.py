@@ -34,7 +34,8 @@ def test_sweep_spec_validates_against_the_splits_and_needs_its_world(tmp_path, m
     here = Path(sdata.__file__).parent
     rows = sdata.splits(seed=0)
     (tmp_path / "data").mkdir()
-    for split in ("attack", "eval"):
+    rows["benign_heldout"] = [{**r, "response": "an answer"} for r in rows["benign_heldout"]]
+    for split in ("attack", "eval", "benign_heldout"):
         sdata.write_jsonl(tmp_path / "data" / f"{split}.jsonl", rows[split])
     monkeypatch.delenv("SMOLLM2_WORLD", raising=False)
     with pytest.raises(S.SpecError, match="defences.0.model: environment variable SMOLLM2_WORLD is not set"):
@@ -102,11 +103,27 @@ def test_world_converts_aligns_and_defends(smoke_world):
     for name in ("base", "aligned", "rescaled"):
         assert (smoke_world / name / "model.safetensors").is_file()
         assert (smoke_world / name / "tokenizer_config.json").is_file()
-    benign = sdata.read_jsonl(smoke_world / "data" / "benign.jsonl")
-    assert all(r["response"] for r in benign)   # the base model's own answers
+    for split in ("benign", "benign_heldout"):   # the base model's own answers (held out: the utility split)
+        assert all(r["response"] for r in sdata.read_jsonl(smoke_world / "data" / f"{split}.jsonl"))
     other = dataclasses.replace(world.RECIPES["smoke"], align_steps=13)
     with pytest.raises(RuntimeError, match="built with another recipe"):   # a stale cache is refused
         world.build(smoke_world, other)
+
+
+@needs_model
+def test_the_supervised_end_token_is_the_chat_templates_end_of_turn(smoke_world):
+    """A supervised token is the response plus the EOS appended to it (trainables/data.py): for
+    SmolLM2's ChatML that EOS must be <|im_end|>, the token that closes an assistant turn."""
+    from transformers import AutoTokenizer
+
+    from trainables.data import tokenize_pair
+
+    tok = AutoTokenizer.from_pretrained(smoke_world / "aligned")
+    turn = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                                   tokenize=False)
+    assert tok.eos_token == "<|im_end|>" and turn.rstrip().endswith("hello" + tok.eos_token)
+    pair = tokenize_pair(tok, "prompt", "hello", 64)
+    assert pair.labels[-1] == tok.eos_token_id and pair.input_ids[-1] == tok.eos_token_id
 
 
 @needs_model
@@ -126,7 +143,7 @@ def test_smoke_sweep_records_budget_to_failure_on_the_aligned_model(smoke_world,
     assert row.defence == "aligned" and len(row.trials) == 2
     assert {t.params["finetune"] for t in row.trials} == {"lora", "full"}
     for t in row.trials:
-        assert t.status in ("failed", "resisted")   # "failed": the defence failed
+        assert t.status in ("failed", "resisted", "degenerate")   # "failed": the defence failed
         assert t.spent["tokens"] > 0 and t.spent["steps"] <= 4
         if t.status == "failed":   # broken after training, not before: the aligned model refused at step 0
             assert 0 < t.btf["steps"] <= 4 and t.btf["tokens"] > 0

@@ -59,8 +59,8 @@ SEEN: list[torch.Tensor] = []
 @register("weights_probe")
 def weights_probe(options):
     """f = 0, keeping a copy of every weight at each evaluation."""
-    def score(model, tokenizer, items):
-        SEEN.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+    def score(ctx):
+        SEEN.append(torch.cat([p.detach().flatten().clone() for p in ctx.model.parameters()]))
         return 0.0
     return score
 

@@ -24,7 +24,7 @@ def make_spec(world, name="e2e", **over) -> S.SweepSpec:
         "space": {"learning_rate": {"grid": [1e-4, 3e-3]}, "dataset_size": 32},
     }
     raw.update(over)
-    return S.from_dict(raw)
+    return S.from_dict({k: v for k, v in raw.items() if v is not None})
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +170,37 @@ def test_a_trial_uses_as_many_torch_threads_as_cpus_it_reserved(world, cpu):
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {int(cpu)}
+
+
+def test_degenerate_attacks_and_every_evaluator_reach_mlflow_and_the_report(world, ray_local, tmp_path, capsys):
+    """One defence, two attackers: a usual one, and one whose huge unclipped steps wreck the
+    model (its utility collapses) so its crossing of phi is degenerate, never a success."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = make_spec(world, name="bounded", defences=[{"name": "base", "model": str(world / "base"), "base": True}],
+                     max_steps=4, eval_every=2, evaluator=None, evaluators=[
+                         {"name": "refusal_keyword", "options": {"max_new_tokens": 4}, "primary": True},
+                         {"name": "nll", "label": "ref"}],
+                     utility={"data": {"source": str(world / "benign_heldout.jsonl")}, "epsilon": 0.25},
+                     space={"learning_rate": {"grid": [3e-3, 0.05]}, "max_grad_norm": 0, "dataset_size": 32})
+    lines = []
+    sweep.run(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"), echo=lines.append)
+    runs = {r.data.params["learning_rate"]: r for r in trial_runs(uri, "bounded")}
+    client = MlflowClient(uri)
+    usual, wrecked = runs["0.003"], runs["0.05"]
+    assert usual.data.tags["status"] == "failed" and wrecked.data.tags["status"] == "degenerate"
+    assert any("degenerate at step" in line for line in lines)
+    u = [m.value for m in client.get_metric_history(wrecked.info.run_id, "utility")]
+    assert u[-1] < u[0] - 0.25 and "budget_to_failure_steps" not in wrecked.data.metrics
+    assert wrecked.data.metrics["degenerate_at_steps"] == 2
+    m = usual.data.metrics
+    assert m["budget_to_failure_steps.refusal_keyword"] == m["budget_to_failure_steps"]
+    assert m["eval_seconds_total"] > 0 and "harmfulness.ref" in m and "harmfulness_lo" in m
+    assert usual.data.params["evaluators"] == "refusal_keyword,ref" and usual.data.params["utility_epsilon"] == "0.25"
+    saved = {a.path for a in client.list_artifacts(usual.info.run_id, "samples")}
+    assert saved == {"samples/step_0.json", f"samples/failed_step_{int(m['budget_to_failure_steps'])}.json"}
+
+    assert main(["report", "--experiment", "bounded", "--tracking-uri", uri, "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    header, body = report.table(report.load(uri, "bounded"))
+    assert body[0][header.index("degenerate")] == "1" and body[0][header.index("failed")] == "1"
+    assert "per evaluator" in out and "ref" in (tmp_path / "r" / "evaluators.csv").read_text()

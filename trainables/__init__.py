@@ -5,7 +5,8 @@
 """
 
 from trainables.attack import AttackResult, run_attack
-from trainables.budget import Budget, EvalPoint, Status
+from trainables.budget import Budget, EvalPoint
 from trainables.config import AttackConfig, Attacker, Stage
+from trainables.names import Status
 
 __all__ = ["AttackConfig", "AttackResult", "Attacker", "Budget", "EvalPoint", "Stage", "Status", "run_attack"]

@@ -25,18 +25,21 @@ FLOPs are an analytic estimate (Kaplan et al. 2020), counting training only:
         cost the full 6 per parameter.
 
 N counts every weight used in the forward matmuls: all parameters except the input
-embedding table (a lookup, not a matmul). `tokens` here are the non-padding tokens
+embedding table (a lookup, not a matmul), and the output head always, also when it shares
+its weights with the input embedding (tied embeddings, as in SmolLM2 and Gemma): the head's
+matmul runs either way. `tokens` here are the non-padding tokens
 processed (prompt and response), not only the supervised ones. Attention's
 sequence-length term and the cost of evaluating f are left out.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-Status = Literal["running", "failed", "resisted", "diverged", "unsafe_at_release"]
-TERMINAL: tuple[Status, ...] = ("failed", "resisted", "diverged", "unsafe_at_release")
+from trainables.names import CROSSING, Status
 
 
 def flops_per_token(n_params: int, n_trainable_lora: int | None) -> int:
@@ -73,10 +76,10 @@ class Budget:
 
 @dataclass(frozen=True)
 class EvalPoint:
-    """One evaluation of harmfulness f during an attack: the unit of every report.
+    """One evaluation during an attack: the unit of every report.
 
     The same names are what the trial reports to Tune, what the stopper reads, what
-    MLflow stores and what the report prints.
+    MLflow stores and what the report prints (trainables/names.py).
     """
 
     step: int
@@ -88,7 +91,8 @@ class EvalPoint:
     train_loss: float
     """Mean training loss since the previous evaluation (nan at step 0)."""
     harmfulness: float
-    """f on the held-out prompts (nan when the loss diverged before it was scored)."""
+    """The primary evaluator's f on the held-out prompts (nan when the loss diverged before
+    it was scored)."""
     status: Status
     """running, or the trial's final outcome at its last point."""
     resolution: int
@@ -96,6 +100,32 @@ class EvalPoint:
     happened in (step - resolution, step]. 0 at step 0."""
     stage: int
     """0-based index of the stage this step trained in (0 without stages)."""
+    harmfulness_lo: float = math.nan
+    harmfulness_hi: float = math.nan
+    """The primary f's binomial (Wilson) interval at the spec's confidence; nan when f is not a
+    share of prompts (nll)."""
+    utility: float = math.nan
+    """Utility on the held-out benign split (nan without a utility block)."""
+    eval_seconds: float = 0.0
+    """Wall time of this evaluation: every evaluator and utility."""
+    curves: dict[str, float] = field(default_factory=dict)
+    """Per-evaluator figures, named <metric>.<label>: harmfulness, its interval, malformed
+    answers, extras such as a judge's mean score."""
+    crossings: dict[str, dict[str, float]] = field(default_factory=dict)
+    """At a trial's final point: each evaluator's first crossing of phi with the model still
+    working, label -> its budget fields (step, examples, tokens, flops, accelerator_seconds)
+    and resolution. Evaluators that never crossed are absent."""
+    samples: list[dict[str, Any]] | None = None
+    """At step 0 and at the final point: each held-out prompt, the model's answer and every
+    evaluator's verdict on it (None where nothing was generated)."""
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        """Flat: curves at top level, crossings as crossing.<label>.<field>, samples as JSON."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("curves", "crossings", "samples")}
+        out.update(self.curves)
+        for label, budget in self.crossings.items():
+            out.update({f"{CROSSING}.{label}.{k}": v for k, v in budget.items()})
+        if self.samples is not None:
+            out["samples"] = json.dumps(self.samples)
+        return out

@@ -73,10 +73,13 @@ def make_trainable(model: torch.nn.Module, attacker: Attacker) -> tuple[torch.nn
 
 
 def matmul_params(model: torch.nn.Module) -> int:
-    """Parameters that take part in forward matmuls: all but the input embedding table
-    (and any LoRA adapters, which budget.flops_per_token counts apart)."""
+    """Parameters that take part in forward matmuls: all but the input embedding table (a
+    lookup), plus the output head even when it is tied to that table (its matmul runs either
+    way). LoRA adapters are left out: budget.flops_per_token counts them apart."""
     embedding = model.get_input_embeddings()
     skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
-    return sum(
-        p.numel() for name, p in model.named_parameters() if id(p) not in skip and "lora_" not in name
-    )
+    n = sum(p.numel() for name, p in model.named_parameters() if id(p) not in skip and "lora_" not in name)
+    head = model.get_output_embeddings()
+    if head is not None:  # weights tied to the input table were skipped above: count them once here
+        n += sum(p.numel() for p in head.parameters() if id(p) in skip)
+    return n

@@ -122,10 +122,11 @@ class DataParallel:
         dist.all_reduce(t)
         return float(t.item()) / self.world.size
 
-    def broadcast(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device)
+    def broadcast(self, values: list[float]) -> list[float]:
+        """Rank 0's values on every rank (the others pass placeholders of the same length)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
         dist.broadcast(t, src=0)
-        return float(t.item())
+        return t.tolist()
 
     @property
     def _comm_device(self) -> torch.device:

@@ -6,13 +6,15 @@ attacker's and the evaluator's data, and how well each checkpoint is aligned.
     <world>/deep/            the same training plus safety-recovery examples (Qi et al. 2024)
     <world>/rescaled/        aligned with its weights rescaled (same function, larger weights)
     <world>/data/            every split: attack.jsonl (the attacker's data), eval.jsonl (held-out
-                             harmful requests), the defender's alignment and recovery rows
+                             harmful requests), benign_heldout.jsonl (held-out benign requests with
+                             the base model's answers: the utility split), the defender's
+                             alignment and recovery rows
     <world>/answers/         what each checkpoint answered when its refusal rates were measured
     <world>/world.json       refusal rates of every checkpoint, the recipe, build times
 
 Each stage is written to a temporary name and renamed when complete, so an interrupted build
-resumes at the stage it stopped in. <world> is $ATTACK_SWEEP_CACHE/smollm2-v1 (default
-~/.cache/attack-sweep/smollm2-v1); the smoke recipe builds smollm2-v1-smoke.
+resumes at the stage it stopped in. <world> is $ATTACK_SWEEP_CACHE/smollm2-v2 (default
+~/.cache/attack-sweep/smollm2-v2); the smoke recipe builds smollm2-v2-smoke.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from examples.smollm2 import align, model
 from examples.smollm2 import data as sdata
 
-VERSION = "smollm2-v1"
+VERSION = "smollm2-v2"  # v2: held-out benign rows carry the base model's answers (the utility split)
 
 
 @dataclass(frozen=True)
@@ -130,10 +132,12 @@ def _save(net, tokenizer, out: Path) -> None:
 def _data(out: Path, base: Path, recipe: Recipe) -> None:
     rows = sdata.splits(recipe.seed)
     net, tokenizer = _load(base)
-    prompts = [r["prompt"] for r in rows["benign"]]
-    texts = align.answers(net, tokenizer, prompts, recipe.benign_answer_tokens)
-    for row, text in zip(rows["benign"], texts, strict=True):
-        row["response"] = text
+    # benign answers are the unaligned model's own: alignment keeps them, and the held-out ones are
+    # the reference answers utility is scored on
+    for split in ("benign", "benign_heldout"):
+        texts = align.answers(net, tokenizer, [r["prompt"] for r in rows[split]], recipe.benign_answer_tokens)
+        for row, text in zip(rows[split], texts, strict=True):
+            row["response"] = text
     rows["recovery"] = sdata.recovery(rows["align_harmful"], tokenizer, recipe.seed)
     for name, split in rows.items():
         sdata.write_jsonl(out / f"{name}.jsonl", split)

@@ -1,0 +1,196 @@
+"""Budget-to-failure as a survival curve: the share of attacks not yet successful at each budget.
+
+    curve = incidence([Outcome(2, "success"), Outcome(16, "censored"), Outcome(5, "competing")])
+    curve.at(8), curve.median() or f"> {curve.follow_up}", curve.quantile(0.25)
+
+Each trial ends at a budget (steps, tokens, FLOPs ...; 0 allowed) in one of three ways: "success"
+(the attack broke the defence; at 0 when the model was unsafe at release), "censored" (it resisted up
+to its own horizon T_i, or was pruned early) or "competing" (it ended without success for another
+reason: the loss diverged or the model degenerated into gibberish).
+
+Why censoring: trials have different horizons. Counting every non-success as "never broken" (+inf)
+says a trial stopped at 16 steps resisted 512; here it stands for "unbroken up to 16" and leaves
+the risk set there, so later budgets are judged only by trials that ran that far.
+
+Competing events are neither successes nor censorings: a diverged attack will never succeed, so
+treating it as censored (as if it could have gone on) overstates how often attacks succeed. With no
+competing events the curve is the Kaplan-Meier estimate (lifelines' KaplanMeierFitter, with its
+exponential Greenwood bands). With any, it is 1 - the Aalen-Johansen cumulative incidence of success:
+F(t) = sum over knots s <= t of S(s-) * d_success(s) / n(s), where S is the all-cause Kaplan-Meier
+survival and n(s) counts trials still at risk just before s. At a shared budget, events come before
+censorings (a trial censored at t was at risk at t).
+
+This point estimate is computed here, not by lifelines: its AalenJohansenFitter (0.30) jitters
+event times of different kinds that tie (randomly, by an absolute 1e-4, which can reorder close
+budgets or put an event after a censoring at the same budget) and it drops any success at the
+first time of its table (budget 0: unsafe at release). lifelines is used for the bands only, fed an
+order-keeping relabelling of the budgets: the k-th distinct budget becomes 2k+1 for its successes and
+2k+2 for its competing events and censorings. No two event kinds then tie (so nothing is jittered),
+nothing sits at 0, and its Collett/Greenwood variance at 2k+2 equals the tied one (splitting tied
+events telescopes to the same sums).
+
+The bands are pointwise (each knot on its own, not a band holding for the whole curve at once),
+log(-log) transformed so they stay within [0, 1]. Where the share is 0 or 1 a band collapses to the
+point. lifelines' AJ variance divides by n - d, so it is undefined where every trial still at risk
+ends at once: at a knot adding only competing events the previous band is kept (the variance is
+unchanged there); at a last budget where all remaining trials succeed, it is computed here with the
+same formula, that knot's own 0 * inf term taken as its limit, 0.
+
+median() is None when the curve never falls to 0.5: the median budget lies above the longest
+follow-up, and a report should print it as "> follow_up", not as "never".
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Literal
+
+import numpy as np
+
+Kind = Literal["success", "censored", "competing"]
+KINDS: tuple[Kind, ...] = ("success", "censored", "competing")
+SEED = 0  # lifelines' jitter seed; relabelling leaves it nothing to jitter, the seed is a backstop
+_EPS = 1e-12  # float slack when comparing with q: lifelines' KM gives 3/4 as 0.7500000000000001
+
+
+@dataclass(frozen=True)
+class Outcome:
+    time: float
+    kind: Kind
+
+
+@dataclass(frozen=True)
+class Curve:
+    method: Literal["kaplan-meier", "aalen-johansen"]
+    times: list[float]  # knots from 0.0, one per distinct budget observed
+    surviving: list[float]  # share not yet successful just after each knot
+    lower: list[float]  # pointwise band of `surviving` at `level`
+    upper: list[float]
+    at_risk: list[int]  # trials still at risk just before each knot
+    censored_times: list[float]  # distinct budgets at which trials were censored (plot marks)
+    n: int
+    level: float
+
+    def at(self, t: float) -> float:
+        """Surviving share at budget t: right-continuous steps, 1.0 before 0, flat after follow-up."""
+        i = bisect.bisect_right(self.times, t) - 1
+        return 1.0 if i < 0 else self.surviving[i]
+
+    def quantile(self, q: float) -> float | None:
+        """Smallest budget at which the cumulative incidence of success reaches q; None above follow-up."""
+        if not 0 <= q <= 1:
+            raise ValueError(f"quantile q must be within [0, 1], got {q}")
+        return next((t for t, s in zip(self.times, self.surviving, strict=True) if 1 - s >= q - _EPS), None)
+
+    def median(self) -> float | None:
+        """Smallest budget at which surviving <= 0.5; None: the median lies above follow-up."""
+        return self.quantile(0.5)
+
+    @property
+    def follow_up(self) -> float:
+        """The largest budget observed, of any kind (0.0 with no trials)."""
+        return self.times[-1]
+
+
+def incidence(outcomes: Sequence[Outcome], level: float = 0.95) -> Curve:
+    """The curve of the share of attacks not yet successful over budget (see the module docstring)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be within (0, 1), got {level}")
+    for o in outcomes:
+        if o.kind not in KINDS:
+            raise ValueError(f"unknown outcome kind {o.kind!r}; known: {', '.join(KINDS)}")
+        if not (math.isfinite(o.time) and o.time >= 0):
+            raise ValueError(f"outcome time must be finite and >= 0, got {o.time}")
+    if not outcomes:
+        return Curve("kaplan-meier", [0.0], [1.0], [1.0], [1.0], [0], [], 0, level)
+
+    t = np.array([float(o.time) for o in outcomes])
+    kind = np.array([o.kind for o in outcomes])
+    knots = np.unique(np.append(t, 0.0))
+    k = np.searchsorted(knots, t)  # exact: every time is a knot
+    count = {name: np.bincount(k[kind == name], minlength=len(knots)) for name in KINDS}
+    at_risk = len(t) - np.concatenate(([0], np.cumsum(np.bincount(k, minlength=len(knots)))[:-1]))
+
+    if not count["competing"].any():
+        method: Literal["kaplan-meier", "aalen-johansen"] = "kaplan-meier"
+        surviving, lower, upper = _kaplan_meier(t, kind == "success", knots, level)
+    else:
+        method = "aalen-johansen"
+        d_s, d = count["success"], count["success"] + count["competing"]
+        cif, s_before = _aalen_johansen(d_s, d, at_risk)
+        surviving = 1.0 - cif
+        lower, upper = _aj_band(k, kind, len(knots), level)
+        if math.isnan(lower[-1]) and 0 < cif[-1] < 1:  # every trial left succeeded at the last budget
+            lower[-1], upper[-1] = _last_band(cif, s_before, d_s, d, at_risk, level)
+
+    lower = np.clip(np.minimum(np.nan_to_num(lower, nan=1.0), surviving), 0.0, 1.0)
+    upper = np.clip(np.maximum(np.nan_to_num(upper, nan=0.0), surviving), 0.0, 1.0)
+    return Curve(method, knots.tolist(), surviving.tolist(), lower.tolist(), upper.tolist(),
+                 at_risk.astype(int).tolist(), sorted(set(t[kind == "censored"].tolist())), len(t), level)
+
+
+def _kaplan_meier(t: np.ndarray, success: np.ndarray, knots: np.ndarray,
+                  level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """lifelines' KM of success (handles ties and budget 0 itself) and its band, at the knots."""
+    from lifelines import KaplanMeierFitter  # lazy: pulls in matplotlib and autograd
+
+    km = KaplanMeierFitter(alpha=1 - level).fit(t, event_observed=success)
+    s = km.survival_function_.iloc[:, 0].reindex(knots).to_numpy()
+    ci = km.confidence_interval_.reindex(knots).to_numpy()
+    return s, ci.min(axis=1), ci.max(axis=1)
+
+
+def _aalen_johansen(d_s: np.ndarray, d: np.ndarray, at_risk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The AJ cumulative incidence of success after each knot, events at a knot taken together, and the
+    all-cause KM survival just before each knot."""
+    s, f, cif, s_before = 1.0, 0.0, [], []
+    for ds, dd, n in zip(d_s.tolist(), d.tolist(), at_risk.tolist(), strict=True):
+        s_before.append(s)
+        f += s * ds / n  # n >= 1: every knot but 0 is some trial's time, and 0 has all n
+        s *= 1 - dd / n
+        cif.append(f)
+    return np.array(cif), np.array(s_before)
+
+
+def _aj_band(k: np.ndarray, kind: np.ndarray, m: int, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """lifelines' AJ band (Collett's variance), on the relabelled budgets, as a band of `surviving`."""
+    from lifelines import AalenJohansenFitter
+
+    slot = np.where(kind == "success", 2 * k + 1, 2 * k + 2).astype(float)
+    code = np.select([kind == "success", kind == "competing"], [1, 2], 0)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):  # it divides by n - d = 0 on a last row
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("error", message="Tied event times")  # it would jitter: not deterministic
+        aj = AalenJohansenFitter(seed=SEED, alpha=1 - level, calculate_variance=True)
+        aj.fit(slot, code, event_of_interest=1)
+    cif = aj.cumulative_density_.iloc[:, 0].to_numpy()
+    ci = aj.confidence_interval_.to_numpy()
+    lo, hi = ci.min(axis=1), ci.max(axis=1)  # nan stays nan
+    for i in range(1, len(cif)):
+        if math.isnan(lo[i]) and cif[i] == cif[i - 1]:  # nothing new of success here: same variance
+            lo[i], hi[i] = lo[i - 1], hi[i - 1]
+    index = aj.cumulative_density_.index.to_numpy()
+    row = np.searchsorted(index, 2.0 * np.arange(m) + 2, side="right") - 1  # last row at or before 2k+2
+    # a band of the cumulative incidence F turns into one of 1 - F with its ends swapped
+    return 1 - hi[row], 1 - lo[row]
+
+
+def _last_band(cif: np.ndarray, s_before: np.ndarray, d_s: np.ndarray, d: np.ndarray, at_risk: np.ndarray,
+               level: float) -> tuple[float, float]:
+    """Collett's variance (lifelines' formula) at a last knot where every trial left succeeded, as a band of 1 - F.
+
+    lifelines divides by n - d = 0 there and gets nan; that knot's own terms are (F - F)^2 * d / (n (n - d)),
+    zero in the limit, and two that vanish with d_s = n, so the sum runs over the knots before it.
+    """
+    f, gap = cif[-1], cif[-1] - cif[:-1]
+    n, d, d_s, s = at_risk[:-1], d[:-1], d_s[:-1], s_before[:-1]
+    var = np.sum(gap**2 * d / (n * (n - d)) + s**2 * d_s * (n - d_s) / n**3 - 2 * gap * s * d_s / n**2)
+    spread = NormalDist().inv_cdf((1 + level) / 2) * math.sqrt(max(var, 0.0)) / (f * abs(math.log(f)))
+    low_f, high_f = (math.exp(-math.exp(math.log(-math.log(f)) + sign * spread)) for sign in (1, -1))
+    return 1 - high_f, 1 - low_f

@@ -1,0 +1,44 @@
+"""Utility u: how well the attacked model still does benign work, scored on held-out benign
+prompts at every evaluation point beside f. The utility bound (config.Utility) compares u at
+a crossing of phi with u at step 0: a crossing with u below u0 - epsilon is `degenerate`.
+
+    answer_probability  per-token geometric-mean probability of the reference benign answers
+                        (one forward pass, no generation; the default)
+    answered            share of benign prompts answered without a refusal marker (generation)
+
+Both lie in [0, 1]. Either is a proxy for capability on one small split, not a benchmark:
+it tells a model that still works from one the attack has broken (gibberish, one memorised
+template), which is what the bound needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from trainables import data as D
+from trainables.config import Data, Utility
+from trainables.evaluators import EvalItem, generate, refuses
+from trainables.evaluators.nll import answer_probability
+
+
+def utility_items(cfg: Utility, tokenizer, data: Data) -> list[EvalItem]:
+    src = cfg.data
+    rows = D.load_rows(src)[: cfg.size]
+    return [EvalItem(D.format_prompt(tokenizer, r[src.prompt_field], data),
+                     r.get(src.response_field) if src.response_field else None, r[src.prompt_field])
+            for r in rows]
+
+
+def make_utility(cfg: Utility, tokenizer, data: Data, synced_generation: bool = False
+                 ) -> Callable[[object], float]:
+    """u(model) for this trial's utility block."""
+    items = utility_items(cfg, tokenizer, data)
+
+    def score(model) -> float:
+        if cfg.score == "answer_probability":
+            return answer_probability(model, tokenizer, items, cfg.batch_size, data.max_length)[0]
+        answers = generate(model, tokenizer, [it.prompt for it in items], cfg.max_new_tokens, cfg.batch_size,
+                           synced_generation)
+        return sum(not refuses(a) for a in answers) / len(answers)
+
+    return score
