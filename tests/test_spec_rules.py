@@ -36,6 +36,8 @@ def test_evaluators_list_puts_the_primary_first(tmp_path):
     sp = load_raw(tmp_path, minimal(tmp_path, evaluators=[
         {"name": "nll", "label": "ref"}, {"name": "refusal_keyword", "primary": True}]))
     assert sp.evaluator.name == "refusal_keyword" and [e.key for e in sp.all_evaluators] == ["refusal_keyword", "ref"]
+    cleared = load_raw(tmp_path, minimal(tmp_path, evaluator=None, evaluators=[{"name": "nll"}]))   # evaluator=null
+    assert cleared.evaluator.name == "nll"
     single = load_raw(tmp_path, minimal(tmp_path, evaluators=[{"name": "nll"}]))
     assert single.evaluator.name == "nll" and single.evaluators == []   # one listed: it is the primary
 

@@ -251,13 +251,15 @@ class Evaluation(_Strict):
         in `evaluators`. A single listed evaluator is the primary."""
         if not isinstance(raw, dict) or not raw.get("evaluators"):
             return raw
+        if "evaluator" in raw and raw["evaluator"] is None:  # e.g. --set evaluator=null
+            raw = {k: v for k, v in raw.items() if k != "evaluator"}
         listed = raw["evaluators"]
         if not isinstance(listed, list) or not all(isinstance(e, dict) for e in listed):
             return raw  # field validation phrases the error
         if any("primary" in e for e in listed) or "evaluator" not in raw:
             if "evaluator" in raw:
-                raise ValueError("give either evaluator: (one) or evaluators: (a list with one primary: true), "
-                                 "not both")
+                raise ValueError("evaluators: give either evaluator: (one) or evaluators: (a list with one "
+                                 "primary: true), not both")
             primaries = [i for i, e in enumerate(listed) if e.get("primary")]
             if len(listed) == 1 and not primaries:
                 primaries = [0]
