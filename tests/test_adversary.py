@@ -28,6 +28,8 @@ def test_objective_is_the_budget_for_a_success_and_a_penalty_otherwise():
     # diverged early: extrapolated from its budget per step, never cheaper than a success
     assert objective(point("diverged", 3, 90), "tokens", 2.0, 40) == 2 * 40 * 30
     assert objective(point("diverged", 3, 90), "examples", 3.0, 40) == 3 * 40 * 8
+    # degenerate (crossed phi by breaking the model): penalised like diverged, never its crossing budget
+    assert objective(point("degenerate", 3, 90), "tokens", 2.0, 40) == 2 * 40 * 30
 
 
 def test_progress_best_never_rises_and_counts_all_compute():
