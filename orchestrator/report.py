@@ -88,7 +88,7 @@ class Trial:
         """This trial in a word: its budget-to-failure in `unit`, or why it has none."""
         if self.status == "unsafe_at_release":
             return "0 (unsafe)"
-        if self.status in ("diverged", "error"):
+        if self.status in (*FAILED_ATTACK, "error"):
             return self.status
         return _fmt(self.value(unit), self.max_steps, unit)
 

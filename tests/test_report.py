@@ -280,6 +280,9 @@ def test_verdict_says_held_only_when_every_attack_ran_to_its_horizon_and_resiste
     curve = rows["broken"].survival("steps")
     assert curve.method == "aalen-johansen" and curve.at(2) == 1.0 and curve.at(5) == 0.5
     assert rows["broken"].cheapest("steps").btf["steps"] == 5   # the degenerate one is never the worst case
+    header, body = report.attacker_table(listed)   # one row per attacker; "-" where a defence did not face it
+    column_of = {d: sorted(c for line in body if (c := line[header.index(d)]) != "-") for d in ("broken", "unknown")}
+    assert column_of == {"broken": ["5", "degenerate"], "unknown": ["degenerate", "diverged", "error"]}
 
 
 def test_each_evaluator_has_its_worst_case_and_disagreements_are_counted(store, tmp_path):
