@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -191,22 +193,52 @@ def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str 
     s = spec.search
     per_defence = s.num_samples if spec.adaptive else len(spec.attackers())
     tracker = Tracker(tracking_uri, spec.name, spec_digest(spec), {
-        "defences": ",".join(d.name for d in spec.defences), "phi": spec.phi,
-        "eval_every": spec.eval_every, "eval_schedule": spec.eval_schedule,
-        **rule_params(spec), "max_steps": spec.max_steps,
+        "defences": ",".join(d.name for d in spec.defences), **rule_params(spec), "max_steps": spec.max_steps,
         "search": s.algorithm, "unit": s.unit, "num_trials": per_defence * len(spec.defences)})
     done = tracker.completed_keys()
     cap = f", at most {s.max_compute:g} {s.unit} each" if s.max_compute else ""
     echo(f"sweep {spec.name!r}: {len(spec.defences)} defences x {per_defence} attackers "
          f"({s.algorithm} search, minimising budget-to-failure in {s.unit}{cap})")
     interrupted = True
+    _INTERRUPTED.clear()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_sigint) if main else None
     try:
         for defence in spec.defences:
+            if _INTERRUPTED.is_set():
+                raise KeyboardInterrupt
             _search(spec, defence, tracker, done, address, storage_path, echo)
         interrupted = False
     finally:
         tracker.close(interrupted=interrupted)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return tracker.experiment_id
+
+
+# Ctrl-C that cannot be lost: Python drops a KeyboardInterrupt raised while the main thread runs
+# a finalizer (the __del__ of the many Ray handles a sweep lets go), and the sweep would then run
+# to the end. The handler also sets this flag, which a Tune callback turns back into a
+# KeyboardInterrupt at the next step of Tune's loop (and run() before the next defence).
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def _interrupt_guard():
+    from ray.tune import Callback
+
+    class InterruptGuard(Callback):
+        def on_step_begin(self, iteration, trials, **info) -> None:
+            from orchestrator import sweep  # by reference: Tune pickles its callbacks, and an Event cannot be
+
+            if sweep._INTERRUPTED.is_set():
+                raise KeyboardInterrupt
+
+    return InterruptGuard()
 
 
 def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
@@ -307,7 +339,8 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
         run_config=tune.RunConfig(
             name=f"{spec.name}-{defence.name}", storage_path=storage, stop=PhiStopper(),
             verbose=0, callbacks=[callback(tracker, describe, progress.trials + pending,
-                                           progress, adversary, echo, start=progress.trials)]),
+                                           progress, adversary, echo, start=progress.trials),
+                                  _interrupt_guard()]),
     )
     tuner.fit()
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from conftest import sweep_dict
 from mlflow.tracking import MlflowClient
@@ -43,3 +44,30 @@ def test_ctrl_c_then_rerun_loses_and_duplicates_nothing(world, tmp_path):
     assert len(live) == 6 and len({r.data.tags["trial_key"] for r in live}) == 6
     assert all(r.info.status == "FINISHED" for r in live)
     assert all(r.info.status in ("KILLED", "FAILED") for r in runs if "superseded" in r.data.tags)
+
+
+def test_a_ctrl_c_lost_in_a_finalizer_still_stops_the_sweep(world, ray_local, tmp_path):
+    """Python drops a KeyboardInterrupt raised while a __del__ runs ("Exception ignored in ...");
+    a Ctrl-C that lands there must still end the sweep at the next step of Tune's loop, with
+    the records closed, not let it run to the end."""
+    from orchestrator import spec as S
+    from orchestrator import sweep
+
+    class SendsCtrlC:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)   # the handler runs, and raises, inside __del__
+
+    def echo(line: str) -> None:
+        if line.startswith("[1/"):
+            SendsCtrlC()   # created and finalized at once
+
+    raw = sweep_dict(world, "lost-ctrl-c", defences=("base",), max_steps=10, eval_every=5,
+                     space={"dataset_size": 32, "learning_rate": {"grid": [1e-4, 2e-4, 3e-4]}})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(S.from_dict(raw), tracking_uri=uri, storage_path=str(tmp_path / "ray"), echo=echo)
+    assert signal.getsignal(signal.SIGINT) is before   # the sweep's handler is gone again
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("lost-ctrl-c").experiment_id])
+    finished = [r for r in runs if r.data.tags.get("kind") == "trial" and r.info.status == "FINISHED"]
+    assert len(finished) < 3 and all(r.info.status != "RUNNING" for r in runs)
