@@ -46,4 +46,4 @@ bench: install
 	$(PY) bench/adversary.py
 
 clean:
-	rm -rf $(VENV) .attack-sweep reports mlflow.db
+	rm -rf $(VENV) .attack-sweep reports mlflow.db mlruns
