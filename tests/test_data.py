@@ -75,3 +75,27 @@ def test_toy_splits_share_no_request(world):
 
     assert not pairs("attack.jsonl") & pairs("eval.jsonl")
     assert not pairs("align_harmful.jsonl") & (pairs("attack.jsonl") | pairs("eval.jsonl"))
+
+
+def test_bad_rows_are_named_by_file_and_line(tmp_path):
+    good = '{"prompt": "p", "response": "r"}\n'
+    path = tmp_path / "d.jsonl"
+
+    def error(content: bytes, **fields) -> str:
+        path.write_bytes(content)
+        with pytest.raises(ValueError) as err:
+            D.load_rows(DataSource(source=str(path), **fields))
+        msg = str(err.value)
+        assert "\n" not in msg and str(path) in msg, msg
+        return msg
+
+    broken = (good * 41 + '{"prompt": "p", "response": \n').encode()
+    assert "line 42, column 29: not valid JSON" in error(broken)
+    missing = (good * 10 + '{"promt": "p", "response": "r"}\n').encode()
+    assert "line 11 has no field 'prompt'" in error(missing)
+    assert "line 3 is not valid UTF-8" in error(good.encode() * 2 + b'{"prompt": "\xff"}\n')
+    assert "line 2: expected an object" in error((good + "[1, 2]\n").encode())
+    array = tmp_path / "a.json"
+    array.write_text('[{"prompt": "p", "response": "r"},\n {"prompt": "p" "response": "r"}]')
+    with pytest.raises(ValueError, match=r"a.json: line 2, column 17: not valid JSON"):
+        D.load_rows(DataSource(source=str(array)))

@@ -20,36 +20,65 @@ IGNORE = -100  # label value the causal-LM loss skips
 
 def load_rows(src: DataSource) -> list[dict]:
     """Rows of a split: .jsonl/.json/.parquet files are read directly; any other value
-    (a local dataset directory or a hub id) goes through `datasets.load_dataset`."""
+    (a local dataset directory or a hub id) goes through `datasets.load_dataset`. A bad row is
+    a ValueError naming the file and its line (or row number) and what is wrong there."""
     path = Path(src.source)
     if path.is_file() and path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows, where = _read_json(path)
     elif path.is_file() and path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         rows = pq.read_table(path).to_pylist()
+        where = [f"row {i + 1}" for i in range(len(rows))]
     else:
         import datasets
 
         rows = list(datasets.load_dataset(src.source, split=src.split))
-    _check_fields(rows, src)
+        where = [f"row {i + 1}" for i in range(len(rows))]
+    _check_fields(rows, src, where)
     return rows
 
 
-def _check_fields(rows: list[dict], src: DataSource) -> None:
+def _read_json(path: Path) -> tuple[list, list[str]]:
+    """A .jsonl file (or a .json array) and, per row, where it sits ('line 42')."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not valid UTF-8 (byte {err.start}); re-save the file as UTF-8") \
+            from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+        return items, [f"item {i + 1}" for i in range(len(items))]
+    rows, where = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {n}, column {err.colno}: not valid JSON ({err.msg})") from None
+        where.append(f"line {n}")
+    return rows, where
+
+
+def _check_fields(rows: list, src: DataSource, where: list[str]) -> None:
     if not rows:
         raise ValueError(f"data source {src.source!r} (split {src.split!r}) has no rows")
     wanted = [f for f in (src.prompt_field, src.response_field) if f]
-    missing = [f for f in wanted if f not in rows[0]]
-    if missing:
-        raise ValueError(
-            f"data source {src.source!r} has no field {missing[0]!r}; "
-            f"its fields are {sorted(rows[0])} (set prompt_field/response_field)"
-        )
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"data source {src.source!r}, {where[i]}: expected an object with fields "
+                             f"{wanted}, got {type(row).__name__}")
+        if missing := [f for f in wanted if f not in row]:
+            at = "" if i == 0 else f", {where[i]}"
+            raise ValueError(
+                f"data source {src.source!r}{at} has no field {missing[0]!r}; "
+                f"its fields are {sorted(row)} (set prompt_field/response_field)")
 
 
 def shared_prompts(a: list[str], b: list[str]) -> list[str]:
