@@ -98,6 +98,7 @@ class DefenceRow:
     defence: str
     is_base: bool
     trials: list[Trial] = field(default_factory=list)
+    _curves: dict[str, survival.Curve] = field(default_factory=dict, repr=False, compare=False)
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
@@ -157,8 +158,12 @@ class DefenceRow:
     def survival(self, unit: str = "steps") -> survival.Curve:
         """Share of attacks not yet successful against budget in `unit`, each trial at risk up
         to where it stopped (Kaplan-Meier; Aalen-Johansen with diverged/degenerate as
-        competing events), with a 95% pointwise band."""
-        return survival.incidence([o for t in self.trials if (o := t.outcome(_check(unit))) is not None])
+        competing events), with a 95% pointwise band. Fitted once per unit: the median, its
+        interval, the follow-up and survival.csv all read the same curve."""
+        if unit not in self._curves:
+            self._curves[unit] = survival.incidence(
+                [o for t in self.trials if (o := t.outcome(_check(unit))) is not None])
+        return self._curves[unit]
 
     def median(self, unit: str = "steps") -> float:
         """Median budget-to-failure: the budget by which half the attacks succeed, censoring-
