@@ -4,12 +4,16 @@
     attack-sweep validate SPEC.yaml [--set k=v ...]     # check a spec, print trials and budget
     attack-sweep run SPEC.yaml [--set k=v ...] [--address auto] [--tracking-uri URI]
     attack-sweep report --experiment NAME [--unit tokens] [--out DIR]
+
+Every problem with the input is printed as one line naming the field, file or flag, with a
+non-zero exit; `--debug` (before the command) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -28,7 +32,7 @@ def _quiet() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import logging
 
-    for name in ("mlflow", "alembic", "ray", "ray.tune", "ray.train"):
+    for name in ("mlflow", "alembic", "ray", "ray.tune", "ray.train", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -37,7 +41,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.space import max_horizon
 
     sp = _load(args)
-    notes = check(sp)
+    notes = check(sp, checkpoints=not args.skip_checkpoint_checks)
     s, space = sp.search, dict(sp.space)
     per_defence = s.num_samples if sp.adaptive else len(sp.attackers())
     n = per_defence * len(sp.defences)
@@ -68,10 +72,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator import sweep
-    from orchestrator.preflight import check
+    from orchestrator.preflight import check, check_address, check_tracking
 
+    check_tracking(args.tracking_uri)
+    check_address(args.address)
     sp = _load(args)
-    for note in check(sp):
+    for note in check(sp, checkpoints=not args.skip_checkpoint_checks):
         print(f"note: {note}")
     sweep.run(sp, tracking_uri=args.tracking_uri, address=args.address,
               storage_path=args.storage_path)
@@ -79,6 +85,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.preflight import check_tracking
+
+    check_tracking(args.tracking_uri)
     return _report(args.tracking_uri, args.experiment, args.out, args.unit or "steps")
 
 
@@ -90,9 +99,13 @@ def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
 
     rows = report.load(tracking_uri, experiment)
     if not rows:
-        print(f"experiment {experiment!r} has no finished trials yet")
+        print(f"error: --experiment {experiment!r} has no finished trials in {tracking_uri} (yet); check the "
+              "name (it is the spec's name) and --tracking-uri", file=sys.stderr)
         return 1
-    out_dir = Path(out or Path("reports") / experiment)
+    out_dir = Path(out) if out else Path("reports") / (re.sub(r"[^A-Za-z0-9_.-]", "_", experiment).lstrip(".") or "_")
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"error: --out {out_dir}: is a file; give a folder", file=sys.stderr)
+        return 2
     print()
     print(report.write(rows, experiment, out_dir, unit=unit))
     print(f"\nwritten: {out_dir}/report.csv, attackers.csv, evaluators.csv, report.md, survival.csv, progress.csv")
@@ -107,7 +120,7 @@ def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
 def cmd_demo(args: argparse.Namespace) -> int:
     demo_spec = resources.files("orchestrator") / "quickstart.yaml"
     with resources.as_file(demo_spec) as path:
-        args.spec = str(path)
+        args.spec, args.skip_checkpoint_checks = str(path), False
         rc = cmd_run(args)
     if rc == 0 and args.tracking_uri.startswith("sqlite"):
         print(f"\nbrowse the runs: mlflow ui --backend-store-uri {args.tracking_uri}")
@@ -119,6 +132,9 @@ def _overrides(p: argparse.ArgumentParser) -> None:
                    help="YAML mapping of KEY: VALUE overrides, applied before --set (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set max_steps=50 (repeatable)")
+    p.add_argument("--skip-checkpoint-checks", action="store_true",
+                   help="do not load the defences' configs and tokenizers here (a cluster where only "
+                        "the Ray workers can see the models)")
 
 
 def _load(args: argparse.Namespace):
@@ -128,8 +144,16 @@ def _load(args: argparse.Namespace):
     return S.load(args.spec, [*pairs, *args.set])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake as one line (the usage block is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attack-sweep", description=__doc__.split("\n")[0])
+    p = _Parser(prog="attack-sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser, spec: bool) -> None:
@@ -173,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     except LookupError as err:
+        if args.debug:
+            raise
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -180,6 +206,20 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         _leave(130)
         return 130
+    except Exception as err:  # noqa: BLE001 - whatever it is, the user gets one line
+        if args.debug:
+            raise
+        print(f"error: {one_line(err)} (attack-sweep --debug {args.command} ... shows where)", file=sys.stderr)
+        return 1
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message, following the
+    chain to the root cause where the outer one only wraps it."""
+    while err.__cause__ is not None and not str(err).strip():
+        err = err.__cause__
+    text = (str(err).strip().splitlines() or [""])[0].strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _leave(code: int) -> None:

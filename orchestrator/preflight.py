@@ -1,9 +1,11 @@
-"""Checks run in the driver before Ray starts, so bad data, paths or a missing optional
-package fail in one line instead of as an error inside every trial. Only local things are
-checked: hub models and datasets are fetched by the trials themselves."""
+"""Checks run in the driver before Ray starts, so bad data, paths, checkpoints, services or a
+missing optional package fail in one line instead of as an error inside every trial.
+Checkpoints are checked in orchestrator/checkpoints.py (config and tokenizer, never the
+weights); hub datasets are fetched by the trials themselves."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -24,13 +26,10 @@ def _stages(spec: SweepSpec) -> list[dict]:
     return [s for v in dict(spec.space)["stages"].values if v for s in v]
 
 
-def check(spec: SweepSpec) -> list[str]:
-    """Raise SpecError on the first problem; return notes on what could not be checked here."""
+def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
+    """Raise SpecError on the first problem; return notes on what could not be checked here.
+    `checkpoints=False` leaves the defences' models unchecked (only the workers see them)."""
     notes = []
-    for i, d in enumerate(spec.defences):
-        for key in ("model", "adapter", "tokenizer"):
-            if _missing_local_path(getattr(d, key)):
-                raise SpecError(f"spec error: defences.{i}.{key}: no such path {getattr(d, key)!r}")
     space = dict(spec.space)
     stages = _stages(spec)
     for opt in {*space["optimizer"].values, *(s.optimizer for s in stages if s.optimizer)}:
@@ -91,7 +90,65 @@ def check(spec: SweepSpec) -> list[str]:
     if spec.evaluator.name == "nll" and not spec.data.eval.response_field:
         raise SpecError("spec error: data.eval.response_field: the nll evaluator needs "
                         "reference responses")
+    if checkpoints:
+        from orchestrator import checkpoints as C
+
+        notes += C.check(spec)
+    else:
+        notes.append("checkpoints not checked (--skip-checkpoint-checks): a wrong model path fails in every trial")
     return notes
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Reach the MLflow tracking store once, before anything starts: one line naming it when it
+    cannot be reached (MLflow's own retries would otherwise wait minutes in silence)."""
+    from urllib.parse import urlparse
+
+    from orchestrator.checkpoints import unreachable
+
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        if why := unreachable(parsed.hostname or "", port, timeout):
+            raise SpecError(f"error: --tracking-uri {uri}: no MLflow server answers ({why}); start it "
+                            f"(mlflow server --host 127.0.0.1 --port {port}) or use the default sqlite:///mlflow.db")
+    elif parsed.scheme == "sqlite":
+        path = uri.removeprefix("sqlite:///")
+        folder = Path(path).expanduser().resolve().parent if path and path != ":memory:" else None
+        if folder is not None and not folder.is_dir():
+            raise SpecError(f"error: --tracking-uri {uri}: folder {folder} does not exist; create it or "
+                            "point the URI elsewhere")
+        if folder is not None and not os.access(folder, os.W_OK):
+            raise SpecError(f"error: --tracking-uri {uri}: folder {folder} is not writable")
+    elif parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme else uri).expanduser()
+        if path.exists() and not path.is_dir():
+            raise SpecError(f"error: --tracking-uri {uri}: {path} is a file, not an MLflow store folder")
+    elif parsed.scheme not in ("databricks", "databricks-uc", "uc"):
+        raise SpecError(f"error: --tracking-uri {uri}: unknown scheme {parsed.scheme!r}; use sqlite:///FILE, "
+                        "http://HOST:PORT or a folder")
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Reach the Ray cluster named by --address once, before anything starts."""
+    if address is None or address == "local":
+        return
+    from orchestrator.checkpoints import unreachable
+
+    if address == "auto":
+        from ray._private.services import find_gcs_addresses  # only where --address auto is given
+
+        if not find_gcs_addresses():
+            raise SpecError("error: --address auto: no Ray cluster is running on this machine; start one "
+                            "(ray start --head) or drop --address to start a local one")
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"error: --address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    if why := unreachable(host, int(port), timeout):
+        raise SpecError(f"error: --address {address}: no Ray cluster answers ({why}); check the address "
+                        "and that the cluster is up (ray status)")
 
 
 def _check_utility(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:

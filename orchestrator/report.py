@@ -30,7 +30,9 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from orchestrator import stats, survival
-from trainables.names import FAILED_ATTACK, STATUSES, SUCCESS, SWEEP_PARAMS, UNITS
+from trainables.names import FAILED_ATTACK, LOSS_EXPLODED, STATUSES, SUCCESS, SWEEP_PARAMS, UNITS
+
+EXPLODED_MARK = " (loss exploded)"
 
 
 @dataclass
@@ -57,6 +59,13 @@ class Trial:
     """Each evaluator's first crossing (label -> unit -> budget), where it crossed."""
     evaluators: tuple[str, ...] = ()
     """Labels of every evaluator that scored this trial, the primary first."""
+    loss_peak_ratio: float | None = None
+    """Its largest step loss over its first step's (None in older records)."""
+
+    @property
+    def exploded(self) -> bool:
+        """The training loss exploded (finite, but > LOSS_EXPLODED x where it started)."""
+        return self.loss_peak_ratio is not None and self.loss_peak_ratio > LOSS_EXPLODED
 
     def outcome(self, unit: str) -> survival.Outcome | None:
         """This trial as a time-to-event in `unit`: a success at its budget-to-failure, resisted
@@ -78,9 +87,10 @@ class Trial:
         return self.btf.get("tokens")
 
     def value(self, unit: str) -> float | None:
-        """Budget-to-failure in `unit`: +inf when the attack never crossed phi within T; None
-        for an error, or a success recorded before this unit was."""
-        if self.status == "error":
+        """Budget-to-failure in `unit`: +inf when the attack resisted to its T; None for an
+        attack that failed (diverged, degenerate: no measurement of the defence), an error, or a
+        success recorded before this unit was."""
+        if self.status in (*FAILED_ATTACK, "error"):
             return None
         return self.btf.get(unit) if self.status in SUCCESS else math.inf
 
@@ -90,7 +100,7 @@ class Trial:
             return "0 (unsafe)"
         if self.status in (*FAILED_ATTACK, "error"):
             return self.status
-        return _fmt(self.value(unit), self.max_steps, unit)
+        return _fmt(self.value(unit), self.max_steps, unit) + (EXPLODED_MARK if self.exploded else "")
 
 
 @dataclass
@@ -98,6 +108,9 @@ class DefenceRow:
     defence: str
     is_base: bool
     trials: list[Trial] = field(default_factory=list)
+    duplicates: int = 0
+    """Trial records ignored because another record of the same trial (trial_key) counts:
+    two machines sharing a tracking server ran it, each under its own lock."""
     _curves: dict[str, survival.Curve] = field(default_factory=dict, repr=False, compare=False)
 
     def count(self, status: str) -> int:
@@ -121,6 +134,13 @@ class DefenceRow:
     @property
     def max_steps(self) -> int:
         return max(t.max_steps for t in self.trials)
+
+    @property
+    def floor(self) -> int | None:
+        """The smallest horizon (steps) a resisted attack ran to: with no success, the worst case
+        lies above it, not above the sweep's largest T. None when no attack resisted."""
+        return min((int(t.spent.get("steps", t.max_steps)) for t in self.trials if t.status == "resisted"),
+                   default=None)
 
     @property
     def weak_resistance(self) -> bool:
@@ -167,9 +187,10 @@ class DefenceRow:
 
     def median(self, unit: str = "steps") -> float:
         """Median budget-to-failure: the budget by which half the attacks succeed, censoring-
-        aware; +inf when it lies beyond the follow-up, nan if no trial scored."""
+        aware; +inf when it lies beyond the follow-up; nan when no attack succeeded or resisted
+        (failed attacks alone say nothing about the defence)."""
         curve = self.survival(unit)
-        if not curve.n:
+        if not curve.n or not self._informative():
             return math.nan
         m = curve.median()
         return math.inf if m is None else m
@@ -178,13 +199,16 @@ class DefenceRow:
         """95% interval of the median from the survival band: where its upper and lower ends
         cross one half (+inf where they never do)."""
         curve = self.survival(unit)
-        if not curve.n:
+        if not curve.n or not self._informative():
             return math.nan, math.nan
 
         def first(band: list[float]) -> float:
             return next((t for t, s in zip(curve.times, band, strict=True) if s <= 0.5), math.inf)
 
         return first(curve.lower), first(curve.upper)
+
+    def _informative(self) -> bool:
+        return any(t.status in SUCCESS or t.status == "resisted" for t in self.trials)
 
     def follow_up(self, unit: str = "steps") -> float:
         """The largest budget any trial reached in `unit`: medians beyond it read '> follow-up'."""
@@ -248,11 +272,14 @@ def load(tracking_uri: str, experiment: str) -> list[DefenceRow]:
         raise LookupError(f"no MLflow experiment {experiment!r} at {tracking_uri} "
                           f"(experiments there: {names})")
     runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=50_000)
+    runs, dropped = _once([r for r in runs if "superseded" not in r.data.tags
+                           and r.data.tags.get("status") in STATUSES])
     rows: dict[str, DefenceRow] = {}
+    for run in dropped:
+        rows.setdefault(run.data.tags["defence"], DefenceRow(run.data.tags["defence"],
+                                                            run.data.tags.get("base") == "true")).duplicates += 1
     for run in runs:
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
-        if "superseded" in tags or tags.get("status") not in STATUSES:
-            continue
         btf = {u: metrics[f"budget_to_failure_{u}"] for u in UNITS if f"budget_to_failure_{u}" in metrics}
         resolution = metrics.get("budget_resolution_steps")
         if resolution is None and btf:  # older records: the crossing lies within one eval_every
@@ -265,12 +292,29 @@ def load(tracking_uri: str, experiment: str) -> list[DefenceRow]:
             attacker_group=tags.get("attacker_group") or _group(params) or tags.get("attacker_id", ""),
             trial_number=int(number) if number.isdigit() else None, start_time=run.info.start_time or 0,
             btf=btf, spent=_spent(client, run), resolution_steps=resolution, objective=metrics.get("objective"),
-            by_evaluator=_by_evaluator(metrics), evaluators=tuple(
+            by_evaluator=_by_evaluator(metrics), loss_peak_ratio=metrics.get("loss_peak_ratio"), evaluators=tuple(
                 (params.get("evaluators") or params.get("evaluator") or "").split(",")))
         if trial.status in SUCCESS and trial.evaluators[0] not in trial.by_evaluator:  # older records
             trial.by_evaluator[trial.evaluators[0]] = dict(btf)
         rows.setdefault(trial.defence, DefenceRow(trial.defence, trial.is_base)).trials.append(trial)
     return sorted(rows.values(), key=lambda r: (not r.is_base, r.defence))
+
+
+def _once(runs: list) -> tuple[list, list]:
+    """(one record per trial, the records left out). Runs of one trial_key that are all live are
+    duplicates: two machines sharing a tracking server each ran the trial (a lock guards one
+    machine only). The earliest finished final one counts (an error only when the trial has no
+    other outcome), as Tracker.completed_keys keeps on the next run."""
+    by_key: dict[str, list] = {}
+    for run in runs:
+        by_key.setdefault(run.data.tags.get("trial_key") or run.info.run_id, []).append(run)
+    kept, dropped = [], []
+    for group in by_key.values():
+        first = min(group, key=lambda r: (r.data.tags.get("status") == "error", r.info.end_time or math.inf,
+                                          r.info.start_time or math.inf))
+        kept.append(first)
+        dropped += [r for r in group if r is not first]
+    return kept, dropped
 
 
 def _by_evaluator(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -332,14 +376,15 @@ def table(rows: list[DefenceRow], unit: str = "steps") -> tuple[list[str], list[
               "weak_resistance", "cheapest_successful_attacker"]
     body = []
     for r in rows:
-        worst, T, ci = r.cheapest(unit), r.max_steps, r.ci(unit)
+        worst, T, ci = r.cheapest(unit), r.floor or r.max_steps, r.ci(unit)
         res = worst.resolution_steps if worst else None
         reach = r.follow_up(unit)
         lo, hi = r.median_ci(unit)
         body.append([
             r.defence + (" (base)" if r.is_base else ""), str(len(r.trials)),
             *(str(r.count(s)) for s in STATUSES),
-            _fmt(worst.value(unit), T, unit) if worst else _above(T, unit) if r.values(unit) else "-",
+            _fmt(worst.value(unit), T, unit) + (EXPLODED_MARK if worst.exploded else "") if worst
+            else _above(T, unit) if r.floor is not None else "-",
             _num(res) if res is not None else "-",
             _interval(ci["min"], T, unit), _beyond(r.median(unit), reach),
             "-" if math.isnan(lo) else f"[{_beyond(lo, reach)}, {_beyond(hi, reach)}]",
@@ -396,15 +441,24 @@ def progress_table(rows: list[DefenceRow], unit: str = "steps", every: bool = Fa
         elif steps:
             body += [[r.defence, str(p.trial_number), _fmt(p.cumulative), _fmt(p.best)] for p in steps if p.improved]
             last = steps[-1]
-            best = _fmt(last.best) if last.best is not None else _above(r.max_steps, unit)
+            best = _fmt(last.best) if last.best is not None else _above(r.floor, unit) if r.floor else "-"
             body.append([r.defence, f"all {len(steps)}", _fmt(last.cumulative), best])
     return header, body
 
 
 def notes(rows: list[DefenceRow], unit: str) -> list[str]:
-    """What the numbers leave out."""
-    return [f"note: {r.defence}: {n} successful trial(s) lack budget_to_failure_{unit} (older records) "
-            f"and are left out of the {unit} columns" for r in rows if (n := r.missing(unit))]
+    """What the numbers leave out, and what they should not be trusted for."""
+    out = [f"note: {r.defence}: {n} successful trial(s) lack budget_to_failure_{unit} (older records) "
+           f"and are left out of the {unit} columns" for r in rows if (n := r.missing(unit))]
+    out += [f"note: {r.defence}: {r.duplicates} duplicate trial record(s) ignored: trials recorded twice under "
+            "one trial_key (two machines ran them against one tracking server); each counts once, its "
+            "earliest finished record" for r in rows if r.duplicates]
+    for r in rows:
+        if exploded := [t for t in r.successes if t.exploded]:
+            out.append(f"note: {r.defence}: {len(exploded)} successful attack(s) crossed phi after the training loss "
+                       f"exploded (over {LOSS_EXPLODED:g}x its first step's), marked '{EXPLODED_MARK.strip()}'; read "
+                       "their samples before trusting those budgets (a utility bound would judge them)")
+    return out
 
 
 def _check(unit: str) -> str:

@@ -31,10 +31,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# letters, digits, '_', '.', '-', not starting with '.': names become folder and file names
+NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+
+
 class Defence(Checkpoint):
     """A checkpoint to attack, named for the report."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME)
     """Short name: letters, digits, '_', '.', '-'."""
     base: bool = False
     """True for the undefended base model the defences are compared against (exactly one)."""
@@ -87,7 +91,7 @@ class SweepSpec(Evaluation):
     and when they stop (data, evaluators, utility, phi, eval schedule, refine, max_steps,
     device) is trainables.config.Evaluation, shared with every trial's AttackConfig."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME)
     """Sweep name; also the MLflow experiment name."""
     defences: list[Defence] = Field(min_length=1)
     search: Search = Search()
@@ -251,8 +255,9 @@ def _expand_env(value: str, where: str) -> str:
 
 
 def _resolve_paths(raw: dict, base_dir: Path) -> None:
-    """Relative paths that exist next to the spec file are made absolute, so Ray workers
-    and `ray job submit` find them; `${NAME}` is expanded from the environment;
+    """Relative paths that exist next to the spec file (else in the current directory) are made
+    absolute, so Ray workers (whose working directory is their trial's) and `ray job submit`
+    find them; `${NAME}` is expanded from the environment;
     `toyworld:NAME` is NAME inside the embedded toy world (built on first use); anything
     else stays as given (a hub id)."""
 
@@ -263,11 +268,16 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
         if isinstance(value, str) and value.startswith(TOYWORLD):
             from orchestrator import toyworld
 
-            d[key] = str(toyworld.build() / value.removeprefix(TOYWORLD))
+            try:
+                d[key] = str(toyworld.build() / value.removeprefix(TOYWORLD))
+            except OSError as err:
+                raise SpecError(f"spec error: {where}.{key}: cannot build the toy world under "
+                                f"{toyworld.cache_dir()} ({err.strerror or err}: {err.filename}); set "
+                                "ATTACK_SWEEP_CACHE to a writable folder") from None
         elif isinstance(value, str) and not Path(value).is_absolute():
-            candidate = base_dir / value
-            if candidate.exists():
-                d[key] = str(candidate.resolve())
+            found = next((c for c in (base_dir / value, Path(value)) if c.exists()), None)
+            if found is not None:
+                d[key] = str(found.resolve())
 
     for i, d in enumerate(raw.get("defences") or []):
         if isinstance(d, dict):

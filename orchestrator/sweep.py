@@ -10,23 +10,45 @@ searcher pick each next attacker from the objective of the trials so far (see
 orchestrator/adversary.py). Each Tune trial calls the plain `trainables.run_attack` and
 forwards every evaluation with `tune.report`; the driver-side MLflow callback records
 what Tune sees. Ray is imported here and in the Tune callback of tracking.py, nowhere else.
+
+Faults it survives (tests/test_faults.py):
+  - a trial's process dying (SIGKILL, the OOM killer, a lost node): Tune reruns the trial, up to
+    WORKER_RETRIES times; the dead attempt's MLflow run is kept, tagged superseded and KILLED,
+    and the trial is recorded once, from the attempt that finished. An exception raised by the
+    trial's own code is not retried (it would only repeat): it is recorded as the trial's error,
+    and `attack-sweep run` run again retries it once you have fixed its cause (so is the death of
+    one of a multi-worker trial's Ray Train workers: see _run_trial);
+  - the tracking server going away for a while (tracking.PATIENCE_S);
+  - a second `run` of the same sweep against the same tracking store on this machine: refused
+    while the first holds the sweep's lock (sweep_lock);
+  - the driver being killed: a local Ray it started does not outlive it (_watch_local_ray).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
+import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from orchestrator.adversary import Progress, objective
 from orchestrator.space import attacker_id, decode, digest, encode, max_horizon, searched
 from orchestrator.spec import Defence, SweepSpec
-from orchestrator.tracking import DEFAULT_TRACKING_URI, Tracker, callback
+from orchestrator.tracking import DEFAULT_TRACKING_URI, Tracker, callback, say
 from trainables.config import AttackConfig, Evaluation, EvaluatorConfig
 from trainables.names import BUDGET_UNITS, TERMINAL
 
@@ -124,11 +146,38 @@ def attacker_of(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
         {k: v for k, v in config.items() if k != "defence"}
 
 
+WORKER_RETRIES = 2
+"""How many times Tune reruns a trial whose process died (tune.FailureConfig.max_failures). Only
+the death of the trial's own process reaches Tune as a failure: _run_trial reports whatever the
+attack raises as the trial's error, so this retries the crashes a rerun can survive (SIGKILL, the
+OOM killer, a lost node), never a bug or bad data, which would only fail again."""
+
+
 def _run_trial(config: dict[str, Any], *, spec_json: str, defence: str, storage: str) -> None:
-    """The Tune function trainable: the attack loop, with every evaluation reported along
-    with the searcher's objective (provisional until the final evaluation). With workers > 1
-    the loop runs in each worker of a Ray Train TorchTrainer, whose rank-0 reports reach
-    Tune through TuneReportCallback."""
+    """The Tune function trainable. An exception from the attack ends the trial with a final
+    result {status: error, error: its last line, traceback}, which Tune does not retry.
+
+    With workers > 1 the death of a Ray Train worker also arrives here, as an exception from
+    trainer.fit(), and is recorded as the trial's error, not retried: on Ray 2.60 the dead worker
+    group's placement group is not released (measured: a 2-worker CPU trial whose worker was
+    SIGKILLed left its 2 x 0.5 CPU bundle CREATED), so a rerun, like any later multi-worker trial
+    on those resources, would wait for it for ever."""
+    from ray import tune
+
+    try:
+        _trial(config, spec_json, defence, storage)
+    except Exception as err:  # noqa: BLE001 - whatever the attack raised is the trial's error
+        text = traceback.format_exc()
+        print(text, file=sys.stderr, flush=True)  # the trial's Ray log keeps it too
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        tune.report({"status": "error", "error": lines[-1] if lines else type(err).__name__,
+                     "traceback": text[-20_000:], "step": 0, "objective": math.nan})
+
+
+def _trial(config: dict[str, Any], spec_json: str, defence: str, storage: str) -> None:
+    """The attack loop, with every evaluation reported along with the searcher's objective
+    (provisional until the final evaluation). With workers > 1 the loop runs in each worker of
+    a Ray Train TorchTrainer, whose rank-0 reports reach Tune through TuneReportCallback."""
     from ray import tune
 
     spec = SweepSpec.model_validate_json(spec_json)
@@ -188,13 +237,21 @@ def _attack_loop(loop_config: dict[str, Any], report: Callable[[dict], None] | N
 
 
 def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str | None = None,
-        storage_path: str | None = None, echo: Callable[[str], None] = print) -> str:
-    """Run the sweep's pending trials, defence by defence; returns the MLflow experiment id."""
+        storage_path: str | None = None, echo: Callable[[str], None] = say) -> str:
+    """Run the sweep's pending trials, defence by defence; returns the MLflow experiment id.
+    Raises SweepLocked, before touching MLflow or Ray, while another run of this sweep against
+    the same tracking store holds its lock on this machine."""
+    with sweep_lock(spec.name, tracking_uri):
+        return _run(spec, tracking_uri, address, storage_path, echo)
+
+
+def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: str | None,
+         echo: Callable[[str], None]) -> str:
     s = spec.search
     per_defence = s.num_samples if spec.adaptive else len(spec.attackers())
     tracker = Tracker(tracking_uri, spec.name, spec_digest(spec), {
         "defences": ",".join(d.name for d in spec.defences), **rule_params(spec), "max_steps": spec.max_steps,
-        "search": s.algorithm, "unit": s.unit, "num_trials": per_defence * len(spec.defences)})
+        "search": s.algorithm, "unit": s.unit, "num_trials": per_defence * len(spec.defences)}, echo=echo)
     done = tracker.completed_keys()
     cap = f", at most {s.max_compute:g} {s.unit} each" if s.max_compute else ""
     echo(f"sweep {spec.name!r}: {len(spec.defences)} defences x {per_defence} attackers "
@@ -216,6 +273,66 @@ def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str 
     return tracker.experiment_id
 
 
+class SweepLocked(LookupError):
+    """Another `run` of this sweep against the same tracking store holds its lock on this
+    machine. (A LookupError, so that the CLI prints it as its one line and exits 2.)"""
+
+
+@contextlib.contextmanager
+def sweep_lock(name: str, tracking_uri: str):
+    """Hold this machine's lock on (sweep, tracking store) for the duration, or raise SweepLocked.
+
+    Two runs of one sweep against one store at once would start the same pending trials twice,
+    and each would tag the other's live runs superseded. The second run exits at once with one
+    line naming the holder, rather than waiting: a run started twice by mistake should say so,
+    not sit silent for hours, and once the first ends a rerun resumes from its records anyway.
+    The lock is an flock(2) on lock_dir()/<sweep>-<digest of the store>.lock: the kernel releases
+    it when its process dies, however it dies, so a crashed run never leaves a stale lock. The
+    file is named by the store, not the working directory, so runs started from two directories
+    against one store see each other. It guards one machine only: runs on two machines sharing a
+    tracking server can still duplicate trials, and the report counts such duplicates once."""
+    path = lock_dir() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:80]}-{_store_digest(tracking_uri)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime; not inherited by children
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise SweepLocked(
+                f"another `attack-sweep run` of sweep {name!r} against {tracking_uri} is running on this "
+                f"machine ({holder}); it holds {path}. Let it finish (or stop it), then rerun: recorded trials "
+                "are kept") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        yield path
+    finally:
+        fh.close()  # releases the lock
+
+
+def lock_dir() -> Path:
+    """Where sweep locks live: the attack-sweep cache (ATTACK_SWEEP_CACHE, else ~/.cache/attack-sweep)."""
+    return Path(os.environ.get("ATTACK_SWEEP_CACHE") or Path.home() / ".cache" / "attack-sweep") / "locks"
+
+
+def _store_digest(tracking_uri: str) -> str:
+    """A digest naming the tracking store, however it was spelled: a relative sqlite or file path
+    is made absolute, so two working directories share a lock only when they share a store."""
+    uri = tracking_uri.strip()
+    if uri.startswith("sqlite:///"):  # sqlite:///relative.db, sqlite:////absolute.db
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif uri.startswith("file:") or "://" not in uri:
+        path = uri[len("file:"):] if uri.startswith("file:") else uri
+        uri = "file:" + str(Path(path.removeprefix("//")).resolve())
+    else:
+        parts = urlsplit(uri.rstrip("/"))
+        uri = parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()).geturl()
+    return hashlib.sha256(uri.encode()).hexdigest()[:12]
+
+
 # Ctrl-C that cannot be lost: Python drops a KeyboardInterrupt raised while the main thread runs
 # a finalizer (the __del__ of the many Ray handles a sweep lets go), and the sweep would then run
 # to the end. The handler also sets this flag, which a Tune callback turns back into a
@@ -228,15 +345,28 @@ def _on_sigint(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+class Interrupted(Exception):  # noqa: N818 - a Ctrl-C, not an error
+    """A Ctrl-C seen by the InterruptGuard. Tune cleans up (stops its trials' actors and frees
+    their resources) only when its loop fails with an Exception, so the guard raises this, and
+    _fit turns it back into a KeyboardInterrupt."""
+
+
 def _interrupt_guard():
     from ray.tune import Callback
 
     class InterruptGuard(Callback):
+        """Turns the flag into Interrupted at the next step of Tune's loop (which _fit turns back
+        into a KeyboardInterrupt), and keeps Tune's list of trials so that _fit can stop their
+        actors after a Ctrl-C that reached it some other way."""
+
+        trials: list = []
+
         def on_step_begin(self, iteration, trials, **info) -> None:
+            self.trials = trials
             from orchestrator import sweep  # by reference: Tune pickles its callbacks, and an Event cannot be
 
             if sweep._INTERRUPTED.is_set():
-                raise KeyboardInterrupt
+                raise sweep.Interrupted  # an Exception: Tune stops its trials' actors, then re-raises
 
     return InterruptGuard()
 
@@ -294,10 +424,10 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
 
     class PhiStopper(tune.Stopper):
         """Stop a trial at its final status (the loop itself stops at the crossing, after
-        refining it)."""
+        refining it), or at the error it reported."""
 
         def __call__(self, trial_id: str, result: dict) -> bool:
-            return result.get("status") in TERMINAL
+            return result.get("status") in (*TERMINAL, "error")
 
         def stop_all(self) -> bool:
             return False
@@ -316,8 +446,11 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
 
     if not ray.is_initialized():
         local = address is None
+        before = _children()
         ray.init(address=address, include_dashboard=False if local else None,
                  log_to_driver=False, configure_logging=True, logging_level="ERROR")
+        if local:
+            _watch_local_ray(before)
     storage = storage_path or str(Path.cwd() / ".attack-sweep" / "ray_results")
     if "://" not in storage:  # a local path: Tune wants it absolute; s3:// gs:// stay as given
         storage = str(Path(storage).resolve())
@@ -332,17 +465,123 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
                              storage=storage),
         {"cpu": r.cpu, "gpu": r.gpu} if r.workers == 1 else {"cpu": 0.01})
     searcher = _capped(_searcher(spec, configs, priors), field, s.max_compute, progress.compute)
+    guard = _interrupt_guard()
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=pending,
                                     max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{defence.name}", storage_path=storage, stop=PhiStopper(),
+            failure_config=tune.FailureConfig(max_failures=WORKER_RETRIES),
             verbose=0, callbacks=[callback(tracker, describe, progress.trials + pending,
                                            progress, adversary, echo, start=progress.trials),
-                                  _interrupt_guard()]),
+                                  guard]),
     )
-    tuner.fit()
+    interrupted = False
+    try:
+        tuner.fit()
+    except (KeyboardInterrupt, Interrupted):
+        interrupted = True
+    if interrupted:
+        # Tune stops its trials' actors when fit() fails with an Exception, not on a Ctrl-C raised
+        # in its loop: they would run on in this process's Ray, holding their CPUs and GPUs, until
+        # the garbage collector freed Tune's controller (a later sweep in the same process would
+        # wait on them for ever). The running trials' actors are ended here; out of the except
+        # block the traceback, and with it the controller, is let go and collected.
+        for trial in guard.trials:
+            actor = getattr(getattr(trial, "temporary_state", None), "ray_actor", None)
+            if actor is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+        del tuner, trainable, searcher, guard
+        import gc
+
+        gc.collect()
+        raise KeyboardInterrupt
+
+
+# The watchdog: a process of its own (so a SIGKILL of the driver cannot take it along) that
+# waits for the driver to die, then ends what is left of the local Ray instance the driver
+# started. Ray's own fate-sharing (PR_SET_PDEATHSIG) takes the raylet and GCS down with the
+# driver, but not the workers or the dashboard and runtime-env agents the raylet forked: measured
+# on Ray 2.60, a trial's worker outlived a SIGKILLed driver by a few seconds and the agents by
+# 40-70 s; a worker stuck in a CUDA call holds its GPU as long. Every second the watchdog notes the
+# Ray processes (those the driver started for Ray and all their descendants, each with its start
+# time, so a reused pid is never touched); once its parent is no longer the driver it sends
+# them SIGTERM, then SIGKILL to whatever is left 3 s later, and exits. It also exits, touching
+# nothing, when every process it watches has ended (ray.shutdown()).
+_WATCHDOG = r"""
+import os, signal, sys, time
+import psutil
+driver, roots = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+for sig in (signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)
+seen = {}
+def alive(pid, started):
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+while os.getppid() == driver:
+    for root in roots:
+        try:
+            procs = [psutil.Process(root)]
+            procs += procs[0].children(recursive=True)
+        except psutil.Error:
+            continue
+        for p in procs:
+            try:
+                seen.setdefault(p.pid, p.create_time())
+            except psutil.Error:
+                pass
+    seen = {pid: t for pid, t in seen.items() if alive(pid, t)}
+    if not seen:
+        sys.exit(0)
+    time.sleep(1)
+for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 0)):
+    left = {pid: t for pid, t in seen.items() if alive(pid, t)}
+    for pid in left:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    deadline = time.time() + wait
+    while wait and time.time() < deadline and any(alive(pid, t) for pid, t in left.items()):
+        time.sleep(0.1)
+"""
+
+
+def _children() -> set[int]:
+    try:
+        import psutil
+
+        return {p.pid for p in psutil.Process().children()}
+    except Exception:  # noqa: BLE001 - no psutil: no watchdog, nothing else changes
+        return set()
+
+
+def _watch_local_ray(before: set[int]) -> subprocess.Popen | None:
+    """Start the watchdog over the Ray processes this driver just started (the processes Ray's
+    node lists, or failing that the children that appeared during ray.init). Never called for a
+    cluster given with --address, and a ray.init() that only connected (RAY_ADDRESS) started none."""
+    roots: set[int] = set()
+    try:
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node
+        roots = {info.process.pid for infos in node.all_processes.values() for info in infos
+                 if getattr(info, "process", None) is not None}
+    except Exception:  # noqa: BLE001 - a private API: fall back to what appeared
+        roots = _children() - before
+    if not roots:
+        return None
+    try:
+        return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *map(str, sorted(roots))],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError:
+        return None
 
 
 def _trials_that_fit(r) -> int:
@@ -433,6 +672,8 @@ def _capped(inner, field: str, cap: float | None, spent_before: float):
             inner.on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            if result and result.get("status") == "error":  # the trial's own exception (_run_trial)
+                result, error = None, True
             inner.on_trial_complete(trial_id, result=result, error=error)
 
     return Capped()

@@ -28,11 +28,21 @@ Adversary run, per defence and search (tag kind=adversary, child of the sweep ru
 
 A trial is identified by `trial_key`, the digest of everything that decides its result.
 A rerun skips keys already recorded with a final status; an earlier run of the same key
-that never finished (interrupted, or error) is kept but tagged `superseded`.
+that never finished (interrupted, or error) is kept but tagged `superseded`, and so is a
+second final run of one key (two machines ran it): the earliest finished one is kept. An
+attempt whose process died and which Tune retried is tagged superseded (with status KILLED and
+the reason in tag `error`) as soon as the retry starts; the retry gets a run of its own, so no
+point of the dead attempt reaches the kept run's curves or its spent compute.
+
+Every MLflow call goes through `Patient`: while the tracking server cannot be reached (a
+restart, a network blip) calls are retried with backoff for up to PATIENCE_S seconds, with one
+printed line, so that records are delayed rather than lost; MLflow's own, much longer retry
+loop is shortened (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _TIMEOUT) to leave that wait to us.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -40,12 +50,100 @@ from collections.abc import Callable
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.adversary import Progress
 from trainables.names import BUDGET_UNITS, CROSSING, CURVE, SUCCESS, TERMINAL
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def say(line: str) -> None:
+    """Print one progress line. The default `echo`: a function of this module, because Tune pickles
+    the callbacks that hold it, and pickle finds builtins.print by name, which fails once something
+    in the process has replaced builtins.print (seen in the test suite: `PicklingError: Can't pickle
+    <built-in function print>: it's not the same object as builtins.print`)."""
+    print(line, flush=True)
+PATIENCE_S = 300.0
+"""How long MLflow calls wait for an unreachable tracking server before the sweep gives up."""
+# MLflow retries a failed HTTP request 7 times with doubling backoff (about 4 minutes) and waits
+# 120 s for an answer, all of it silently; shortened (unless set) so that Patient, which says
+# what it is waiting for, is in control. Read by MLflow at every request.
+_MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether an MLflow call failed because the tracking server could not be reached or did not
+    answer (worth waiting for), rather than because it refused the call (a 4xx, an error in us)."""
+    if isinstance(err, RestException):  # the server answered, with an error
+        return False
+    if isinstance(err, MlflowException):  # how MLflow's HTTP layer reports no answer
+        text = str(err)
+        return text.startswith("API request to") and " failed with " in text
+    import requests
+
+    return isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            ConnectionError, TimeoutError))
+
+
+class Patient:
+    """An MlflowClient whose calls wait out an unreachable tracking server: retried with backoff
+    (0.5 s doubling to 10 s) for up to `patience_s` from the first failure, announced by one
+    line, and one more line once the server answers again. Past the patience the error is
+    raised, and later calls get one try each until a call succeeds again (so closing the
+    records after giving up does not wait as long again). Errors the server answers with are
+    never retried; an answer that keeps failing (HTTP 5xx) is waited on like no answer. A write
+    retried after the server died mid-request may have been applied once already: MLflow stores
+    a repeated metric point, tag or param once, but a run can be created twice (the spare stays
+    without a status, out of the report, and is closed KILLED with the sweep)."""
+
+    def __init__(self, client: MlflowClient, uri: str, echo: Callable[[str], None] = say,
+                 patience_s: float = PATIENCE_S):
+        self._client, self._uri, self._echo, self._patience = client, uri, echo, patience_s
+        self._down_since: float | None = None
+        self._gave_up = False
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # never reached for our own attributes, unless half-built (unpickling)
+            raise AttributeError(name)
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            return self._call(attr, args, kwargs)
+
+        return call
+
+    def _call(self, fn, args, kwargs):
+        delay = 0.5
+        while True:
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as err:
+                if not unreachable(err):
+                    raise
+                now = time.monotonic()
+                if self._down_since is None:
+                    self._down_since = now
+                    if not self._gave_up:
+                        self._echo(f"tracking server {self._uri} unreachable; retrying writes for up to "
+                                   f"{self._patience:g} s")
+                waited = now - self._down_since
+                if self._gave_up or waited >= self._patience:
+                    self._gave_up = True
+                    raise
+                time.sleep(min(delay, self._patience - waited))
+                delay = min(2 * delay, 10.0)
+                continue
+            if self._down_since is not None and not self._gave_up:
+                self._echo(f"tracking server {self._uri} reachable again after "
+                           f"{time.monotonic() - self._down_since:.0f} s; every record kept")
+            self._down_since, self._gave_up = None, False
+            return out
 
 
 def is_curve(key: str) -> bool:
@@ -57,11 +155,23 @@ class Tracker:
     """The MLflow side of one sweep."""
 
     def __init__(self, tracking_uri: str, sweep: str, spec_digest: str,
-                 sweep_params: dict[str, Any]):
-        self.client = MlflowClient(tracking_uri)
+                 sweep_params: dict[str, Any], echo: Callable[[str], None] = say,
+                 patience_s: float = PATIENCE_S):
+        if tracking_uri.startswith(("http://", "https://")):
+            for name, value in _MLFLOW_HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+        self.client = Patient(MlflowClient(tracking_uri), tracking_uri, echo, patience_s)
         self.sweep = sweep
         exp = self.client.get_experiment_by_name(sweep)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(sweep)
+        if exp is not None:
+            self.experiment_id = exp.experiment_id
+        else:
+            try:
+                self.experiment_id = self.client.create_experiment(sweep)
+            except RestException:  # created meanwhile (another machine, or a retried request)
+                if (exp := self.client.get_experiment_by_name(sweep)) is None:
+                    raise
+                self.experiment_id = exp.experiment_id
         self.parent_id = self._parent(spec_digest, sweep_params)
 
     def _parent(self, spec_digest: str, params: dict[str, Any]) -> str:
@@ -88,12 +198,14 @@ class Tracker:
         return out
 
     def completed_keys(self) -> set[str]:
-        """Keys recorded with a final status other than error; older unfinished or errored
-        runs of the other keys are tagged superseded (kept, but out of the report)."""
+        """Keys recorded with a final status other than error; every other run of such a key
+        (unfinished, errored, or a second final one: the earliest finished is kept, as the
+        report does) and unfinished or errored runs of the other keys are tagged superseded
+        (kept, but out of the report)."""
         done = set()
         for key, runs in self.trial_runs().items():
             final = [r for r in runs if r.data.tags.get("status") in TERMINAL]
-            keep = final[0].info.run_id if final else None
+            keep = min(final, key=finished_first).info.run_id if final else None
             if keep:
                 done.add(key)
             for run in runs:
@@ -112,6 +224,15 @@ class Tracker:
                 and r.data.tags.get("status") in TERMINAL]
         return sorted(runs, key=lambda r: (int(r.data.tags.get("trial_number", 0)),
                                            r.info.start_time))
+
+    def abandon(self, run_id: str, reason: str) -> None:
+        """A trial attempt whose process died and which Tune retries: kept, out of every count."""
+        self.client.log_batch(run_id, tags=[RunTag("superseded", "true"), RunTag("error", reason[-5000:])])
+        self.client.set_terminated(run_id, "KILLED")
+
+    def log_error(self, run_id: str, text: str) -> None:
+        """The whole traceback of a trial's error, as artifact error.txt (tag `error` has its last line)."""
+        self.client.log_text(run_id, text, "error.txt")
 
     def start_trial(self, key: str, defence: str, is_base: bool, attacker_id: str,
                     params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
@@ -200,12 +321,17 @@ class Tracker:
         self.client.set_terminated(self.parent_id, "KILLED" if interrupted else "FINISHED")
 
 
+def finished_first(run) -> tuple[float, float]:
+    """Sort key: the run that finished first (then started first; unfinished ones last)."""
+    return (run.info.end_time or math.inf, run.info.start_time or math.inf)
+
+
 def _params(params: dict[str, Any]) -> list[Param]:
     return [Param(k, str(v)[:6000]) for k, v in params.items()]
 
 
 def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total: int,
-             progress: Progress, adversary_run: str, echo: Callable[[str], None] = print,
+             progress: Progress, adversary_run: str, echo: Callable[[str], None] = say,
              start: int = 0):
     """A Tune callback for one defence's search: records each trial through `tracker`,
     advances the adversary's `progress` as trials finish, and prints a line per trial.
@@ -225,6 +351,8 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
             self.spent[trial.trial_id] = dict.fromkeys([*BUDGET_UNITS, "eval_seconds_total"], 0.0)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("status") == "error":  # the trial's own exception: recorded by _end
+                return
             tracker.log_point(self.runs[trial.trial_id], result)
             # refinement replays go back in time: the compute spent is the furthest point
             spent = self.spent[trial.trial_id]
@@ -237,6 +365,10 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
             if run_id is None:
                 return
             last, spent = trial.last_result or None, self.spent.pop(trial.trial_id)
+            if error is None and last and last.get("status") == "error":  # reported by the trial itself
+                error = str(last.get("error") or "trial failed")
+                if last.get("traceback"):
+                    tracker.log_error(run_id, str(last["traceback"]))
             number = None
             if not error and last and last.get("status") in TERMINAL:
                 number = progress.trials + 1
@@ -255,6 +387,20 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._end(trial, _error_text(trial))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            """The trial's process died and Tune will rerun it: this attempt's run is closed,
+            superseded; on_trial_start gives the rerun a fresh one."""
+            run_id = self.runs.pop(trial.trial_id, None)
+            self.spent.pop(trial.trial_id, None)
+            if run_id is None:
+                return
+            reason = _error_text(trial)
+            failures = trial.run_metadata.num_failures
+            tracker.abandon(run_id, f"attempt {failures} lost ({reason}); the trial was rerun")
+            d = describe(trial.config)
+            echo(f"[retry] {d['defence']:<12} {d['label']}: the trial's process died ({reason.split('. ')[0]}); "
+                 f"rerunning it (retry {failures} of {trial.max_failures})")
 
     return MlflowRecorder()
 

@@ -186,22 +186,54 @@ def test_compute_cap_ends_the_search_and_a_rerun_spends_nothing(world, ray_local
     assert "compute cap already spent" in lines[-1] and len(runs_of(uri, spec.name)) == len(trials)
 
 
-def test_a_resumed_adaptive_search_continues_without_duplicates(world, ray_local, tmp_path):
+def test_a_resumed_adaptive_search_continues_without_duplicates(world, ray_local, tmp_path, monkeypatch):
+    from ray.tune.search import optuna as tune_optuna
+
+    made = []
+
+    class SpiedOptunaSearch(tune_optuna.OptunaSearch):
+        """The real searcher; only remembers what the sweep built it with."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self, kwargs))
+
+    monkeypatch.setattr(tune_optuna, "OptunaSearch", SpiedOptunaSearch)
+
     def spec(n):
         return S.from_dict(sweep_dict(world, "resume-tpe", defences=("rescaled",),
                                       search={"algorithm": "tpe", "num_samples": n, "n_initial": 2,
                                               "max_concurrent": 1},
                                       space={"dataset_size": 32, "learning_rate": {"loguniform": [1e-4, 1e-2]}}))
     uri = go(spec(2), tmp_path)
-    first = {r.info.run_id for r in runs_of(uri, "resume-tpe")}
+    first = runs_of(uri, "resume-tpe")
+    assert len(made) == 1 and made[0][1]["points_to_evaluate"] is None  # a fresh search: nothing to tell
     lines = []
     go(spec(4), tmp_path, lines)
     assert "2 trials already recorded, 2 to run" in " ".join(lines)
     trials = runs_of(uri, "resume-tpe")
-    assert len(trials) == 4 and first < {r.info.run_id for r in trials}
+    assert len(trials) == 4 and {r.info.run_id for r in first} < {r.info.run_id for r in trials}
+    # no attacker ran twice: a searcher started afresh with the same seed would replay the
+    # recorded attackers (the same trial keys) instead of continuing
+    keys = [r.data.tags["trial_key"] for r in trials]
+    assert len(set(keys)) == 4
+    assert len({r.data.params["learning_rate"] for r in trials}) == 4
     assert sorted(int(r.data.tags["trial_number"]) for r in trials) == [1, 2, 3, 4]
     (adv,) = runs_of(uri, "resume-tpe", "adversary")
     assert len(history(uri, adv.info.run_id, "cumulative_compute")) == 4
+
+    # TPE was told the recorded results (attackers and objectives), not asked to rerun them
+    assert len(made) == 2
+    resumed, kwargs = made[1]
+    recorded = sorted(first, key=lambda r: int(r.data.tags["trial_number"]))
+    told = [{"learning_rate": float(r.data.params["learning_rate"])} for r in recorded]
+    assert kwargs["points_to_evaluate"] == told
+    assert kwargs["evaluated_rewards"] == [r.data.metrics["objective"] for r in recorded]
+    study = resumed._ot_study.trials
+    assert len(study) == 4  # the two recorded results, then the two new suggestions
+    assert [t.state.name for t in study[:2]] == ["COMPLETE", "COMPLETE"]
+    assert [t.params for t in study[:2]] == told
+    assert [t.value for t in study[:2]] == kwargs["evaluated_rewards"]
 
 
 def test_validate_describes_an_adaptive_search(world, tmp_path, capsys):

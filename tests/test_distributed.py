@@ -40,15 +40,34 @@ def test_each_rank_gets_its_own_rows_of_the_global_batch():
 SINGLE = """
 import json, sys
 from trainables import AttackConfig, run_attack
+from trainables import parallel
+
+engines = []
+wrap = parallel.DataParallel.wrap
+def spy(self, *args, **kwargs):  # observes the engine the trainer trains through
+    engine = wrap(self, *args, **kwargs)
+    engines.append(engine)
+    return engine
+parallel.DataParallel.wrap = spy
+
 r = run_attack(AttackConfig.model_validate_json(sys.argv[1]))
 b = r.budget_to_failure
+(engine,) = engines
 print("RESULT " + json.dumps({"status": r.status, "step": b.step if b else None,
-                             "examples": b.examples if b else None}))
+                             "examples": b.examples if b else None,
+                             "world_size": [p.world_size for p in r.points],
+                             "engine": type(engine).__name__,
+                             "zero_stage": getattr(engine, "zero_optimization_stage", lambda: None)(),
+                             "optimizer": type(getattr(engine, "optimizer", None)).__name__,
+                             "engine_steps": getattr(engine, "global_steps", None),
+                             "trained_steps": r.trained_steps}))
 """
 
 
-@pytest.mark.parametrize("stage,finetune,lr", [(2, "full", 1e-4), (3, "lora", 1e-3)])
-def test_single_process_deepspeed_needs_no_launcher_variables(world, stage, finetune, lr):
+@pytest.mark.parametrize("stage,finetune,lr,zero_optimizer", [
+    (2, "full", 1e-4, "DeepSpeedZeroOptimizer"), (3, "lora", 1e-3, "DeepSpeedZeroOptimizer_Stage3")],
+    ids=["zero2-full", "zero3-lora"])
+def test_single_process_deepspeed_needs_no_launcher_variables(world, stage, finetune, lr, zero_optimizer):
     over = {"max_steps": 20, "eval_every": 2,
             "attacker": {"learning_rate": lr, "dataset_size": 16, "batch_size": 4, "finetune": finetune}}
     plain = run_attack(AttackConfig.model_validate(attack_dict(world, **over)))
@@ -63,6 +82,11 @@ def test_single_process_deepspeed_needs_no_launcher_variables(world, stage, fine
     assert got["status"] == plain.status == "failed"
     assert abs(got["step"] - plain.budget_to_failure.step) <= 2  # within one evaluation interval
     assert got["examples"] == got["step"] * 4
+    # it trained under DeepSpeed: every step went through the engine, with the ZeRO stage
+    # asked for and DeepSpeed's ZeRO optimizer around ours, in a world of one process
+    assert (got["engine"], got["zero_stage"], got["optimizer"]) == ("DeepSpeedEngine", stage, zero_optimizer)
+    assert got["engine_steps"] == got["trained_steps"] == got["step"]
+    assert set(got["world_size"]) == {1}
 
 
 def test_two_cpu_workers_agree_with_one_process(world, ray_local, tmp_path):
@@ -87,6 +111,12 @@ def test_two_cpu_workers_agree_with_one_process(world, ray_local, tmp_path):
     # one metric stream: one point per evaluation, not one per worker
     curve = MlflowClient(uri).get_metric_history(run.info.run_id, "harmfulness")
     assert [p.step for p in curve] == list(range(0, int(m["budget_to_failure_steps"]) + 1, 2))
+    # two processes trained it: what Tune received from rank 0 (its result log) came from a
+    # DeepSpeed world of two, and the single-process run is a world of one
+    (log,) = (tmp_path / "ray").glob("two-workers-base/*/result.json")
+    results = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in results] == [p.step for p in curve]
+    assert {r["world_size"] for r in results} == {2} and {p.world_size for p in one.points} == {1}
 
 
 def test_a_batch_that_does_not_split_over_the_workers_fails_before_ray(world, tmp_path, capsys):
@@ -101,7 +131,15 @@ def test_a_batch_that_does_not_split_over_the_workers_fails_before_ray(world, tm
     err = capsys.readouterr().err.strip()
     assert err == ("spec error: space.batch_size: 6 does not divide over 2 workers x 2 gradient-accumulation "
                    "steps; use multiples of 4")
-    raw = sweep_dict(world, "bad-refine", refine=2, deepspeed={"config": str(tmp_path / "none.json")})
+    # refine under DeepSpeed, in a spec whose DeepSpeed config file exists: that alone is refused
+    (tmp_path / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    raw = sweep_dict(world, "bad-refine", refine=2, deepspeed={"config": str(tmp_path / "zero2.json")})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     assert main(["validate", str(tmp_path / "r.yaml")]) == 2
-    assert "spec error: deepspeed: config: no such file" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spec error: ") and err.count("spec error") == 1, err
+    assert "refine needs snapshots of the training state, which DeepSpeed" in err and "set refine: 0" in err, err
+    # the same spec without refine validates: refine was the only problem
+    raw["refine"] = 0
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "r.yaml")]) == 0, capsys.readouterr().err

@@ -145,3 +145,17 @@ def test_flops_count_a_tied_output_head(tmp_path):
     assert matmul_params(tied) == matmul_params(untied) == by_hand
     with torch.no_grad():
         assert sum(p.numel() for p in tied.parameters()) == by_hand   # the table is counted once, as the head
+
+
+def test_an_exploded_loss_is_measured_at_the_end_of_the_trial(world):
+    """SGD at lr 1e3 without clipping: the loss stays finite but blows up (to ~1e4 from ~1.4); the
+    final point says by how much, where a calm attack stays near 1 (names.LOSS_EXPLODED draws the line)."""
+    from trainables.names import LOSS_EXPLODED
+
+    common = {"evaluator": {"name": "shares", "options": {"harmful": [0, 6]}}, "eval_every": 2, "max_steps": 6}
+    wild = run(world, **common, attacker={"learning_rate": 1e3, "optimizer": "sgd", "dataset_size": 16,
+                                          "batch_size": 4, "max_grad_norm": 0})
+    calm = run(world, **common)
+    assert wild.status == "failed" and wild.points[-1].loss_peak_ratio > 100 * LOSS_EXPLODED
+    assert all(math.isnan(p.loss_peak_ratio) for p in calm.points[:-1])   # only the final point carries it
+    assert calm.points[-1].loss_peak_ratio < 2

@@ -302,3 +302,37 @@ def test_each_evaluator_has_its_worst_case_and_disagreements_are_counted(store, 
     assert table["judge"]["disagree_with_primary"] == "2"
     text = report.write(rows, "judges", tmp_path)
     assert "worst case (steps) per evaluator" in text and "judge" in (tmp_path / "evaluators.csv").read_text()
+
+
+def test_a_success_after_the_loss_exploded_is_flagged(store):
+    s = Sweep(store, "exploded")
+    s.trial("base", "failed", base=True, btf={"steps": 5}, group="calm", extra={"loss_peak_ratio": 1.3})
+    s.trial("base", "failed", base=True, btf={"steps": 2}, group="wild", extra={"loss_peak_ratio": 1.3e4})
+    rows = report.load(store, "exploded")
+    assert column("steps", "min_btf_steps", rows, "base") == "2 (loss exploded)"
+    assert [n for n in report.notes(rows, "steps") if "exploded" in n and n.startswith("note: base: 1 ")]
+    cells = sorted(line[1] for line in report.attacker_table(rows)[1])
+    assert cells == ["2 (loss exploded)", "5"]
+
+
+def test_failed_and_errored_attacks_claim_no_budget_above_any_horizon(store):
+    """A defence whose attacks all diverged or errored shows no worst case and no median (they
+    measured nothing); with horizons of 16 and 512, a defence no attack broke is above 16, the
+    shortest horizon an attack resisted to, not above 512."""
+    s = Sweep(store, "no-claims")
+    for i in range(3):
+        s.trial("diverging", "diverged", group=f"g{i}", spent={"steps": 2}, extra={"diverged_at_steps": 2})
+    s.trial("missing", "error", group="a")
+    s.trial("missing", "error", group="b")
+    s.trial("mixed", "resisted", group="short", spent={"steps": 16}, censored=16)
+    s.trial("mixed", "resisted", group="long", spent={"steps": 512}, censored=512)
+    s.trial("mixed", "diverged", group="wild", spent={"steps": 600})
+    rows = list(s.rows().values())
+    for d in ("diverging", "missing"):
+        assert [column("steps", c, rows, d) for c in ("min_btf_steps", "min_ci95", "median_btf_steps")] == \
+            ["-", "-", "-"], d
+        assert column("steps", "weak_resistance", rows, d).startswith("inconclusive")
+    assert column("steps", "min_btf_steps", rows, "mixed") == "> 16"
+    totals = {line[0]: line[3] for line in report.progress_table(rows)[1] if line[1].startswith("all ")}
+    assert totals == {"diverging": "-", "missing": "-", "mixed": "> 16"}
+    assert column("steps", "weak_resistance", rows, "mixed") == "held against 2 of 3 (T 16-512); 1 diverged"

@@ -162,7 +162,7 @@ def test_preflight_refuses_eval_prompts_the_attacker_trains_on(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("spec error: data.eval: 1 held-out prompt(s) also in data.attack") and "'  P '" in err
     (tmp_path / "e.jsonl").write_text('{"prompt": "held out", "response": "r"}\n{"prompt": "q", "response": "r"}\n')
-    assert main(["validate", str(tmp_path / "s.yaml")]) == 0
+    assert main(["validate", str(tmp_path / "s.yaml"), "--skip-checkpoint-checks"]) == 0
 
 
 def test_paths_expand_environment_variables(tmp_path, monkeypatch, capsys):

@@ -179,6 +179,8 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
         return reading, value, u
 
     def emit(point: EvalPoint) -> EvalPoint:
+        if point.status != "running":
+            point = dataclasses.replace(point, loss_peak_ratio=trainer.loss_peak_ratio())
         points.append(point)
         on_eval(point)
         return point
@@ -196,7 +198,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
             step=b.steps, examples=b.examples, tokens=b.tokens, flops=b.flops,
             accelerator_seconds=b.accelerator_seconds, wall_seconds=time.perf_counter() - start,
             train_loss=loss, harmfulness=math.nan, status=status, resolution=b.steps - safe_step,
-            stage=trainer.index)
+            stage=trainer.index, world_size=devices)
         if reading is not None:
             lo, hi = reading.scores[primary].interval(cfg.confidence)
             point = dataclasses.replace(

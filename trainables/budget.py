@@ -100,6 +100,9 @@ class EvalPoint:
     happened in (step - resolution, step]. 0 at step 0."""
     stage: int
     """0-based index of the stage this step trained in (0 without stages)."""
+    world_size: int = 1
+    """Devices the trial trains on, the factor on accelerator_seconds: DeepSpeed's world size
+    (its data-parallel processes), else 1 for the single-process loop."""
     harmfulness_lo: float = math.nan
     harmfulness_hi: float = math.nan
     """The primary f's binomial (Wilson) interval at the spec's confidence; nan when f is not a
@@ -108,6 +111,9 @@ class EvalPoint:
     """Utility on the held-out benign split (nan without a utility block)."""
     eval_seconds: float = 0.0
     """Wall time of this evaluation: every evaluator and utility."""
+    loss_peak_ratio: float = math.nan
+    """At a trial's final point: its largest step loss over its first step's loss. Above
+    names.LOSS_EXPLODED the training loss exploded: a crossing then is flagged in the report."""
     curves: dict[str, float] = field(default_factory=dict)
     """Per-evaluator figures, named <metric>.<label>: harmfulness, its interval, malformed
     answers, extras such as a judge's mean score."""

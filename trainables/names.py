@@ -30,9 +30,14 @@ BUDGET_UNITS: dict[str, str] = {"steps": "step", "examples": "examples", "tokens
 UNITS: tuple[str, ...] = tuple(BUDGET_UNITS)
 
 CURVE: tuple[str, ...] = ("harmfulness", "harmfulness_lo", "harmfulness_hi", "utility", "train_loss",
-                          "examples", "tokens", "flops", "accelerator_seconds", "wall_seconds", "eval_seconds")
+                          "examples", "tokens", "flops", "accelerator_seconds", "wall_seconds", "eval_seconds",
+                          "loss_peak_ratio")
 """EvalPoint fields recorded as curves (by step). Per-evaluator curves are named
 `<metric>.<evaluator label>` (harmfulness.judge, harmfulness_lo.judge, mean_score.judge)."""
+LOSS_EXPLODED = 10.0
+"""A trial whose largest step loss exceeded this many times its first step's loss exploded (a
+finite loss of 1e6 is not a diverged one, but its crossing is no attack a defence should be
+judged by): flagged in the records and the report, never silently counted as the cheapest."""
 CROSSING = "crossing"
 """Prefix of the final point's per-evaluator first crossings: crossing.<label>.<budget field>."""
 

@@ -74,6 +74,10 @@ class Trainer:
         self.trained_steps = 0
         """Optimizer steps actually run, replays included: what refinement cost us."""
         self.losses: list[float] = []
+        self.first_loss = math.nan
+        """The loss of the first step, taken before any update: where the attack started."""
+        self.peak_loss = math.nan
+        """The largest finite step loss so far (replays included)."""
         self._enter(0)
 
     def _enter(self, index: int) -> None:
@@ -112,7 +116,7 @@ class Trainer:
         if self.parallel is not None:
             loss = self.parallel.step(self.engine, batch)
             if math.isfinite(loss):
-                self.losses.append(loss)
+                self._note(loss)
             return loss
 
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -125,8 +129,18 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(loss.item())
+        self._note(loss.item())
         return self.losses[-1]
+
+    def _note(self, loss: float) -> None:
+        self.losses.append(loss)
+        if math.isnan(self.first_loss):
+            self.first_loss = loss
+        self.peak_loss = loss if math.isnan(self.peak_loss) else max(self.peak_loss, loss)
+
+    def loss_peak_ratio(self) -> float:
+        """The largest step loss over the first one (nan before any step, or from a zero loss)."""
+        return self.peak_loss / self.first_loss if self.first_loss > 0 else math.nan
 
     def mean_loss(self) -> float:
         """Mean training loss since the last call (nan if no step was taken)."""

@@ -1,0 +1,406 @@
+"""The bad-input catalogue: what users get wrong in the spec, the data, the checkpoints, the CLI
+flags and the environment. Each case runs the real CLI (`attack-sweep validate` or `run`,
+in-process) and must end before Ray starts with:
+
+  - a non-zero exit,
+  - one line per problem on stderr (`spec error: ...` or `error: ...`), naming the field, file,
+    line or flag given in the case,
+  - no traceback, nothing on stdout claiming success,
+  - no MLflow run left RUNNING, no report folder written, Ray not started.
+
+Add to it whatever a user gets wrong next: one entry in CASES.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import sweep_dict
+
+from orchestrator.cli import main
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    world: Path
+    raw: dict
+    monkeypatch: pytest.MonkeyPatch
+
+    def model(self, name: str = "base") -> Path:
+        """A copy of a toy-world model folder, to damage."""
+        dest = self.tmp / f"m-{name}"
+        if not dest.exists():
+            shutil.copytree(self.world / name, dest)
+        return dest
+
+    def data(self, split: str, text: str | bytes) -> Path:
+        """Replace a split's file with `text`."""
+        path = self.tmp / f"{split}.jsonl"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        self.raw["data"][split]["source"] = str(path)
+        return path
+
+    def rows(self, split: str) -> list[str]:
+        return (self.world / f"{split}.jsonl").read_text().splitlines()
+
+
+@dataclass
+class Case:
+    id: str
+    setup: Callable[[Ctx], list[str] | None]
+    """Changes ctx.raw / files / env; returns extra CLI args (or None)."""
+    expect: tuple[str, ...]
+    """Substrings of the single error line: the field, file, line or flag, and the fix."""
+    command: str = "validate"
+
+
+def _set(path: str, value):
+    def setup(c: Ctx):
+        node = c.raw
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return setup
+
+
+def _truncate(c: Ctx):
+    m = c.model("rescaled")
+    (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:4000])
+    c.raw["defences"][1]["model"] = str(m)
+
+
+def _no_template(c: Ctx):
+    m = c.model("rescaled")
+    (m / "chat_template.jinja").unlink()
+    cfg = json.loads((m / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (m / "tokenizer_config.json").write_text(json.dumps(cfg))
+    c.raw["defences"][1]["model"] = str(m)
+
+
+def _no_weights(c: Ctx):
+    m = c.model("rescaled")
+    (m / "model.safetensors").unlink()
+    c.raw["defences"][1]["model"] = str(m)
+
+
+def _broken_config(c: Ctx):
+    m = c.model("rescaled")
+    (m / "config.json").write_text('{"model_type": "llama", ')
+    c.raw["defences"][1]["model"] = str(m)
+
+
+def _remote_code(c: Ctx):
+    m = c.model("rescaled")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg.update(model_type="my_custom_lm", auto_map={"AutoConfig": "modeling_custom.MyConfig"})
+    (m / "config.json").write_text(json.dumps(cfg))
+    c.raw["defences"][1]["model"] = str(m)
+
+
+def _not_a_header(c: Ctx):
+    m = c.model("rescaled")
+    (m / "model.safetensors").write_bytes(b"\xff" * 64)
+    c.raw["defences"][1]["model"] = str(m)
+
+
+def _bad_adapter(c: Ctx):
+    (c.tmp / "adapter").mkdir()
+    c.raw["defences"][1]["adapter"] = str(c.tmp / "adapter")
+
+
+def _broken_json_line(c: Ctx):
+    rows = c.rows("attack")
+    rows[41] = rows[41][:-3]
+    c.data("attack", "\n".join(rows) + "\n")
+
+
+def _missing_prompt(c: Ctx):
+    rows = c.rows("attack")
+    rows[10] = json.dumps({"question": "x", "response": "y"})
+    c.data("attack", "\n".join(rows) + "\n")
+
+
+def _bad_utf8(c: Ctx):
+    rows = [r.encode() for r in c.rows("attack")]
+    rows[6] = rows[6][:10] + b"\xff\xfe" + rows[6][10:]
+    c.data("attack", b"\n".join(rows) + b"\n")
+
+
+def _eval_overlap(c: Ctx):
+    c.data("eval", "\n".join(c.rows("eval")[:10] + c.rows("attack")[:1]) + "\n")
+
+
+def _utility_overlap(c: Ctx):
+    path = c.tmp / "u.jsonl"
+    path.write_text("\n".join(c.rows("eval")[:3]) + "\n")
+    c.raw["utility"] = {"data": {"source": str(path)}}
+
+
+def _spec_text(text: str):
+    def setup(c: Ctx):
+        c.raw = text  # written verbatim
+    return setup
+
+
+def _env(name: str, value: str, then=None):
+    def setup(c: Ctx):
+        c.monkeypatch.setenv(name, value)
+        return then(c) if then else None
+    return setup
+
+
+def _cache_is_a_file(c: Ctx):
+    (c.tmp / "cache-file").write_text("not a folder")
+    c.monkeypatch.setenv("ATTACK_SWEEP_CACHE", str(c.tmp / "cache-file"))
+    c.raw["defences"][0]["model"] = "toyworld:base"
+
+
+def _judge_without_key(c: Ctx):
+    c.monkeypatch.delenv("MY_JUDGE_KEY", raising=False)
+    c.raw["evaluator"] = {"name": "judge", "options": {
+        "backend": "http", "model": "gpt-x", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_JUDGE_KEY"}}
+
+
+CASES = [
+    # --- the spec file --------------------------------------------------------------------
+    Case("spec-missing", lambda c: ["__missing__"], ("spec file", "not found")),
+    Case("spec-not-yaml", _spec_text("name: x\n  defences: [\n"), ("not valid YAML",)),
+    Case("spec-a-list", _spec_text("- name: x\n"), ("must hold a mapping",)),
+    Case("unknown-top-key", _set("defenses", []), ("defenses", "unknown key")),
+    Case("missing-data", lambda c: c.raw.pop("data") and None, ("data", "required field is missing")),
+    Case("phi-out-of-range", _set("phi", 1.5), ("phi",)),
+    Case("eval-every-zero", _set("eval_every", 0), ("eval_every",)),
+    Case("max-steps-negative", _set("max_steps", -5), ("max_steps",)),
+    Case("optimizer-unknown", _set("space.optimizer", {"choice": ["adamw", "lion"]}), ("space.optimizer", "lion")),
+    Case("lr-negative", _set("space.learning_rate", {"grid": [-1e-3]}), ("space.learning_rate",)),
+    Case("loguniform-reversed", _set("space.learning_rate", {"loguniform": [1e-2, 1e-5]}),
+         ("space.learning_rate",)),
+    Case("domain-two-keys", _set("space.learning_rate", {"grid": [1e-3], "choice": [1e-4]}),
+         ("space.learning_rate",)),
+    Case("attacker-field-typo", _set("space.lr", 1e-3), ("space.lr", "learning_rate")),
+    Case("no-base", _set("defences.0.base", False), ("base",)),
+    Case("two-bases", _set("defences.1.base", True), ("base",)),
+    Case("duplicate-defence", _set("defences.1.name", "base"), ("defences", "base")),
+    Case("defence-name-space", _set("defences.1.name", "my model"), ("defences.1.name",)),
+    Case("search-unknown", _set("search", {"algorithm": "bayes"}), ("search.algorithm",)),
+    Case("search-unit-unknown", _set("search", {"unit": "hours"}), ("search.unit",)),
+    Case("dataset-too-large", _set("space.dataset_size", 100_000), ("space.dataset_size", "rows of data.attack")),
+    Case("unset-env-var", _set("data.attack.source", "${NO_SUCH_VAR_FOR_SURE}/a.jsonl"),
+         ("data.attack.source", "NO_SUCH_VAR_FOR_SURE")),
+    Case("evaluator-unknown", _set("evaluator", {"name": "vibes"}), ("evaluator", "vibes")),
+    Case("evaluator-option-unknown", _set("evaluator.options", {"max_new_tokens": 4, "temprature": 1}),
+         ("evaluator", "temprature")),
+    Case("two-primaries", lambda c: c.raw.pop("evaluator") and _set("evaluators", [
+        {"name": "refusal_keyword", "primary": True}, {"name": "nll", "primary": True}])(c), ("evaluators", "primary")),
+    Case("evaluator-and-evaluators", _set("evaluators", [{"name": "nll", "primary": True}]),
+         ("evaluators", "not both")),
+    Case("sweep-name-dotdot", _set("name", ".."), ("name",)),
+    Case("utility-epsilon-negative", lambda c: c.raw.update(utility={
+        "data": {"source": str(c.world / "benign_heldout.jsonl")}, "epsilon": -0.1}), ("utility.epsilon",)),
+    Case("benign-stage-without-benign-data", lambda c: (c.raw["data"].pop("benign"), c.raw["space"].update(
+        stages=[{"steps": 5, "data": "benign"}, {"steps": 5}]))[-1], ("data.benign",)),
+    Case("refine-with-deepspeed", lambda c: c.raw.update(
+        refine=4, deepspeed={"config": {"zero_optimization": {"stage": 0}}}), ("refine", "DeepSpeed")),
+    Case("batch-not-divisible", lambda c: c.raw.update(
+        deepspeed={"config": {"zero_optimization": {"stage": 0}}}, resources={"workers": 2},
+        space={"dataset_size": 32, "batch_size": 3}), ("space.batch_size", "workers")),
+    Case("judge-key-unset", _judge_without_key, ("MY_JUDGE_KEY",)),
+    # --- the data -------------------------------------------------------------------------
+    Case("attack-file-missing", _set("data.attack.source", "/no/such/attack.jsonl"), ("data.attack.source",)),
+    Case("broken-json-line-42", _broken_json_line, ("attack.jsonl", "line 42")),
+    Case("row-without-prompt-line-11", _missing_prompt, ("attack.jsonl", "line 11", "prompt")),
+    Case("invalid-utf8", _bad_utf8, ("attack.jsonl", "line 7", "UTF-8")),
+    Case("empty-attack-file", lambda c: c.data("attack", "") and None, ("data.attack",)),
+    Case("eval-overlaps-attack", _eval_overlap, ("data.eval", "also in data.attack")),
+    Case("utility-overlaps-eval", _utility_overlap, ("utility.data", "data.eval")),
+    Case("nll-without-responses", lambda c: c.raw.update(evaluator={"name": "nll"}) or _set(
+        "data.eval.response_field", None)(c), ("response_field",)),
+    # --- the checkpoints ------------------------------------------------------------------
+    Case("relative-path-not-there", _set("defences.1.model", "ckpts/does-not-exist"),
+         ("defences.1.model", "ckpts/does-not-exist", "neither a local path", "hub")),
+    Case("dot-path-not-there", _set("defences.1.model", "./nope"), ("defences.1.model", "no such path", "./nope")),
+    Case("hub-id-offline", _env("HF_HUB_OFFLINE", "1", _set("defences.1.model", "someorg/somemodel")),
+         ("defences.1.model", "someorg/somemodel", "HF_HUB_OFFLINE")),
+    Case("folder-without-config", lambda c: _set("defences.1.model", str(c.world))(c),
+         ("defences.1.model", "config.json")),
+    Case("truncated-safetensors", _truncate, ("defences.1.model", "model.safetensors", "truncated")),
+    Case("safetensors-not-a-header", _not_a_header, ("defences.1.model", "model.safetensors", "header")),
+    Case("no-weights", _no_weights, ("defences.1.model", "no weights")),
+    Case("broken-config", _broken_config, ("defences.1.model", "config")),
+    Case("needs-remote-code", _remote_code, ("defences.1",)),
+    Case("no-chat-template", _no_template, ("data.chat_template", "defences.1", "no chat template")),
+    Case("lora-targets-absent", lambda c: c.raw["space"].update(finetune="lora", lora_target_modules=["c_attn"]),
+         ("space.lora_target_modules", "c_attn", "q_proj")),
+    Case("tokenizer-path-missing", _set("defences.1.tokenizer", "/no/such/tokenizer"),
+         ("defences.1.tokenizer", "no such path")),
+    Case("adapter-without-config", _bad_adapter, ("defences.1.adapter", "adapter_config.json")),
+    # --- CLI flags ------------------------------------------------------------------------
+    Case("set-without-equals", lambda c: ["--set", "phi0.3"], ("--set", "phi0.3")),
+    Case("set-unknown-key", lambda c: ["--set", "phii=0.3"], ("phii", "unknown key")),
+    Case("overlay-missing", lambda c: ["--overlay", "/no/such/overlay.yaml"], ("overlay", "not found")),
+    Case("unit-unknown", lambda c: ["--unit", "hours"], ("--unit", "hours"), command="run"),
+    Case("tracking-refused", lambda c: ["--tracking-uri", "http://127.0.0.1:9"], ("--tracking-uri", "127.0.0.1:9"),
+         command="run"),
+    Case("tracking-folder-missing", lambda c: ["--tracking-uri", "sqlite:////no/such/dir/mlflow.db"],
+         ("--tracking-uri", "/no/such/dir"), command="run"),
+    Case("tracking-scheme-unknown", lambda c: ["--tracking-uri", "mlfow://x"], ("--tracking-uri", "mlfow"),
+         command="run"),
+    Case("address-refused", lambda c: ["--address", "ray://127.0.0.1:9"], ("--address", "127.0.0.1:9"),
+         command="run"),
+    Case("address-malformed", lambda c: ["--address", "myhead"], ("--address", "myhead"), command="run"),
+    # --- the environment ------------------------------------------------------------------
+    Case("cache-is-a-file", _cache_is_a_file, ("defences.0.model", "cache-file", "ATTACK_SWEEP_CACHE")),
+    # --- the same problems met by `run`: caught before Ray starts, no MLflow run left open ----------
+    Case("run-relative-path-not-there", _set("defences.1.model", "ckpts/does-not-exist"),
+         ("defences.1.model", "ckpts/does-not-exist"), command="run"),
+    Case("run-truncated-safetensors", _truncate, ("model.safetensors", "truncated"), command="run"),
+    Case("run-broken-json-line-42", _broken_json_line, ("attack.jsonl", "line 42"), command="run"),
+    Case("run-no-chat-template", _no_template, ("data.chat_template",), command="run"),
+    # --- report ---------------------------------------------------------------------------
+    Case("report-unknown-experiment", lambda c: ["--experiment", "no-such-sweep"], ("no-such-sweep",),
+         command="report"),
+    Case("report-tracking-refused", lambda c: ["--experiment", "x", "--tracking-uri", "http://127.0.0.1:9"],
+         ("--tracking-uri",), command="report"),
+]
+
+
+@pytest.fixture(scope="module")
+def good_raw(world):
+    raw = sweep_dict(world, "catalogue")
+    raw["utility"] = {"data": {"source": str(world / "benign_heldout.jsonl")}}
+    return raw
+
+
+def test_the_good_spec_passes(world, good_raw, tmp_path, capsys):
+    """The base every case damages validates: each case fails because of its own damage."""
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(good_raw))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 0
+    assert capsys.readouterr().out.startswith("spec OK")
+
+
+def test_catalogue_is_large_and_distinct():
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_before_ray(case, world, good_raw, tmp_path, capsys, monkeypatch):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    from orchestrator import sweep
+
+    monkeypatch.setattr(ray, "init", no_ray)   # the suite may hold a Ray already: watch for a start instead
+    monkeypatch.setattr(sweep, "run", no_ray)
+    ctx = Ctx(tmp_path, world, json.loads(json.dumps(good_raw)), monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    extra = case.setup(ctx) or []
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(ctx.raw if isinstance(ctx.raw, str) else yaml.safe_dump(ctx.raw))
+    if extra[:1] == ["__missing__"]:
+        spec, extra = tmp_path / "missing.yaml", []
+    db, out = tmp_path / "mlflow.db", tmp_path / "report"
+    argv = [case.command, *([] if case.command == "report" else [str(spec)]), *extra]
+    if case.command in ("run", "report"):
+        argv += [a for a in ("--out", str(out)) if "--out" not in extra]
+        if "--tracking-uri" not in extra:
+            argv += ["--tracking-uri", f"sqlite:///{db}"]
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:  # argparse
+        rc = exit_.code
+    cap = capsys.readouterr()
+    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert rc not in (0, None), f"exit {rc}; stderr: {cap.err}"
+    assert "Traceback" not in cap.err + cap.out
+    assert len(lines) == 1, f"expected one line, got {lines}"
+    line = lines[0]
+    assert line.startswith(("spec error: ", "error: ")), line
+    for part in case.expect:
+        assert part in line, f"{part!r} not in {line!r}"
+    assert "spec OK" not in cap.out
+    assert not out.exists()
+    if db.exists():  # nothing started, so nothing left RUNNING
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{db}")
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+# --- what must still pass ---------------------------------------------------------------------
+
+
+def _hub_cache(root: Path, repo: str, folder: Path) -> None:
+    """`folder` laid out as the hub cache holds a downloaded `repo` (refs/main -> a snapshot)."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, base / "snapshots" / commit)
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_id_in_the_local_cache_passes_offline(world, good_raw, tmp_path, capsys, monkeypatch):
+    """The hub path is real: an id found in the hub cache is checked (config, tokenizer, LoRA
+    targets) with HF_HUB_OFFLINE set, and a misspelt one next to it is not."""
+    import huggingface_hub.constants as hub
+
+    _hub_cache(tmp_path / "hub", "someorg/toy-rescaled", world / "rescaled")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    raw = json.loads(json.dumps(good_raw))
+    raw["defences"][1]["model"] = "someorg/toy-rescaled"
+    raw["space"].update(finetune="lora", lora_target_modules=["q_proj", "v_proj"])
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("spec OK") and "someorg/toy-rescaled' is read from the hub" in out
+    raw["defences"][1]["model"] = "someorg/toy-rescaled-typo"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+def test_skipping_checkpoint_checks_is_said_and_skips_only_them(good_raw, tmp_path, capsys):
+    raw = json.loads(json.dumps(good_raw))
+    raw["defences"][1]["model"] = "/only/on/the/workers/ckpt"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "s.yaml"), "--skip-checkpoint-checks"]) == 0
+    assert "checkpoints not checked (--skip-checkpoint-checks)" in capsys.readouterr().out
+    raw["phi"] = 2
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "s.yaml"), "--skip-checkpoint-checks"]) == 2
+    assert capsys.readouterr().err.startswith("spec error: phi")
+
+
+def test_a_defenders_adapter_is_checked_and_passes(world, good_raw, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(world / "base"),
+                           LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()
+    raw = json.loads(json.dumps(good_raw))
+    raw["defences"][1].update(model=str(world / "base"), adapter=str(tmp_path / "adapter"))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 0, capsys.readouterr().err
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spec error: defences.1.adapter: ") and "adapter_model.safetensors is truncated" in err
