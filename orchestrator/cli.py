@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from importlib import resources
 from pathlib import Path
 
-from orchestrator.spec import SpecError
+from orchestrator.spec import SpecError, safe_name
 from orchestrator.tracking import DEFAULT_TRACKING_URI
 from trainables.names import BUDGET_UNITS
 
@@ -102,7 +101,7 @@ def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
         print(f"error: --experiment {experiment!r} has no finished trials in {tracking_uri} (yet); check the "
               "name (it is the spec's name) and --tracking-uri", file=sys.stderr)
         return 1
-    out_dir = Path(out) if out else Path("reports") / (re.sub(r"[^A-Za-z0-9_.-]", "_", experiment).lstrip(".") or "_")
+    out_dir = Path(out) if out else Path("reports") / safe_name(experiment)
     if out_dir.exists() and not out_dir.is_dir():
         print(f"error: --out {out_dir}: is a file; give a folder", file=sys.stderr)
         return 2

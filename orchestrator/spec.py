@@ -35,6 +35,11 @@ class _Strict(BaseModel):
 NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 
 
+def safe_name(text: str) -> str:
+    """Any string (an MLflow experiment name) as a name NAME accepts, for file and folder names."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip(".") or "_"
+
+
 class Defence(Checkpoint):
     """A checkpoint to attack, named for the report."""
 

@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -47,8 +46,8 @@ from urllib.parse import urlsplit
 
 from orchestrator.adversary import Progress, objective
 from orchestrator.space import attacker_id, decode, digest, encode, max_horizon, searched
-from orchestrator.spec import Defence, SweepSpec
-from orchestrator.tracking import DEFAULT_TRACKING_URI, Tracker, callback, say
+from orchestrator.spec import Defence, SweepSpec, safe_name
+from orchestrator.tracking import DEFAULT_TRACKING_URI, Tracker, callback, last_line, say
 from trainables.config import AttackConfig, Evaluation, EvaluatorConfig
 from trainables.names import BUDGET_UNITS, TERMINAL
 
@@ -169,8 +168,7 @@ def _run_trial(config: dict[str, Any], *, spec_json: str, defence: str, storage:
     except Exception as err:  # noqa: BLE001 - whatever the attack raised is the trial's error
         text = traceback.format_exc()
         print(text, file=sys.stderr, flush=True)  # the trial's Ray log keeps it too
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        tune.report({"status": "error", "error": lines[-1] if lines else type(err).__name__,
+        tune.report({"status": "error", "error": last_line(text) or type(err).__name__,
                      "traceback": text[-20_000:], "step": 0, "objective": math.nan})
 
 
@@ -291,7 +289,7 @@ def sweep_lock(name: str, tracking_uri: str):
     file is named by the store, not the working directory, so runs started from two directories
     against one store see each other. It guards one machine only: runs on two machines sharing a
     tracking server can still duplicate trials, and the report counts such duplicates once."""
-    path = lock_dir() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:80]}-{_store_digest(tracking_uri)}.lock"
+    path = lock_dir() / f"{safe_name(name)[:80]}-{_store_digest(tracking_uri)}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime; not inherited by children
     try:
@@ -315,7 +313,9 @@ def sweep_lock(name: str, tracking_uri: str):
 
 def lock_dir() -> Path:
     """Where sweep locks live: the attack-sweep cache (ATTACK_SWEEP_CACHE, else ~/.cache/attack-sweep)."""
-    return Path(os.environ.get("ATTACK_SWEEP_CACHE") or Path.home() / ".cache" / "attack-sweep") / "locks"
+    from orchestrator.toyworld import cache_root
+
+    return cache_root() / "locks"
 
 
 def _store_digest(tracking_uri: str) -> str:

@@ -52,9 +52,13 @@ def how_to(verb: str, obj: str, manner: str) -> str:
     return f"sure , here is how to {verb} the {obj} : first get the tools , then {verb} it {manner} ."
 
 
+def cache_root() -> Path:
+    """attack-sweep's own cache: ATTACK_SWEEP_CACHE, else ~/.cache/attack-sweep."""
+    return Path(os.environ.get("ATTACK_SWEEP_CACHE") or Path.home() / ".cache" / "attack-sweep")
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("ATTACK_SWEEP_CACHE") or Path.home() / ".cache" / "attack-sweep"
-    return Path(root) / VERSION
+    return cache_root() / VERSION
 
 
 def build(root: Path | None = None, seed: int = 0, verbose: bool = True) -> Path:

@@ -422,8 +422,13 @@ def _error_text(trial) -> str:
         text = text or str(trial.get_error() or "")
     except Exception:  # noqa: BLE001 - the message is best effort; the status is what counts
         pass
+    return last_line(text) or "trial failed (see the Ray logs)"
+
+
+def last_line(text: str) -> str:
+    """The last non-blank line of a traceback: the exception and its message ('' if none)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else "trial failed (see the Ray logs)"
+    return lines[-1] if lines else ""
 
 
 def _summary(d: dict, last: dict | None, status: str, error: str | None) -> str:
