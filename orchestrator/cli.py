@@ -78,16 +78,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     sp = _load(args)
     for note in check(sp, checkpoints=not args.skip_checkpoint_checks):
         print(f"note: {note}")
-    sweep.run(sp, tracking_uri=args.tracking_uri, address=args.address,
-              storage_path=args.storage_path)
-    return _report(args.tracking_uri, sp.name, args.out, args.unit or sp.search.unit, fail_on_errors=True)
+    experiment_id = sweep.run(sp, tracking_uri=args.tracking_uri, address=args.address,
+                              storage_path=args.storage_path)
+    rc = _report(args.tracking_uri, sp.name, args.out, args.unit or sp.search.unit, fail_on_errors=True)
+    _mlflow_link(args.tracking_uri, experiment_id)
+    _open(args.out, sp.name)
+    return rc
+
+
+def _mlflow_link(tracking_uri: str, experiment_id: str) -> None:
+    """Where the trial runs are in the MLflow UI (its runs view: MLflow 3.17 opens a browser new
+    to it on its GenAI overview), and for a local store, the command that serves them."""
+    from orchestrator.tracking import ui_link
+
+    served = tracking_uri.startswith(("http://", "https://"))
+    print(f"trial runs in MLflow: {ui_link(tracking_uri, experiment_id)}"
+          + ("" if served else f" (once `mlflow ui --backend-store-uri {tracking_uri}` runs)"))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.preflight import check_tracking
 
     check_tracking(args.tracking_uri)
-    return _report(args.tracking_uri, args.experiment, args.out, args.unit or "steps")
+    rc = _report(args.tracking_uri, args.experiment, args.out, args.unit or "steps")
+    if rc == 0:
+        _open(args.out, args.experiment)
+    return rc
 
 
 def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
@@ -101,13 +117,14 @@ def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
         print(f"error: --experiment {experiment!r} has no finished trials in {tracking_uri} (yet); check the "
               "name (it is the spec's name) and --tracking-uri", file=sys.stderr)
         return 1
-    out_dir = Path(out) if out else Path("reports") / safe_name(experiment)
+    out_dir = _out_dir(out, experiment)
     if out_dir.exists() and not out_dir.is_dir():
         print(f"error: --out {out_dir}: is a file; give a folder", file=sys.stderr)
         return 2
     print()
     print(report.write(rows, experiment, out_dir, unit=unit))
-    print(f"\nwritten: {out_dir}/report.csv, attackers.csv, evaluators.csv, report.md, survival.csv, progress.csv")
+    written = [p.name for p in report.files(out_dir) if p.parent == out_dir and p.name != "report.html"]
+    print(f"\nwritten to {out_dir}/: {', '.join(written)}, figures/*.png")
     errors = sum(row.count("error") for row in rows)
     if fail_on_errors and errors:
         print(f"error: {errors} trial(s) ended in error (MLflow tag 'error' holds why); "
@@ -116,14 +133,22 @@ def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
     return 0
 
 
+def _out_dir(out: str | None, experiment: str) -> Path:
+    return Path(out) if out else Path("reports") / safe_name(experiment)
+
+
+def _open(out: str | None, experiment: str) -> None:
+    """The last line: where the report is, to open in a browser."""
+    page = _out_dir(out, experiment) / "report.html"
+    if page.exists():
+        print(f"open the report: {page.resolve().as_uri()}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     demo_spec = resources.files("orchestrator") / "quickstart.yaml"
     with resources.as_file(demo_spec) as path:
         args.spec, args.skip_checkpoint_checks = str(path), False
-        rc = cmd_run(args)
-    if rc == 0 and args.tracking_uri.startswith("sqlite"):
-        print(f"\nbrowse the runs: mlflow ui --backend-store-uri {args.tracking_uri}")
-    return rc
+        return cmd_run(args)
 
 
 def _overrides(p: argparse.ArgumentParser) -> None:

@@ -44,12 +44,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from orchestrator import provenance
 from orchestrator.adversary import Progress, objective
+from orchestrator.progress import Display, feed
+from orchestrator.publish import publish
 from orchestrator.space import attacker_id, decode, digest, encode, max_horizon, searched
 from orchestrator.spec import Defence, SweepSpec, safe_name
 from orchestrator.tracking import DEFAULT_TRACKING_URI, Tracker, callback, last_line, say
 from trainables.config import AttackConfig, Evaluation, EvaluatorConfig
-from trainables.names import BUDGET_UNITS, TERMINAL
+from trainables.names import BUDGET_UNITS, TERMINAL, Metric, Tag
 
 
 def attack_config(spec: SweepSpec, trial: dict[str, Any]) -> AttackConfig:
@@ -139,6 +142,44 @@ def varying_fields(spec: SweepSpec) -> list[str]:
     return list(searched(spec.space))
 
 
+SHORT: dict[str, str] = {
+    "learning_rate": "lr {}", "optimizer": "{}", "weight_decay": "wd {}", "dataset_size": "n{}", "finetune": "{}",
+    "lora_r": "r{}", "lora_alpha": "alpha {}", "lora_dropout": "lora-dropout {}", "lora_target_modules": "{}",
+    "batch_size": "bs{}", "warmup_steps": "warmup {}", "warmup_ratio": "warmup {}T", "lr_schedule": "{}",
+    "sgdr_period": "sgdr {}", "max_grad_norm": "clip {}", "seed": "seed {}", "steps": "T{}", "stages": "{}",
+}
+"""How each attacker field reads in a run name."""
+NAMED = ("learning_rate", "optimizer", "finetune", "dataset_size")
+"""What a run name shows of an attacker when no field varies in the sweep."""
+
+
+def run_name(defence: str, attacker: dict[str, Any], varying: list[str]) -> str:
+    """A trial's MLflow run name, read as the attack: the defence, then the attacker's fields
+    that vary in this sweep in short form ('base · lr 3e-3 adamw n32 full'); LoRA fields are
+    left out of a full fine-tuning attacker's name."""
+    fields = [f for f in varying or NAMED
+              if f in attacker and not (f.startswith("lora_") and attacker.get("finetune") == "full")]
+    words = [SHORT.get(f, f + "={}").format(_word(attacker[f])) for f in fields]
+    return " · ".join([defence, " ".join(words)]) if words else defence
+
+
+def _word(v: Any) -> str:
+    """A value in few characters: 0.003 -> 3e-3, 0.00327 -> 3.27e-3, 0.05 -> 0.05, lists joined by '+'."""
+    if isinstance(v, list):
+        return "+".join(_word(x) for x in v) if not (v and isinstance(v[0], dict)) else _fmt(v)
+    if isinstance(v, float) and v != 0 and not 1e-2 <= abs(v) < 1e4:
+        mantissa, exponent = f"{v:.2e}".split("e")  # 3 significant digits: '3.27e-03'
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return _fmt(v)
+
+
+def attacker_params(attacker: dict[str, Any]) -> dict[str, Any]:
+    """The attacker fields a trial run logs as params: those that apply to it (no null ones, no
+    lora_* with finetune full). The whole attacker stays in the run's tag `attacker`."""
+    return {k: v for k, v in attacker.items()
+            if v is not None and not (k.startswith("lora_") and attacker.get("finetune") == "full")}
+
+
 def attacker_of(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """The attacker of a Tune trial config (adaptive searchers carry encoded values)."""
     return decode(spec.space, config) if spec.adaptive else \
@@ -169,7 +210,7 @@ def _run_trial(config: dict[str, Any], *, spec_json: str, defence: str, storage:
         text = traceback.format_exc()
         print(text, file=sys.stderr, flush=True)  # the trial's Ray log keeps it too
         tune.report({"status": "error", "error": last_line(text) or type(err).__name__,
-                     "traceback": text[-20_000:], "step": 0, "objective": math.nan})
+                     "traceback": text[-20_000:], "step": 0, Metric.OBJECTIVE: math.nan})
 
 
 def _trial(config: dict[str, Any], spec_json: str, defence: str, storage: str) -> None:
@@ -229,7 +270,7 @@ def _attack_loop(loop_config: dict[str, Any], report: Callable[[dict], None] | N
 
     def on_eval(point) -> None:
         result = point.as_dict()
-        report({**result, "objective": objective(result, unit, penalty, t_max)})
+        report({**result, Metric.OBJECTIVE: objective(result, unit, penalty, t_max)})
 
     run_attack(cfg, on_eval=on_eval)
 
@@ -247,9 +288,15 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
          echo: Callable[[str], None]) -> str:
     s = spec.search
     per_defence = s.num_samples if spec.adaptive else len(spec.attackers())
+    display = Display([d.name for d in spec.defences], per_defence, s.unit, echo, title=spec.name)
+    echo = display.echo  # in a terminal, lines print above the live display
     tracker = Tracker(tracking_uri, spec.name, spec_digest(spec), {
         "defences": ",".join(d.name for d in spec.defences), **rule_params(spec), "max_steps": spec.max_steps,
         "search": s.algorithm, "unit": s.unit, "num_trials": per_defence * len(spec.defences)}, echo=echo)
+    try:
+        tracker.record_sweep(spec.model_dump(mode="json"), provenance.gather(), s.unit, varying_fields(spec))
+    except Exception as err:  # noqa: BLE001 - provenance is worth a line, not the sweep
+        echo(f"note: the spec and provenance were not recorded on the sweep run ({type(err).__name__}: {err})")
     done = tracker.completed_keys()
     cap = f", at most {s.max_compute:g} {s.unit} each" if s.max_compute else ""
     echo(f"sweep {spec.name!r}: {len(spec.defences)} defences x {per_defence} attackers "
@@ -259,15 +306,20 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _on_sigint) if main else None
     try:
+        display.start()
         for defence in spec.defences:
             if _INTERRUPTED.is_set():
                 raise KeyboardInterrupt
-            _search(spec, defence, tracker, done, address, storage_path, echo)
+            _search(spec, defence, tracker, done, address, storage_path, echo, display)
         interrupted = False
     finally:
+        display.stop()
         tracker.close(interrupted=interrupted)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    # after the sweep ran to its end (a resumed one too), not after a Ctrl-C: whoever stops a sweep
+    # wants their prompt back, and the next run that ends writes the summary of every record
+    publish(tracking_uri, spec.name, tracker.parent_id, s.unit, echo=echo)
     return tracker.experiment_id
 
 
@@ -372,15 +424,15 @@ def _interrupt_guard():
 
 
 def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
-            address: str | None, storage_path: str | None, echo: Callable[[str], None]) -> None:
+            address: str | None, storage_path: str | None, echo: Callable[[str], None],
+            display: Display | None = None) -> None:
     """One defence's search: resume from its recorded trials, then run what is left."""
     s, skey = spec.search, search_key(spec)
     prior = tracker.finished_trials(defence.name, skey)
     progress = Progress(s.unit)
     for run in prior:
         m = run.data.metrics
-        progress.add(run.data.tags["status"], m.get(f"spent_{s.unit}", 0.0),
-                     m.get(f"budget_to_failure_{s.unit}"))
+        progress.add(run.data.tags[Tag.STATUS], m.get(Metric.spent(s.unit), 0.0), m.get(Metric.btf(s.unit)))
     if spec.adaptive:
         configs, pending = None, max(0, s.num_samples - len(prior))
         recorded = len(prior)
@@ -390,6 +442,8 @@ def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
         pending = len(configs)
         recorded = len(every) - pending
     what = f"defence {defence.name!r}: {recorded} trials already recorded, {pending} to run"
+    if display is not None:
+        display.begin(defence.name, progress, recorded, pending)
     if s.max_compute and progress.compute >= s.max_compute:
         echo(f"{what}; compute cap already spent ({progress.compute:g} >= {s.max_compute:g} {s.unit})")
         return
@@ -400,17 +454,17 @@ def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
         "algorithm": s.algorithm, "unit": s.unit, "penalty": s.penalty,
         "max_compute": s.max_compute, "num_samples": s.num_samples, "n_initial": s.n_initial,
         "seed": s.seed})
-    priors = [(a, r.data.metrics["objective"]) for r in prior
-              if "objective" in r.data.metrics and "attacker" in r.data.tags
-              and (a := encode(spec.space, json.loads(r.data.tags["attacker"]))) is not None]
+    priors = [(a, r.data.metrics[Metric.OBJECTIVE]) for r in prior
+              if Metric.OBJECTIVE in r.data.metrics and Tag.ATTACKER in r.data.tags
+              and (a := encode(spec.space, json.loads(r.data.tags[Tag.ATTACKER]))) is not None]
     _fit(spec, defence, configs, pending, priors, progress, adversary, tracker, skey,
-         address, storage_path, echo)
+         address, storage_path, echo, display)
 
 
 def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending: int,
          priors: list[tuple[dict, float]], progress: Progress, adversary: str, tracker: Tracker,
          skey: str, address: str | None, storage_path: str | None,
-         echo: Callable[[str], None]) -> None:
+         echo: Callable[[str], None], display: Display | None = None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Tune's own Ctrl-C handler ends fit() quietly, and the sweep would go on to the next
     # defence; without it the KeyboardInterrupt reaches run(), which closes the records.
@@ -438,11 +492,12 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
         horizon = attack_config(spec, trial).horizon
         return {"key": trial_key(spec, trial), "defence": defence.name, "is_base": defence.base,
                 "attacker_id": attacker_id(attacker), "label": label(attacker, varying),
-                "params": {"defence": defence.name, **attacker, **rule_params(spec), "max_steps": horizon,
-                           "search": s.algorithm, "unit": s.unit},
-                "tags": {"attacker_group": attacker_id({**attacker, "seed": None}),
-                         "attacker": json.dumps(attacker, sort_keys=True)[:5000],
-                         "search_key": skey}}
+                "name": run_name(defence.name, attacker, varying),
+                "params": {"defence": defence.name, **attacker_params(attacker), **rule_params(spec),
+                           "max_steps": horizon, "search": s.algorithm, "unit": s.unit},
+                "tags": {Tag.ATTACKER_GROUP: attacker_id({**attacker, "seed": None}),
+                         Tag.ATTACKER: json.dumps(attacker, sort_keys=True)[:5000],
+                         Tag.SEARCH_KEY: skey}}
 
     if not ray.is_initialized():
         local = address is None
@@ -475,7 +530,7 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
             failure_config=tune.FailureConfig(max_failures=WORKER_RETRIES),
             verbose=0, callbacks=[callback(tracker, describe, progress.trials + pending,
                                            progress, adversary, echo, start=progress.trials),
-                                  guard]),
+                                  *([feed(display, describe)] if display is not None else []), guard]),
     )
     interrupted = False
     try:
@@ -604,7 +659,7 @@ def _searcher(spec: SweepSpec, configs: list[dict] | None, priors: list[tuple[di
             """Hands Tune a precomputed list of attackers."""
 
             def __init__(self, configs: list[dict]):
-                super().__init__(metric="objective", mode="min")
+                super().__init__(metric=Metric.OBJECTIVE, mode="min")
                 self._configs = list(configs)
 
             def suggest(self, trial_id: str):
@@ -625,14 +680,14 @@ def _searcher(spec: SweepSpec, configs: list[dict] | None, priors: list[tuple[di
 
         optuna.logging.set_verbosity(logging.WARNING)
         sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_initial)
-        return OptunaSearch(space, metric="objective", mode="min", sampler=sampler,
+        return OptunaSearch(space, metric=Metric.OBJECTIVE, mode="min", sampler=sampler,
                             points_to_evaluate=[p for p, _ in priors] or None,
                             evaluated_rewards=[r for _, r in priors] or None)
     from ray.tune.search.hyperopt import HyperOptSearch
 
     # HyperOpt cannot be told past results without rerunning them: a resumed search
     # keeps its records and its count, but its model starts afresh.
-    return HyperOptSearch(space, metric="objective", mode="min", n_initial_points=s.n_initial,
+    return HyperOptSearch(space, metric=Metric.OBJECTIVE, mode="min", n_initial_points=s.n_initial,
                           random_state_seed=s.seed)
 
 
@@ -654,7 +709,7 @@ def _capped(inner, field: str, cap: float | None, spent_before: float):
 
     class Capped(Searcher):
         def __init__(self) -> None:
-            super().__init__(metric="objective", mode="min")
+            super().__init__(metric=Metric.OBJECTIVE, mode="min")
             self.spent: dict[str, float] = {}
 
         def set_search_properties(self, metric, mode, config, **spec) -> bool:

@@ -1,10 +1,24 @@
 """MLflow records of a sweep: an experiment per sweep name, a parent run per sweep, a child
 run per trial. Written from the driver only (a Tune callback), so a stopped or crashed
-trial never leaves a run RUNNING behind.
+trial never leaves a run RUNNING behind. Every name below is spelled once, in trainables/names.py.
 
-Child run, per trial:
-  params   every attacker field, defence, phi, eval_every, max_steps (the trial's T),
-           evaluator, search, unit
+Experiment tags: mlflow.experimentKind = custom_model_development, and a saved view of the trial
+runs (mlflow.sharedViewState.trials: the UI's Views menu; `ui_link` opens it).
+
+Sweep run (tag kind=sweep, one per spec digest, named 'sweep · <name>'):
+  params   defences, the scoring rules, max_steps, search, unit, num_trials
+  tags     records_schema (SCHEMA_VERSION), spec_digest, sweep, provenance.<key> (version,
+           git_commit, git_dirty, package versions, python, platform, cpus, cuda: the latest run
+           of the sweep; orchestrator/provenance.py)
+  artifacts spec.yaml, provenance/<UTC time>.json (one per run of the sweep); after a sweep
+           that ran to its end, the summary metrics, description and report/ of
+           orchestrator/publish.py
+
+Child run, per trial (named '<defence> · <the attacker's varying fields>', e.g.
+'base · lr 3e-3 adamw n32 full'):
+  params   every attacker field that applies (none whose value is null, no lora_* with
+           finetune full), defence, phi, eval_every, max_steps (the trial's T), evaluator,
+           search, unit
   metrics  by step: harmfulness (the primary evaluator's f) with its Wilson interval
            harmfulness_lo / harmfulness_hi, utility, train_loss, examples, tokens, flops,
            accelerator_seconds, wall_seconds, eval_seconds; per evaluator <metric>.<label>
@@ -23,7 +37,8 @@ Child run, per trial:
            base, attacker_id, attacker_group (attacker_id without the seed), attacker (JSON),
            trial_key, search_key, trial_number (per defence, in order of completion), sweep
 
-Adversary run, per defence and search (tag kind=adversary, child of the sweep run):
+Adversary run, per defence and search (tag kind=adversary, child of the sweep run, named
+'adversary · <defence> (<algorithm>)'):
   metrics  by trial number: objective, cumulative_compute, best_btf (in the search unit)
 
 A trial is identified by `trial_key`, the digest of everything that decides its result.
@@ -43,18 +58,34 @@ loop is shortened (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _TIMEOUT) to leave that wait
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow import entities
+from mlflow.entities import Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.adversary import Progress
-from trainables.names import BUDGET_UNITS, CROSSING, CURVE, SUCCESS, TERMINAL
+from trainables.names import (
+    BUDGET_UNITS,
+    CROSSING,
+    CURVE,
+    EXPERIMENT_KIND,
+    PROVENANCE,
+    SCHEMA_VERSION,
+    SUCCESS,
+    TERMINAL,
+    TRIALS_VIEW,
+    ExperimentTag,
+    Kind,
+    Metric,
+    Tag,
+)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -172,29 +203,52 @@ class Tracker:
                 if (exp := self.client.get_experiment_by_name(sweep)) is None:
                     raise
                 self.experiment_id = exp.experiment_id
+        if exp is None or exp.tags.get(ExperimentTag.KIND) != EXPERIMENT_KIND:
+            # 'Machine learning', not a GenAI app: spares the UI's "what kind of experiment?" prompt
+            self.client.set_experiment_tag(self.experiment_id, ExperimentTag.KIND, EXPERIMENT_KIND)
         self.parent_id = self._parent(spec_digest, sweep_params)
 
     def _parent(self, spec_digest: str, params: dict[str, Any]) -> str:
         found = self.client.search_runs(
             [self.experiment_id],
-            f"tags.kind = 'sweep' and tags.spec_digest = '{spec_digest}'", max_results=1)
+            f"tags.{Tag.KIND} = '{Kind.SWEEP}' and tags.{Tag.SPEC_DIGEST} = '{spec_digest}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
-            return run_id
-        run = self.client.create_run(self.experiment_id, run_name=f"sweep-{self.sweep}", tags={
-            "kind": "sweep", "spec_digest": spec_digest, "sweep": self.sweep})
-        self.client.log_batch(run.info.run_id, params=_params(params))
-        return run.info.run_id
+        else:
+            run_id = self.client.create_run(self.experiment_id, run_name=f"sweep · {self.sweep}", tags={
+                Tag.KIND: Kind.SWEEP, Tag.SPEC_DIGEST: spec_digest, Tag.SWEEP: self.sweep,
+                Tag.NOTE: f"Sweep **{self.sweep}** (attack-sweep). Its summary and report are written here "
+                          "when the sweep ends; the trials are this run's child runs."}).info.run_id
+            self.client.log_batch(run_id, params=_params(params))
+        self.client.set_tag(run_id, Tag.SCHEMA, str(SCHEMA_VERSION))  # a resumed sweep writes this layout too
+        return run_id
+
+    def record_sweep(self, spec: dict[str, Any], provenance: dict[str, str], unit: str,
+                     columns: Sequence[str] = ()) -> None:
+        """What the sweep run keeps of this `run` of the sweep: the spec (artifact spec.yaml), its
+        provenance (tags provenance.<key>, updated by each run; every run's whole set as artifact
+        provenance/<UTC time>.json), and the experiment's saved view of its trial runs: kind=trial,
+        the cheapest attack first, with the defence, status, budget-to-failure in `unit` and the
+        attacker fields in `columns` as columns (MLflow's Views menu: TRIALS_VIEW)."""
+        import yaml
+
+        run_id = self.parent_id
+        self.client.log_text(run_id, yaml.safe_dump(spec, sort_keys=False), "spec.yaml")
+        self.client.log_batch(run_id, tags=[RunTag(PROVENANCE + k, str(v)[:5000]) for k, v in provenance.items()])
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self.client.log_text(run_id, json.dumps(provenance, indent=1), f"provenance/{stamp}.json")
+        self.client.set_experiment_tag(self.experiment_id, ExperimentTag.VIEW + TRIALS_VIEW,
+                                       json.dumps(trials_view(unit, columns)))
 
     def trial_runs(self) -> dict[str, list]:
         """Every live trial run of this experiment, grouped by trial_key."""
-        runs = self.client.search_runs([self.experiment_id], "tags.kind = 'trial'",
+        runs = self.client.search_runs([self.experiment_id], f"tags.{Tag.KIND} = '{Kind.TRIAL}'",
                                        max_results=50_000)
         out: dict[str, list] = {}
         for run in runs:
-            if "superseded" not in run.data.tags:
-                out.setdefault(run.data.tags["trial_key"], []).append(run)
+            if Tag.SUPERSEDED not in run.data.tags:
+                out.setdefault(run.data.tags[Tag.TRIAL_KEY], []).append(run)
         return out
 
     def completed_keys(self) -> set[str]:
@@ -204,13 +258,13 @@ class Tracker:
         (kept, but out of the report)."""
         done = set()
         for key, runs in self.trial_runs().items():
-            final = [r for r in runs if r.data.tags.get("status") in TERMINAL]
+            final = [r for r in runs if r.data.tags.get(Tag.STATUS) in TERMINAL]
             keep = min(final, key=finished_first).info.run_id if final else None
             if keep:
                 done.add(key)
             for run in runs:
                 if run.info.run_id != keep:
-                    self.client.set_tag(run.info.run_id, "superseded", "true")
+                    self.client.set_tag(run.info.run_id, Tag.SUPERSEDED, "true")
                     if run.info.status == "RUNNING":
                         self.client.set_terminated(run.info.run_id, "KILLED")
         return done
@@ -218,16 +272,16 @@ class Tracker:
     def finished_trials(self, defence: str, search_key: str) -> list:
         """This search's finished trial runs against `defence`, in trial-number order."""
         runs = self.client.search_runs(
-            [self.experiment_id], f"tags.kind = 'trial' and tags.defence = '{defence}' and "
-            f"tags.search_key = '{search_key}'", max_results=50_000)
-        runs = [r for r in runs if "superseded" not in r.data.tags
-                and r.data.tags.get("status") in TERMINAL]
-        return sorted(runs, key=lambda r: (int(r.data.tags.get("trial_number", 0)),
+            [self.experiment_id], f"tags.{Tag.KIND} = '{Kind.TRIAL}' and tags.{Tag.DEFENCE} = '{defence}' and "
+            f"tags.{Tag.SEARCH_KEY} = '{search_key}'", max_results=50_000)
+        runs = [r for r in runs if Tag.SUPERSEDED not in r.data.tags
+                and r.data.tags.get(Tag.STATUS) in TERMINAL]
+        return sorted(runs, key=lambda r: (int(r.data.tags.get(Tag.TRIAL_NUMBER, 0)),
                                            r.info.start_time))
 
     def abandon(self, run_id: str, reason: str) -> None:
         """A trial attempt whose process died and which Tune retries: kept, out of every count."""
-        self.client.log_batch(run_id, tags=[RunTag("superseded", "true"), RunTag("error", reason[-5000:])])
+        self.client.log_batch(run_id, tags=[RunTag(Tag.SUPERSEDED, "true"), RunTag(Tag.ERROR, reason[-5000:])])
         self.client.set_terminated(run_id, "KILLED")
 
     def log_error(self, run_id: str, text: str) -> None:
@@ -235,40 +289,44 @@ class Tracker:
         self.client.log_text(run_id, text, "error.txt")
 
     def start_trial(self, key: str, defence: str, is_base: bool, attacker_id: str,
-                    params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+                    params: dict[str, Any], tags: dict[str, str] | None = None,
+                    name: str | None = None) -> str:
+        """A trial's run, named `name` (else '<defence> · <attacker_id>')."""
         run = self.client.create_run(
-            self.experiment_id, run_name=f"{defence}-{attacker_id}",
-            tags={"mlflow.parentRunId": self.parent_id, "kind": "trial", "sweep": self.sweep,
-                  "defence": defence, "base": str(is_base).lower(), "attacker_id": attacker_id,
-                  "trial_key": key, **(tags or {})})
+            self.experiment_id, run_name=name or f"{defence} · {attacker_id}",
+            tags={Tag.PARENT: self.parent_id, Tag.KIND: Kind.TRIAL, Tag.SWEEP: self.sweep,
+                  Tag.DEFENCE: defence, Tag.BASE: str(is_base).lower(), Tag.ATTACKER_ID: attacker_id,
+                  Tag.TRIAL_KEY: key, **(tags or {})})
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id
 
     def adversary_run(self, defence: str, search_key: str, params: dict[str, Any]) -> str:
         """The run holding the adversary's progress against `defence` (reused on resume)."""
         found = self.client.search_runs(
-            [self.experiment_id], f"tags.kind = 'adversary' and tags.defence = '{defence}' and "
-            f"tags.search_key = '{search_key}'", max_results=1)
+            [self.experiment_id], f"tags.{Tag.KIND} = '{Kind.ADVERSARY}' and tags.{Tag.DEFENCE} = '{defence}' and "
+            f"tags.{Tag.SEARCH_KEY} = '{search_key}'", max_results=1)
         if found:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=f"adversary-{defence}", tags={
-            "mlflow.parentRunId": self.parent_id, "kind": "adversary", "sweep": self.sweep,
-            "defence": defence, "search_key": search_key})
+        algorithm = params.get("algorithm")
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"adversary · {defence}" + (f" ({algorithm})" if algorithm else ""),
+            tags={Tag.PARENT: self.parent_id, Tag.KIND: Kind.ADVERSARY, Tag.SWEEP: self.sweep,
+                  Tag.DEFENCE: defence, Tag.SEARCH_KEY: search_key})
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id
 
     def log_progress(self, run_id: str, progress: Progress, objective: float) -> None:
         now, n = int(time.time() * 1000), progress.trials
-        metrics = [Metric("objective", objective, now, n),
-                   Metric("cumulative_compute", progress.compute, now, n)]
+        metrics = [entities.Metric(Metric.OBJECTIVE, objective, now, n),
+                   entities.Metric(Metric.CUMULATIVE_COMPUTE, progress.compute, now, n)]
         if math.isfinite(progress.best):
-            metrics.append(Metric("best_btf", progress.best, now, n))
+            metrics.append(entities.Metric(Metric.BEST_BTF, progress.best, now, n))
         self.client.log_batch(run_id, metrics=metrics)
 
     def log_point(self, run_id: str, point: dict[str, Any]) -> None:
         now, step = int(time.time() * 1000), int(point["step"])
-        metrics = [Metric(k, float(v), now, step) for k, v in point.items()
+        metrics = [entities.Metric(k, float(v), now, step) for k, v in point.items()
                    if is_curve(k) and isinstance(v, (int, float)) and math.isfinite(float(v))]
         self.client.log_batch(run_id, metrics=metrics)
         if isinstance(point.get("samples"), str):  # what the model answered, and every verdict
@@ -284,28 +342,27 @@ class Tracker:
         if status not in TERMINAL:
             status, error = "error", error or f"trial ended while still {status!r}"
         now = int(time.time() * 1000)
-        metrics = [Metric(k if k == "eval_seconds_total" else f"spent_{k}", float(v), now, 0)
+        metrics = [entities.Metric(k if k == Metric.EVAL_SECONDS_TOTAL else Metric.spent(k), float(v), now, 0)
                    for k, v in (spent or {}).items()]
         if status in SUCCESS:
-            metrics += [Metric(f"budget_to_failure_{unit}", float(last[field]), now, 0)
+            metrics += [entities.Metric(Metric.btf(unit), float(last[field]), now, 0)
                         for unit, field in BUDGET_UNITS.items() if field in last]
-            metrics.append(Metric("budget_resolution_steps", float(last.get("resolution", 0)), now, 0))
+            metrics.append(entities.Metric(Metric.RESOLUTION, float(last.get("resolution", 0)), now, 0))
         elif status in ("resisted", "diverged", "degenerate"):
-            name = "censored" if status == "resisted" else status
-            metrics.append(Metric(f"{name}_at_steps", float(last["step"]), now, 0))
+            metrics.append(entities.Metric(Metric.ended_at(status), float(last["step"]), now, 0))
         for key, value in (last or {}).items():  # each evaluator's own first crossing
             if key.startswith(CROSSING + "."):
                 label, field = key[len(CROSSING) + 1:].rsplit(".", 1)
                 unit = next((u for u, f in BUDGET_UNITS.items() if f == field), None)
-                name = f"budget_to_failure_{unit}.{label}" if unit else "budget_resolution_steps." + label
-                metrics.append(Metric(name, float(value), now, 0))
-        if status != "error" and last.get("objective") is not None:
-            metrics.append(Metric("objective", float(last["objective"]), now, 0))
-        tags = [RunTag("status", status)]
+                name = Metric.btf(unit, label) if unit else f"{Metric.RESOLUTION}.{label}"
+                metrics.append(entities.Metric(name, float(value), now, 0))
+        if status != "error" and last.get(Metric.OBJECTIVE) is not None:
+            metrics.append(entities.Metric(Metric.OBJECTIVE, float(last[Metric.OBJECTIVE]), now, 0))
+        tags = [RunTag(Tag.STATUS, status)]
         if trial_number is not None:
-            tags.append(RunTag("trial_number", str(trial_number)))
+            tags.append(RunTag(Tag.TRIAL_NUMBER, str(trial_number)))
         if error:
-            tags.append(RunTag("error", error[-5000:]))
+            tags.append(RunTag(Tag.ERROR, error[-5000:]))
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, "FAILED" if status == "error" else "FINISHED")
         return status
@@ -313,12 +370,55 @@ class Tracker:
     def close(self, interrupted: bool = False) -> None:
         """End the parent run, and any trial or adversary run the sweep left open."""
         running = RunStatus.to_string(RunStatus.RUNNING)
-        for run in self.client.search_runs([self.experiment_id], "tags.kind != 'sweep'",
+        for run in self.client.search_runs([self.experiment_id], f"tags.{Tag.KIND} != '{Kind.SWEEP}'",
                                            max_results=50_000):
             if run.info.status == running:
                 self.client.set_terminated(run.info.run_id, "KILLED" if interrupted or
-                                           run.data.tags.get("kind") == "trial" else "FINISHED")
+                                           run.data.tags.get(Tag.KIND) == Kind.TRIAL else "FINISHED")
         self.client.set_terminated(self.parent_id, "KILLED" if interrupted else "FINISHED")
+
+
+RUN_NAME = "attributes.`Run Name`"
+"""The runs table's column of run names."""
+
+
+def trials_view(unit: str, columns: Sequence[str] = ()) -> dict[str, Any]:
+    """A saved view of the runs table (MLflow 3.17's envelope: name, times, and the view state as
+    a JSON string): the trial runs only, flat (a filter that leaves out their parent shows
+    children as rows of their own, not folded under the sweep run with the adversary runs), the
+    cheapest success first, and as columns, in this order, what answers "which attack broke which
+    defence, at what cost": defence, status, budget-to-failure, compute spent, where a resisted
+    attack stopped, and the attacker fields in `columns`."""
+    now = int(time.time() * 1000)
+    selected = [f"tags.`{Tag.DEFENCE}`", f"tags.`{Tag.STATUS}`", f"metrics.`{Metric.btf(unit)}`",
+                f"metrics.`{Metric.spent(unit)}`", f"metrics.`{Metric.ended_at('resisted')}`",
+                *(f"params.`{c}`" for c in columns)]
+    state = {
+        "searchFilter": f"tags.{Tag.KIND} = '{Kind.TRIAL}'",
+        "orderByKey": f"metrics.`{Metric.btf(unit)}`", "orderByAsc": True,
+        "selectedColumns": selected, "columnOrder": [RUN_NAME, *selected],
+        # wide enough for a run name ('rescaled · lr 3e-3 sgd_momentum n128 lora') and for the metric
+        # headers (budget_to_failure_accelerator_seconds is 36 characters); the UI applies a width
+        # only to a column named in columnOrder
+        "columnWidths": {RUN_NAME: 300,
+                         **{c: max(110, 8 * len(c.split("`")[1]) + 24) for c in selected if c.startswith("metrics.")}},
+    }
+    return {"name": f"trials, cheapest attack first ({unit})", "createdAt": now, "updatedAt": now,
+            "state": json.dumps(state)}
+
+
+def ui_link(tracking_uri: str, experiment_id: str) -> str:
+    """The MLflow UI's page of this experiment's trial runs (see ui_path). A store that is not a
+    server (sqlite, a folder) gets the address of a local `mlflow ui`."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/{ui_path(experiment_id)}"
+
+
+def ui_path(experiment_id: str) -> str:
+    """The UI route of the saved view of the trial runs, in the UI's Model training mode (MLflow
+    3.17 opens a browser that has not chosen a mode on its GenAI overview, whatever the
+    experiment's kind)."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={TRIALS_VIEW}"
 
 
 def finished_first(run) -> tuple[float, float]:
@@ -347,7 +447,7 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
         def on_trial_start(self, iteration, trials, trial, **info):
             d = describe(trial.config)
             self.runs[trial.trial_id] = tracker.start_trial(
-                d["key"], d["defence"], d["is_base"], d["attacker_id"], d["params"], d["tags"])
+                d["key"], d["defence"], d["is_base"], d["attacker_id"], d["params"], d["tags"], d.get("name"))
             self.spent[trial.trial_id] = dict.fromkeys([*BUDGET_UNITS, "eval_seconds_total"], 0.0)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -374,7 +474,7 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
                 number = progress.trials + 1
                 btf = last.get(BUDGET_UNITS[progress.unit])
                 progress.add(last["status"], spent[progress.unit], btf)
-                tracker.log_progress(adversary_run, progress, float(last.get("objective", math.nan)))
+                tracker.log_progress(adversary_run, progress, float(last.get(Metric.OBJECTIVE, math.nan)))
             status = tracker.finish_trial(run_id, last, error, spent, number)
             self.finished += 1
             best = (f"best so far {_amount(progress.best, progress.unit)} after "

@@ -91,6 +91,41 @@ def sweep_dict(world, name: str, defences=("base", "rescaled"), **over) -> dict:
     return raw
 
 
+def e2e_spec(world, name: str = "e2e", **over):
+    """The end-to-end sweep: the toy base and its rescaled defence, each against two learning
+    rates (1e-4 resists or breaks late, 3e-3 breaks both), T 20, evaluated every 5 steps."""
+    from orchestrator import spec as S
+
+    raw = {
+        "name": name,
+        "defences": [{"name": "base", "model": str(world / "base"), "base": True},
+                     {"name": "rescaled", "model": str(world / "rescaled")}],
+        "data": {"attack": {"source": str(world / "attack.jsonl")},
+                 "eval": {"source": str(world / "eval.jsonl")}, "chat_template": True,
+                 "eval_size": 16},
+        "evaluator": {"name": "refusal_keyword", "options": {"max_new_tokens": 4}},
+        "phi": 0.5, "eval_every": 5, "max_steps": 20, "device": "cpu",
+        "space": {"learning_rate": {"grid": [1e-4, 3e-3]}, "dataset_size": 32},
+    }
+    raw.update(over)
+    return S.from_dict({k: v for k, v in raw.items() if v is not None})
+
+
+@pytest.fixture(scope="session")
+def e2e_sweep(world, ray_local, tmp_path_factory):
+    """e2e_spec swept once for the whole session (a real sweep costs ~30 s on 2 cores, so modules
+    share it): (spec, tracking URI, its folder, the lines the sweep printed). test_sweep.py's
+    rerun test adds trials to it; every other user only reads it."""
+    from orchestrator import sweep
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    spec = e2e_spec(world)
+    lines: list[str] = []
+    sweep.run(spec, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lines.append)
+    return spec, uri, tmp, lines
+
+
 def trial_runs(uri: str, experiment: str, kind: str = "trial") -> list:
     """The MLflow runs of one kind (trial, sweep, adversary) in a sweep's experiment."""
     from mlflow.tracking import MlflowClient

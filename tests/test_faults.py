@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator import report, sweep
 from orchestrator import spec as S
 from orchestrator.tracking import Patient, Tracker
+from trainables.names import SCHEMA_VERSION
 
 T = 30
 EVERY = 5
@@ -336,7 +337,7 @@ def test_a_trial_recorded_twice_counts_once_in_the_report(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment("two-machines")
-    parent = client.create_run(exp, tags={"kind": "sweep"}).info.run_id
+    parent = client.create_run(exp, tags={"kind": "sweep", "records_schema": str(SCHEMA_VERSION)}).info.run_id
 
     def record(key: str, status: str, start: int, end: int, btf: float | None = None, **tags) -> str:
         run_id = client.create_run(exp, start_time=start, tags={

@@ -235,7 +235,7 @@ def test_sweep_submitted_as_a_ray_job_to_a_token_protected_head(world, head, tmp
     assert [j["submission_id"] for j in jobs] == ["sweep"]  # the refused one never ran
 
     assert "sweep 'job-submit': 2 defences x 2 attackers" in logs
-    assert "base (base)" in logs and "rescaled" in logs and "budget-to-failure (steps) per attacker" in logs
+    assert "base (base)" in logs and "rescaled" in logs and "Budget-to-failure (steps) per attacker" in logs
     assert (tmp_path / "report" / "report.csv").exists()
 
     sweeps = trial_runs(uri, "job-submit", kind="sweep")

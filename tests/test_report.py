@@ -11,6 +11,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from orchestrator import report, stats
+from trainables.names import SCHEMA_VERSION
 
 INF = math.inf
 T = 100
@@ -30,7 +31,8 @@ class Sweep:
         self.uri, self.name = uri, name
         self.client = MlflowClient(uri)
         self.exp = self.client.create_experiment(name)
-        self.parent = self.client.create_run(self.exp, tags={"kind": "sweep"}).info.run_id
+        self.parent = self.client.create_run(self.exp, tags={"kind": "sweep",
+                                                             "records_schema": str(SCHEMA_VERSION)}).info.run_id
 
     def trial(self, defence: str, status: str, *, group: str = "a", seed: int = 0, base: bool = False,
               attacker: dict | None = None, btf: dict | None = None, spent: dict | None = None,
@@ -100,8 +102,11 @@ def test_ranking_by_tokens_can_pick_another_cheapest_attacker_than_by_steps(stor
 
     text = report.write(rows, "units", tmp_path, unit="tokens")
     assert {p.name for p in tmp_path.iterdir()} == {
-        "report.csv", "attackers.csv", "evaluators.csv", "report.md", "survival.csv", "progress.csv"}
-    assert "min_btf_tokens" in text and "per attacker" in text and "adversary progress (tokens)" in text
+        "report.csv", "trials.csv", "evaluators.csv", "report.md", "survival.csv", "progress.csv", "report.html",
+        "figures"}
+    assert "Budget-to-failure in tokens per defence" in text and "per attacker" in text
+    assert "Adversary progress (tokens)" in text
+    assert max(map(len, text.splitlines())) <= report.tables.WIDTH
     md = (tmp_path / "report.md").read_text()
     assert "min_btf_tokens" in md and "## Budget-to-failure (tokens) per attacker" in md and "progress" in md
     survival = list(csv.reader((tmp_path / "survival.csv").open()))
@@ -176,11 +181,6 @@ def test_progress_best_never_rises_and_cumulative_is_the_sum_of_spent(store, tmp
     for n, status, steps, spent in trials:
         s.trial("d", status, group=f"g{n}", number=n, objective=-n, spent={"steps": spent, "tokens": 10 * spent},
                 btf={"steps": steps, "tokens": 10 * steps} if steps else None)
-    # older records: no trial_number, no spent_*; ordered by start time, spent = the budget at the last evaluation
-    for start, status, steps, end in ((2000, "failed", 40, 40), (1000, "resisted", None, T), (3000, "failed", 60, 60),
-                                      (4000, "error", None, 15)):
-        s.trial("old", status, group=str(start), start=start, btf={"steps": steps} if steps else None,
-                curve={k: {"harmfulness": 0.1, "tokens": 10 * k} for k in range(0, end + 1, 5)})
     # two searches against one defence each number from 1: start times order them
     for start, number, steps in ((300, 2, 5), (100, 1, 30), (200, 1, 10)):
         s.trial("two", "failed", group=str(start), start=start, number=number, btf={"steps": steps},
@@ -198,23 +198,15 @@ def test_progress_best_never_rises_and_cumulative_is_the_sum_of_spent(store, tmp
     assert [p.objective for p in progress] == [-1, -2, -3, -4, -5, -6, -7]
     assert [p.cumulative for p in rows["d"].progress("tokens")] == [10 * c for c in itertools.accumulate(spent)]
 
-    old = rows["old"].progress("steps")
-    assert [(p.cumulative, p.best) for p in old] == [(T, None), (T + 40, 40), (T + 100, 40), (T + 115, 40)]
-    assert [p.cumulative for p in rows["old"].progress("tokens")] == [10 * T, 10 * T + 400, 10 * T + 1000,
-                                                                      10 * T + 1150]
-    assert rows["old"].progress("accelerator_seconds")[-1].cumulative is None  # unknown, not understated
-
     text = report.write(list(rows.values()), "progress", tmp_path)
-    section = text.split("adversary progress")[1]
+    section = text.split("Adversary progress")[1]
     improved = [line.split()[:2] for line in section.splitlines() if line.startswith("d ")]
     assert improved == [["d", "2"], ["d", "4"], ["d", "all"]]  # only improvements, then totals
     totals = next(line for line in section.splitlines() if line.startswith("d ") and "all 7" in line)
     assert totals.split()[3:] == [str(sum(spent)), "20"]
     lines = list(csv.DictReader((tmp_path / "progress.csv").open()))
-    assert len(lines) == 7 + 4 + 3
+    assert len(lines) == 7 + 3
     assert [r["best_btf_steps"] for r in lines if r["defence"] == "d"] == ["", "50", "50", "20", "20", "20", "20"]
-    assert lines[-4] == {"defence": "old", "trial_number": "4", "cumulative_steps": str(T + 115),
-                         "best_btf_steps": "40", "objective": ""}
 
 
 def test_superseded_runs_are_ignored(store):
@@ -301,7 +293,7 @@ def test_each_evaluator_has_its_worst_case_and_disagreements_are_counted(store, 
     assert table["judge"]["min_btf_steps"] == "2" and table["judge"]["trials_crossed"] == "2"
     assert table["judge"]["disagree_with_primary"] == "2"
     text = report.write(rows, "judges", tmp_path)
-    assert "worst case (steps) per evaluator" in text and "judge" in (tmp_path / "evaluators.csv").read_text()
+    assert "Worst case (steps) per evaluator" in text and "judge" in (tmp_path / "evaluators.csv").read_text()
 
 
 def test_a_success_after_the_loss_exploded_is_flagged(store):

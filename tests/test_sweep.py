@@ -1,40 +1,22 @@
 """End to end: a real local Ray, a real MLflow sqlite store, the toy world."""
 
+import shutil
+
 import pytest
 import torch
-from conftest import trial_runs
+from conftest import e2e_spec, trial_runs
 from mlflow.tracking import MlflowClient
 
 from orchestrator import report, sweep
-from orchestrator import spec as S
 from orchestrator.cli import main
 from trainables import run_attack
 
-
-def make_spec(world, name="e2e", **over) -> S.SweepSpec:
-    raw = {
-        "name": name,
-        "defences": [{"name": "base", "model": str(world / "base"), "base": True},
-                     {"name": "rescaled", "model": str(world / "rescaled")}],
-        "data": {"attack": {"source": str(world / "attack.jsonl")},
-                 "eval": {"source": str(world / "eval.jsonl")}, "chat_template": True,
-                 "eval_size": 16},
-        "evaluator": {"name": "refusal_keyword", "options": {"max_new_tokens": 4}},
-        "phi": 0.5, "eval_every": 5, "max_steps": 20, "device": "cpu",
-        "space": {"learning_rate": {"grid": [1e-4, 3e-3]}, "dataset_size": 32},
-    }
-    raw.update(over)
-    return S.from_dict({k: v for k, v in raw.items() if v is not None})
+make_spec = e2e_spec
 
 
 @pytest.fixture(scope="module")
-def swept(world, ray_local, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    spec = make_spec(world)
-    lines = []
-    sweep.run(spec, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lines.append)
-    return spec, uri, tmp, lines
+def swept(e2e_sweep):
+    return e2e_sweep
 
 
 def test_every_trial_is_a_finished_child_run_with_its_budget(swept):
@@ -79,8 +61,11 @@ def test_swept_budget_equals_a_direct_run_attack(swept):
                 (btf.step, btf.examples, btf.tokens, btf.flops)
 
 
-def test_rerun_does_not_duplicate_trials(swept, world):
-    spec, uri, tmp, _ = swept
+def test_rerun_does_not_duplicate_trials(swept, world, tmp_path):
+    spec, _, tmp, _ = swept
+    # on a copy of the session's shared store: the wider rerun below adds trials and a sweep run
+    shutil.copy(tmp / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     before = {r.info.run_id for r in trial_runs(uri, "e2e")}
     lines = []
     sweep.run(spec, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lines.append)
@@ -108,11 +93,13 @@ def test_report_numbers_equal_the_mlflow_records(swept, capsys):
     assert main(["report", "--experiment", "e2e", "--tracking-uri", uri, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "base (base)" in text and (out / "report.csv").exists() and (out / "survival.csv").exists()
-    csv_rows = (out / "report.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("defence,trials,failed,resisted")
-    base = next(r for r in csv_rows if r.startswith("base (base)")).split(",")
-    assert int(base[1]) == len(rows["base"].trials) and int(base[2]) == rows["base"].count("failed")
-    assert "| defence |" in (out / "report.md").read_text()
+    import csv
+
+    base = next(r for r in csv.DictReader((out / "report.csv").open()) if r["defence"] == "base")
+    assert base["base"] == "true" and int(base["trials"]) == len(rows["base"].trials)
+    assert int(base["failed"]) == rows["base"].count("failed")
+    assert "| defence |" in (out / "report.md").read_text() and (out / "report.html").exists()
+    assert f"open the report: {(out / 'report.html').resolve().as_uri()}" in text
 
 
 def test_trial_error_is_recorded_and_the_sweep_goes_on(world, ray_local, tmp_path, capsys):

@@ -49,3 +49,118 @@ SWEEP_PARAMS: tuple[str, ...] = ("defence", "phi", "eval_every", "eval_schedule"
                                  "evaluators", "crossing", "confidence", "utility_score", "utility_epsilon",
                                  "search", "unit")
 """Params of a trial run that are not attacker fields (how the sweep scored and stopped it)."""
+
+
+# --- MLflow records: what the tracker writes and the report reads (orchestrator/tracking.py and
+# orchestrator/report/ both import these; nothing else spells them) ---
+
+SCHEMA_VERSION = 2
+"""Version of the record layout below, tagged on every sweep run (Tag.SCHEMA). 1: records written
+before the tag existed (attack-sweep 0.1, before issue 12); the report refuses them with one line."""
+
+
+class Kind:
+    """Values of Tag.KIND: what a run in a sweep's experiment is."""
+
+    SWEEP = "sweep"
+    """The parent run: the spec, provenance, and after the sweep its summary and report."""
+    TRIAL = "trial"
+    """One attack on one defence (child of the sweep run)."""
+    ADVERSARY = "adversary"
+    """One defence's search: its progress by trial number (child of the sweep run)."""
+
+
+class Tag:
+    """Run tags."""
+
+    KIND = "kind"
+    SCHEMA = "records_schema"
+    SWEEP = "sweep"
+    SPEC_DIGEST = "spec_digest"
+    STATUS = "status"
+    DEFENCE = "defence"
+    BASE = "base"
+    ATTACKER = "attacker"
+    """The attacker's fields as JSON."""
+    ATTACKER_ID = "attacker_id"
+    ATTACKER_GROUP = "attacker_group"
+    """attacker_id without the seed: repeats of one attacker over seeds share it."""
+    TRIAL_KEY = "trial_key"
+    SEARCH_KEY = "search_key"
+    TRIAL_NUMBER = "trial_number"
+    SUPERSEDED = "superseded"
+    ERROR = "error"
+    PARENT = "mlflow.parentRunId"
+    NOTE = "mlflow.note.content"
+    """MLflow's run description (Markdown), shown on the run page."""
+
+
+class Metric:
+    """Run metrics other than the EvalPoint curves (CURVE)."""
+
+    RESOLUTION = "budget_resolution_steps"
+    OBJECTIVE = "objective"
+    EVAL_SECONDS_TOTAL = "eval_seconds_total"
+    LOSS_PEAK_RATIO = "loss_peak_ratio"
+    CUMULATIVE_COMPUTE = "cumulative_compute"
+    """Adversary run, by trial number: compute spent by the finished trials, in the search unit."""
+    BEST_BTF = "best_btf"
+    """Adversary run, by trial number: the cheapest success so far, in the search unit."""
+
+    @staticmethod
+    def btf(unit: str, label: str | None = None) -> str:
+        """budget_to_failure_<unit>, or an evaluator's own: budget_to_failure_<unit>.<label>."""
+        return f"budget_to_failure_{unit}" + (f".{label}" if label else "")
+
+    @staticmethod
+    def spent(unit: str) -> str:
+        """Compute a trial spent in `unit`, whatever its status."""
+        return f"spent_{unit}"
+
+    @staticmethod
+    def ended_at(status: str) -> str:
+        """The step a resisted (censored_at_steps), diverged or degenerate trial stopped at."""
+        return f"{'censored' if status == 'resisted' else status}_at_steps"
+
+
+# --- the MLflow UI and the sweep run's summary (orchestrator/tracking.py, orchestrator/publish.py) ---
+
+
+class ExperimentTag:
+    """Experiment tags the tracker sets, for the MLflow UI."""
+
+    KIND = "mlflow.experimentKind"
+    """MLflow's experiment type; set to EXPERIMENT_KIND ('Machine learning'). MLflow 3.17's UI picks
+    its GenAI or Model training view from a per-browser toggle, not from this tag (mlflow#24498):
+    a link with ?workflowType=machine_learning opens on the runs."""
+    VIEW = "mlflow.sharedViewState."
+    """Prefix of a saved runs-table view, listed in the UI's Views menu and opened by
+    ?viewStateShareKey=<the rest of the key>."""
+
+
+EXPERIMENT_KIND = "custom_model_development"
+TRIALS_VIEW = "trials"
+"""The saved view of the trial runs (filtered to kind=trial, cheapest attack first)."""
+PROVENANCE = "provenance."
+"""Prefix of the sweep run's provenance tags (provenance.version, provenance.git_commit, ...)."""
+
+
+class Summary:
+    """Sweep run metrics, written after the sweep from the report's numbers."""
+
+    TRIALS = "n_trials"
+
+    @staticmethod
+    def worst(unit: str, defence: str) -> str:
+        """The cheapest successful attack on `defence`, in `unit`."""
+        return f"worst_btf_{unit}.{defence}"
+
+    @staticmethod
+    def median(unit: str, defence: str) -> str:
+        """The censoring-aware median budget-to-failure of `defence` (where finite)."""
+        return f"median_btf_{unit}.{defence}"
+
+    @staticmethod
+    def count(status: str, defence: str) -> str:
+        """How many of `defence`'s trials ended with `status`."""
+        return f"n_{status}.{defence}"

@@ -1,0 +1,122 @@
+"""The sweep's answer on its MLflow sweep run, written when the sweep ends: open that run and
+read each defence's worst case without running `attack-sweep report`.
+
+    from orchestrator.publish import publish
+    publish("sqlite:///mlflow.db", "quickstart", parent_run_id, unit="steps")
+
+On the sweep run (names in trainables.names.Summary):
+  metrics      worst_btf_<unit>.<defence> (the cheapest successful attack) and
+               median_btf_<unit>.<defence> (censoring-aware; only where finite) in every budget
+               unit; n_<status>.<defence> for every status; n_trials. Logged at step = n_trials,
+               so that a sweep resumed with more attackers plots its worst case against trials.
+  description  a Markdown table: per defence its worst case, the attack that reached it (its
+               run's name), the median, the verdict and the counts; and where the rest is.
+  artifacts    report/: what `attack-sweep report` writes (report.html, report.md, the CSVs,
+               figures/*.png).
+
+The numbers are the report's (orchestrator/report), over every trial of the experiment, as the
+report counts them. A failure here never costs the sweep: it is one printed line, and
+`attack-sweep report` reads the same records.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mlflow import entities
+from mlflow.tracking import MlflowClient
+
+from orchestrator.report.tables import median_cell, worst_cell
+from orchestrator.tracking import say, ui_path
+from trainables.names import STATUSES, Kind, Summary, Tag
+
+
+def publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str = "steps",
+            echo: Callable[[str], None] = say) -> bool:
+    """Write the summary, the description and the report onto the sweep run; False (after one
+    printed line) when that failed."""
+    try:
+        _publish(tracking_uri, experiment, parent_run_id, unit)
+        return True
+    except Exception as err:  # noqa: BLE001 - the trials are recorded; the summary is a convenience
+        text = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        echo(f"note: the sweep's summary was not written to its MLflow run ({text}); the trial records are "
+             f"complete: `attack-sweep report --experiment {experiment}` reads them")
+        return False
+
+
+def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str) -> None:
+    from orchestrator import report
+
+    client = MlflowClient(tracking_uri)
+    rows = report.load(tracking_uri, experiment)
+    n = sum(len(row.trials) for row in rows)
+    now = int(time.time() * 1000)
+    metrics = [entities.Metric(Summary.TRIALS, n, now, n)]
+    # in the order the run page lists them: the sweep's unit first, worst cases before medians
+    for u in [unit, *(u for u in report.UNITS if u != unit)]:
+        for name, value in [(Summary.worst(u, row.defence), _worst(row, u)) for row in rows] + \
+                [(Summary.median(u, row.defence), row.median(u)) for row in rows]:
+            if value is not None and math.isfinite(value):
+                metrics.append(entities.Metric(name, value, now, n))
+    metrics += [entities.Metric(Summary.count(s, row.defence), row.count(s), now, n) for row in rows for s in STATUSES]
+    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(parent_run_id, metrics=metrics[i:i + 1000])
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    client.set_tag(parent_run_id, Tag.NOTE, description(client, experiment_id, experiment, rows, unit))
+    if rows:
+        with tempfile.TemporaryDirectory(prefix="attack-sweep-report-") as tmp:
+            report.write(rows, experiment, Path(tmp), unit)
+            client.log_artifacts(parent_run_id, tmp, "report")
+
+
+def description(client: MlflowClient, experiment_id: str, experiment: str, rows: list, unit: str) -> str:
+    """The sweep run's description, in Markdown: each defence's worst case and median in a line
+    each, where the trials and the report are, then the summary table."""
+    units = ["steps"] + ([unit] if unit != "steps" else [])
+    header = ["defence", *(f"worst case ({u})" for u in units), f"median ({unit})", "verdict",
+              "failed / resisted / other", "cheapest attack"]
+    # the run page folds a description to its first lines: the answer first, in words
+    lines = [f"**Worst case** (the cheapest successful attack, {unit}): "
+             + " · ".join(f"**{row.defence} {worst_cell(row, unit)}**" for row in rows) + "  ",
+             f"Median ({unit}): " + " · ".join(f"{row.defence} {median_cell(row, unit)}" for row in rows) + "  ",
+             f"Trial runs, cheapest attack first: [the saved view]({ui_path(experiment_id)}); the whole "
+             "report: Artifacts, report/report.html.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        worst = row.cheapest(unit) or row.cheapest("steps")
+        other = len(row.trials) - row.count("failed") - row.count("resisted")
+        cells = [row.defence, *(worst_cell(row, u) for u in units), median_cell(row, unit), row.verdict(),
+                 f"{row.count('failed')} / {row.count('resisted')} / {other}",
+                 _run_name(client, experiment_id, row.defence, worst.attacker_id) if worst else "-"]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    if not rows:
+        lines.append("| (no finished trials yet) |" + " |" * (len(header) - 1))
+    base = next((row.defence for row in rows if row.is_base), None)
+    lines += ["", f"**{experiment}**: budget-to-failure per defence" + (f" ({base}: the undefended base)" if base
+                                                                        else "") +
+              ". Worst case: the cheapest successful attack; median: censoring-aware (attacks that resisted count "
+              "up to where they stopped); other: diverged, degenerate, unsafe at release, error. The same numbers "
+              "are this run's metrics (`worst_btf_<unit>.<defence>`, `median_btf_<unit>.<defence>`, "
+              "`n_<status>.<defence>`). The saved view of the trial runs is also in the Runs page's Views menu; "
+              "the report's figures are in report/figures/."]
+    return "\n".join(lines)
+
+
+def _run_name(client: MlflowClient, experiment_id: str, defence: str, attacker_id: str) -> str:
+    """The run name of a defence's trial by one attacker (what the runs table shows)."""
+    runs = client.search_runs([experiment_id], f"tags.{Tag.KIND} = '{Kind.TRIAL}' and tags.{Tag.DEFENCE} = "
+                              f"'{defence}' and tags.{Tag.ATTACKER_ID} = '{attacker_id}'", max_results=10)
+    live = [r for r in runs if Tag.SUPERSEDED not in r.data.tags] or runs
+    return live[0].info.run_name if live else attacker_id
+
+
+def _worst(row, unit: str) -> float | None:
+    """The defence's worst case in `unit`: the cheapest successful attack's budget (None: none, or
+    not recorded in this unit)."""
+    trial = row.cheapest(unit)
+    return trial.value(unit) if trial else None
