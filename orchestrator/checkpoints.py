@@ -20,6 +20,7 @@ the workers can see the models.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -90,9 +91,28 @@ def locate(value: str, kind: str, where: str, revision: str | None) -> str | Non
                     f"({why}); fix the path or the id, {SKIP_HINT}")
 
 
+def hub_offline() -> str | None:
+    """Why the hub is out of reach (HF_HUB_OFFLINE, or no connection to its host within 5 s), or
+    None. A hub id found in the local cache is then read from the cache alone: transformers would
+    otherwise list the repository's files on the hub, retrying for minutes with no network."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    reason = _probe(host)
+    return f"the hub {host} cannot be reached: {reason}" if reason else None
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(host: str) -> str | None:
+    """One connection attempt per host and process: a spec with several defences waits once."""
+    return unreachable(host, 443, timeout=5.0)
+
+
 def _hub_problem(repo: str, marker: str, revision: str | None) -> str | None:
     """Why `repo` does not resolve as a hub id, or None when it does."""
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -110,11 +130,10 @@ def _hub_problem(repo: str, marker: str, revision: str | None) -> str | None:
         return None
     except (FileNotFoundError, OSError, ValueError):
         pass
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return "HF_HUB_OFFLINE is set and it is not in the local hub cache; unset HF_HUB_OFFLINE to download it"
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    if reason := unreachable(host, 443, timeout=5.0):
-        return f"the hub {host} cannot be reached: {reason}"
+    if reason := hub_offline():
+        if reason.startswith("HF_HUB_OFFLINE"):
+            return "HF_HUB_OFFLINE is set and it is not in the local hub cache; unset HF_HUB_OFFLINE to download it"
+        return reason
     try:
         hf_hub_download(repo, marker, revision=revision, etag_timeout=10)
         return None
@@ -146,7 +165,8 @@ def _config(d: Defence, model_dir: str | None, where: str):
 
     try:
         return AutoConfig.from_pretrained(model_dir or d.model, revision=d.revision,
-                                          trust_remote_code=d.trust_remote_code)
+                                          trust_remote_code=d.trust_remote_code,
+                                          local_files_only=model_dir is None and hub_offline())
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise SpecError(f"spec error: {where}.trust_remote_code: {d.model!r} ships its own model code; "
@@ -233,7 +253,8 @@ def _tokenizer(d: Defence, source: str, where: str, chat_template: bool) -> None
 
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=None if d.tokenizer else d.revision,
-                                            trust_remote_code=d.trust_remote_code)
+                                            trust_remote_code=d.trust_remote_code,
+                                            local_files_only=not Path(source).expanduser().exists() and hub_offline())
     except Exception as err:  # noqa: BLE001 - tokenizers fail in many ways; one line names the source
         raise SpecError(f"spec error: {where}: cannot load a tokenizer from {source!r}: {_first_line(err)}; "
                         "give defences[].tokenizer") from None

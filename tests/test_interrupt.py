@@ -40,7 +40,7 @@ def test_ctrl_c_then_rerun_loses_and_duplicates_nothing(world, tmp_path):
         deadline = time.time() + 240
         for line in proc.stdout:  # the first trial is recorded ...
             if line.startswith("[1/2]"):
-                assert "learning_rate=0.003 -> failed" in line, line
+                assert "lr 3e-3 -> failed" in line, line
                 break
             assert time.time() < deadline, "no trial finished in time"
         mid = None

@@ -17,7 +17,7 @@ import yaml
 from conftest import trial_runs
 from mlflow.tracking import MlflowClient
 
-from orchestrator import provenance, publish, report, sweep, tracking
+from orchestrator import attackers, provenance, publish, report, sweep, tracking
 from trainables.names import (
     EXPERIMENT_KIND,
     PROVENANCE,
@@ -65,7 +65,7 @@ def test_trial_runs_read_as_their_attack_and_log_only_params_that_apply(e2e_swee
      "base · warm+attackx10"),
 ])
 def test_a_run_name_is_the_defence_and_the_varying_fields_in_short(attacker, varying, name):
-    assert sweep.run_name("base", attacker, varying) == name
+    assert attackers.run_name("base", attacker, varying) == name
 
 
 def test_the_sweep_run_keeps_schema_provenance_and_spec(e2e_sweep):
