@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator import spec as S  # noqa: E402
 from orchestrator import sweep  # noqa: E402
+from trainables.names import Kind, Metric, Tag  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -65,12 +66,12 @@ def trajectory(uri: str, experiment: str) -> dict[str, list[tuple[float, float]]
     """Per defence, in trial order: (steps spent by this trial, its budget-to-failure or inf)."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=10_000)
+    runs = client.search_runs([exp.experiment_id], f"tags.{Tag.KIND} = '{Kind.TRIAL}'", max_results=10_000)
     out: dict[str, list] = {}
-    for r in sorted(runs, key=lambda r: int(r.data.tags.get("trial_number", 0))):
+    for r in sorted(runs, key=lambda r: int(r.data.tags.get(Tag.TRIAL_NUMBER, 0))):
         m = r.data.metrics
-        out.setdefault(r.data.tags["defence"], []).append(
-            (m.get("spent_steps", 0.0), m.get("budget_to_failure_steps", math.inf)))
+        out.setdefault(r.data.tags[Tag.DEFENCE], []).append(
+            (m.get(Metric.spent("steps"), 0.0), m.get(Metric.btf("steps"), math.inf)))
     return out
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.space import SAMPLED, AttackerSpace, attackers
 from trainables import evaluators
 from trainables.config import Checkpoint, DeepSpeed, Evaluation, EvaluatorConfig
+from trainables.names import Unit
 
 
 class SpecError(ValueError):
@@ -51,7 +52,6 @@ class Defence(Checkpoint):
 
 Algorithm = Literal["grid", "random", "tpe", "hyperopt"]
 ADAPTIVE: tuple[Algorithm, ...] = ("tpe", "hyperopt")
-Unit = Literal["steps", "examples", "tokens", "flops", "accelerator_seconds"]
 
 
 class Search(_Strict):

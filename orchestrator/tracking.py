@@ -409,8 +409,16 @@ def trials_view(unit: str, columns: Sequence[str] = ()) -> dict[str, Any]:
 
 def ui_link(tracking_uri: str, experiment_id: str) -> str:
     """The MLflow UI's page of this experiment's trial runs (see ui_path). A store that is not a
-    server (sqlite, a folder) gets the address of a local `mlflow ui`."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    server (sqlite, a folder) gets the address of a local `mlflow ui`. Credentials in the URI
+    (https://user:token@host) are left out: the link is printed."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return f"http://127.0.0.1:5000/{ui_path(experiment_id)}"
+    parts = urlsplit(tracking_uri)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
     return f"{base}/{ui_path(experiment_id)}"
 
 

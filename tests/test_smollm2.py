@@ -161,5 +161,5 @@ def test_smoke_sweep_records_budget_to_failure_on_the_aligned_model(smoke_world,
     for t in (lora, full):
         assert t.spent["steps"] <= 4 and t.spent["examples"] == 4 * t.spent["steps"]
     assert lora.spent["flops"] / lora.spent["tokens"] < full.spent["flops"] / full.spent["tokens"]
-    assert "degenerate at step 2" in out and "finetune=lora -> failed" in out
+    assert "degenerate at step 2" in out and " lora -> failed" in out
     assert (tmp_path / "report" / "report.csv").is_file()

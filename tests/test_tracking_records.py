@@ -190,6 +190,9 @@ def test_the_printed_link_is_the_saved_view_in_model_training_mode(capsys):
     """(test_mlflow_ui.py opens it in a browser.)"""
     view = "#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=trials"
     assert tracking.ui_link("http://mlflow.internal:5000/", "7") == f"http://mlflow.internal:5000/{view}"
+    # printed, so without the credentials a tracking URI may carry
+    assert tracking.ui_link("https://bob:s3cret@mlflow.example.com:8443/ml/", "7") == \
+        f"https://mlflow.example.com:8443/ml/{view}"
     from orchestrator.cli import _mlflow_link
 
     _mlflow_link("sqlite:///mlflow.db", "7")

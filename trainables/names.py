@@ -4,7 +4,7 @@ the tracker stores them in MLflow and the report reads them back."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 Status = Literal["running", "failed", "resisted", "diverged", "degenerate", "unsafe_at_release"]
 """running, or how a trial ended:
@@ -24,10 +24,13 @@ never successes, never resistance."""
 STATUSES: tuple[str, ...] = ("failed", "resisted", "diverged", "degenerate", "unsafe_at_release", "error")
 """Every final status a trial run can carry ('error': the trial crashed)."""
 
+Unit = Literal["steps", "examples", "tokens", "flops", "accelerator_seconds"]
+"""A budget unit: what a budget-to-failure is counted in."""
+UNITS: tuple[str, ...] = get_args(Unit)
 BUDGET_UNITS: dict[str, str] = {"steps": "step", "examples": "examples", "tokens": "tokens", "flops": "flops",
                                 "accelerator_seconds": "accelerator_seconds"}
 """Budget unit -> the EvalPoint field that holds it."""
-UNITS: tuple[str, ...] = tuple(BUDGET_UNITS)
+assert tuple(BUDGET_UNITS) == UNITS
 
 CURVE: tuple[str, ...] = ("harmfulness", "harmfulness_lo", "harmfulness_hi", "utility", "train_loss",
                           "examples", "tokens", "flops", "accelerator_seconds", "wall_seconds", "eval_seconds",
