@@ -53,6 +53,23 @@ def _word(v: Any) -> str:
     return _fmt(v)
 
 
+def field_order(field: str) -> tuple[int, str]:
+    """Sort key of attacker fields: as SHORT lists them (the order a run name reads), then by name."""
+    order = list(SHORT)
+    return (order.index(field), field) if field in order else (len(order), field)
+
+
+def from_param(value: str) -> Any:
+    """An attacker field's value back from its MLflow param (a string): a number, a list, or the text."""
+    import ast
+
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return value
+    return parsed if isinstance(parsed, (int, float, list)) and not isinstance(parsed, bool) else value
+
+
 def attacker_params(attacker: dict[str, Any]) -> dict[str, Any]:
     """The attacker fields a trial run logs as params: those that apply to it (no null ones, no
     lora_* with finetune full). The whole attacker stays in the run's tag `attacker`."""

@@ -93,10 +93,10 @@ def test_ranking_by_tokens_can_pick_another_cheapest_attacker_than_by_steps(stor
     rows = report.load(store, "units")
 
     assert column("steps", "min_btf_steps", rows, "d") == "10"
-    assert column("steps", "cheapest_successful_attacker", rows, "d").startswith("batch_size=64")
+    assert column("steps", "cheapest_successful_attacker", rows, "d") == "lr 1e-3 bs64"
     assert column("steps", "resolution_steps", rows, "d") == "5"
     assert column("tokens", "min_btf_tokens", rows, "d") == "7500"
-    assert column("tokens", "cheapest_successful_attacker", rows, "d").startswith("batch_size=2")
+    assert column("tokens", "cheapest_successful_attacker", rows, "d") == "lr 1e-3 bs2"
     assert column("tokens", "resolution_steps", rows, "d") == "1"
     assert rows[0].worst_case.steps == 10  # the steps ranking the sweep tests rely on
 
@@ -230,8 +230,8 @@ def test_attacker_table_sorts_numbers_as_numbers(store):
     header, body = report.attacker_table(report.load(store, "sort"))
 
     assert header == ["attacker", "d"]
-    assert [b[0] for b in body] == [f"dataset_size={size} learning_rate={lr}"
-                                    for size in (8, 32, 128, 1024) for lr in (3e-05, 0.0001)]
+    # fields in the order a run name reads them (learning rate, then data size), numbers by value
+    assert [b[0] for b in body] == [f"lr {lr} n{size}" for lr in ("3e-5", "1e-4") for size in (8, 32, 128, 1024)]
 
 
 def test_unknown_unit_names_the_allowed_ones(store, tmp_path):

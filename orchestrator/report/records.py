@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from mlflow.tracking import MlflowClient
 
 from orchestrator import stats, survival
+from orchestrator.attackers import field_order
 from trainables.names import (
     FAILED_ATTACK,
     LOSS_EXPLODED,
@@ -336,7 +337,7 @@ def _by_evaluator(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
 def varying(trials: list[Trial]) -> list[str]:
     """The attacker params that take more than one value across `trials` (a param a trial does not
     have, such as lora_r on full fine-tuning, is no value: it makes nothing vary)."""
-    keys = sorted({k for t in trials for k in t.params} - set(SWEEP_PARAMS))
+    keys = sorted({k for t in trials for k in t.params} - set(SWEEP_PARAMS), key=field_order)
     return [k for k in keys if len({t.params[k] for t in trials if k in t.params}) > 1]
 
 

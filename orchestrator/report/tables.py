@@ -8,10 +8,11 @@ interval is two columns, +inf reads 'inf', unknown is empty.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import textwrap
 
-from orchestrator import stats
+from orchestrator import attackers, stats
 from orchestrator.report.records import DefenceRow, Trial, check_unit, varying
 from trainables.names import FAILED_ATTACK, LOSS_EXPLODED, STATUSES, SUCCESS
 
@@ -23,8 +24,7 @@ WIDTH = 100
 
 def attacker_label(trials: list[Trial], trial: Trial) -> str:
     """The trial's attacker params that vary across `trials`."""
-    return " ".join(f"{k}={_short(trial.params[k])}" for k in varying(trials) if k in trial.params) \
-        or "(single attacker)"
+    return attackers.label({k: attackers.from_param(v) for k, v in trial.params.items()}, varying(trials))
 
 
 def cell(trial: Trial, unit: str = "steps") -> str:
@@ -238,8 +238,9 @@ def render_text(header: list[str], body: list[list[str]], width: int | None = No
     where they fit."""
     width = width or min(WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns)
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    floor = [max(6, min(w, max((len(word) for c in [h, *(b[i] for b in body)] for word in c.split()), default=1)))
-             for i, (h, w) in enumerate(zip(header, widths, strict=True))]
+    longest = [max((len(word) for c in [h, *(b[i] for b in body)] for word in _keep(c).split()), default=1)
+               for i, h in enumerate(header)]
+    floor = [max(6, min(w, n)) for w, n in zip(widths, longest, strict=True)]
     room = width - 2 * (len(header) - 1)
     while sum(widths) > room:
         i = max(range(len(widths)), key=lambda k: widths[k] - floor[k])
@@ -251,7 +252,8 @@ def render_text(header: list[str], body: list[list[str]], width: int | None = No
         widths[i] -= 1
 
     def lines(cells: list[str]) -> list[str]:
-        wrapped = [textwrap.wrap(c, w, break_on_hyphens=False) or [""] for c, w in zip(cells, widths, strict=True)]
+        wrapped = [[x.replace(_KEEP, " ") for x in textwrap.wrap(_keep(c), w, break_on_hyphens=False)] or [""]
+                   for c, w in zip(cells, widths, strict=True)]
         return ["  ".join((col[k] if k < len(col) else "").ljust(w) for col, w in zip(wrapped, widths, strict=True))
                 .rstrip() for k in range(max(map(len, wrapped)))]
 
@@ -259,6 +261,16 @@ def render_text(header: list[str], body: list[list[str]], width: int | None = No
     for b in body:
         out += lines(b)
     return "\n".join(out)
+
+
+_KEEP = "\x00"
+
+
+def _keep(cell: str) -> str:
+    """A cell with the spaces it must not be wrapped at held: inside an interval '[15, > 40]' and
+    after the '>' of a bound."""
+    cell = re.sub(r"\[[^\]]*\]", lambda m: m.group(0).replace(" ", _KEEP), cell)
+    return cell.replace("> ", ">" + _KEEP)
 
 
 def wrap(text: str, width: int | None = None) -> str:
@@ -270,15 +282,6 @@ def wrap(text: str, width: int | None = None) -> str:
 def render_markdown(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in b) + " |" for b in body])
-
-
-def _short(value: str | None) -> str | None:
-    """A float param as 3 significant digits (a searcher's 0.008050778165087029 -> 0.00805)."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return value
-    return value if x.is_integer() or "e" in value.lower() and len(value) < 8 else f"{x:.3g}"
 
 
 def order_key(value: str | None) -> tuple[int, float, str]:
