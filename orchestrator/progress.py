@@ -62,7 +62,9 @@ class Running:
 
 
 @dataclass
-class DefenceRow:
+class DefenceTally:
+    """One defence's line in the display: its trials done of total and its search's progress."""
+
     name: str
     done: int = 0
     total: int = 0
@@ -86,14 +88,14 @@ class Display:
     clock: Callable[[], float] = time.monotonic
     console: Any = None
     """A rich Console for live mode (default: one on stdout, made at start)."""
-    rows: dict[str, DefenceRow] = field(init=False)
+    rows: dict[str, DefenceTally] = field(init=False)
     running: dict[str, Running] = field(init=False, default_factory=dict)
     durations: list[float] = field(init=False, default_factory=list)
     peak: int = field(init=False, default=0)
     started: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.rows = {d: DefenceRow(d, 0, self.per_defence) for d in self.defences}
+        self.rows = {d: DefenceTally(d, 0, self.per_defence) for d in self.defences}
         if self.mode is None:
             forced = os.environ.get("ATTACK_SWEEP_PROGRESS", "").strip().lower() or "auto"
             if forced not in ("auto", "live", "plain"):
@@ -159,7 +161,7 @@ class Display:
         defence begun before it has ended."""
         with self._lock:
             self.end()
-            row = self.rows.setdefault(defence, DefenceRow(defence))
+            row = self.rows.setdefault(defence, DefenceTally(defence))
             row.done, row.total, row.progress, row.state = done, done + pending, progress, "running"
 
     def end(self) -> None:
@@ -170,7 +172,7 @@ class Display:
                 if row.state == "running":
                     self._end(row)
 
-    def _end(self, row: DefenceRow) -> None:
+    def _end(self, row: DefenceTally) -> None:
         row.state = "ended"
         row.total = row.done
 
