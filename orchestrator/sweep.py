@@ -7,9 +7,10 @@ in MLflow.
 Each defence gets its own search, one Tune run after another: grid/random hand Tune a
 precomputed list of attackers (the same for every defence); tpe/hyperopt let a model-based
 searcher pick each next attacker from the objective of the trials so far (see
-orchestrator/adversary.py). Each Tune trial calls the plain `trainables.run_attack` and
-forwards every evaluation with `tune.report`; the driver-side MLflow callback records
-what Tune sees. Ray is imported here and in the Tune callback of tracking.py, nowhere else.
+orchestrator/adversary.py; the Tune searchers are in orchestrator/searchers.py). Each Tune
+trial calls the plain `trainables.run_attack` and forwards every evaluation with `tune.report`;
+the driver-side MLflow callback records what Tune sees. Ray is imported in functions here, in
+searchers.py (imported by _fit only) and in the Tune callbacks of tracking.py and progress.py.
 
 Faults it survives (tests/test_faults.py):
   - a trial's process dying (SIGKILL, the OOM killer, a lost node): Tune reruns the trial, up to
@@ -471,7 +472,9 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
         tune.with_parameters(_run_trial, spec_json=spec.model_dump_json(), defence=defence.name,
                              storage=storage),
         {"cpu": r.cpu, "gpu": r.gpu} if r.workers == 1 else {"cpu": 0.01})
-    searcher = _capped(_searcher(spec, configs, priors), field, s.max_compute, progress.compute)
+    from orchestrator import searchers
+
+    searcher = searchers.Capped(searchers.make(spec, configs, priors), field, s.max_compute, progress.compute)
     guard = _interrupt_guard()
     tuner = tune.Tuner(
         trainable,
@@ -599,88 +602,3 @@ def _trials_that_fit(r) -> int:
     if r.gpu:
         fits.append(int(total.get("GPU", 0) // (r.gpu * r.workers)))
     return max(1, min(fits))
-
-
-def _searcher(spec: SweepSpec, configs: list[dict] | None, priors: list[tuple[dict, float]]):
-    """The adversary: a fixed list (grid/random) or a model-based searcher (tpe/hyperopt)
-    over the space's searched dimensions, categorical ones as indices."""
-    from ray.tune.search import Searcher
-
-    if configs is not None:
-        class FixedTrials(Searcher):
-            """Hands Tune a precomputed list of attackers."""
-
-            def __init__(self, configs: list[dict]):
-                super().__init__(metric=Metric.OBJECTIVE, mode="min")
-                self._configs = list(configs)
-
-            def suggest(self, trial_id: str):
-                return self._configs.pop(0) if self._configs else Searcher.FINISHED
-
-            def on_trial_complete(self, trial_id, result=None, error=False) -> None:
-                pass
-
-        return FixedTrials(configs)
-
-    s = spec.search
-    space = {name: _domain(d) for name, d in searched(spec.space).items()}
-    if s.algorithm == "tpe":
-        import logging
-
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
-        optuna.logging.set_verbosity(logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_initial)
-        return OptunaSearch(space, metric=Metric.OBJECTIVE, mode="min", sampler=sampler,
-                            points_to_evaluate=[p for p, _ in priors] or None,
-                            evaluated_rewards=[r for _, r in priors] or None)
-    from ray.tune.search.hyperopt import HyperOptSearch
-
-    # HyperOpt cannot be told past results without rerunning them: a resumed search
-    # keeps its records and its count, but its model starts afresh.
-    return HyperOptSearch(space, metric=Metric.OBJECTIVE, mode="min", n_initial_points=s.n_initial,
-                          random_state_seed=s.seed)
-
-
-def _domain(d):
-    from ray import tune
-
-    if d.kind in ("grid", "choice"):
-        return tune.choice(list(range(len(d.values))))
-    lo, hi = d.values
-    if d.kind == "randint":
-        return tune.randint(int(lo), int(hi))
-    return (tune.loguniform if d.kind == "loguniform" else tune.uniform)(lo, hi)
-
-
-def _capped(inner, field: str, cap: float | None, spent_before: float):
-    """Wrap a searcher so it starts no trial once the defence's compute cap is spent
-    (trials in flight finish: the cap can be overshot by up to max_concurrent trials)."""
-    from ray.tune.search import Searcher
-
-    class Capped(Searcher):
-        def __init__(self) -> None:
-            super().__init__(metric=Metric.OBJECTIVE, mode="min")
-            self.spent: dict[str, float] = {}
-
-        def set_search_properties(self, metric, mode, config, **spec) -> bool:
-            return inner.set_search_properties(metric, mode, config, **spec) or True
-
-        def suggest(self, trial_id: str):
-            if cap is not None and spent_before + sum(self.spent.values()) >= cap:
-                return Searcher.FINISHED
-            return inner.suggest(trial_id)
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            value = float(result.get(field) or 0.0)
-            if math.isfinite(value):
-                self.spent[trial_id] = max(self.spent.get(trial_id, 0.0), value)
-            inner.on_trial_result(trial_id, result)
-
-        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-            if result and result.get("status") == "error":  # the trial's own exception (_run_trial)
-                result, error = None, True
-            inner.on_trial_complete(trial_id, result=result, error=error)
-
-    return Capped()
