@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from orchestrator.adversary import Progress
-from orchestrator.tracking import say
+from orchestrator.tracking import amount, say
 
 Mode = Literal["live", "plain"]
 HEARTBEAT_S = 60.0
@@ -371,7 +371,3 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def amount(value: float) -> str:
-    return f"{value:,.0f}" if value < 1e7 else f"{value:.3g}"

@@ -513,10 +513,13 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
     return MlflowRecorder()
 
 
+def amount(value: float) -> str:
+    """A budget in few characters: 12,345 or 3.2e+11."""
+    return f"{value:,.0f}" if value < 1e7 else f"{value:.3g}"
+
+
 def _amount(value: float, unit: str) -> str:
-    if math.isinf(value):
-        return "none"
-    return f"{value:,.0f} {unit}" if value < 1e7 else f"{value:.3g} {unit}"
+    return "none" if math.isinf(value) else f"{amount(value)} {unit}"
 
 
 def _error_text(trial) -> str:

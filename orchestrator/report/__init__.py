@@ -92,14 +92,15 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
     from orchestrator.report import html
 
     drawn = fig.draw(rows, unit, out_dir) if figures else []
+    brief, order = summary(rows, unit), ranking(rows, unit)
     (out_dir / "report.html").write_text(html.page(
-        experiment, unit, _headline(rows, unit), ranking(rows, unit), summary(rows, unit), drawn,
+        experiment, unit, _headline(rows, unit), order, brief, drawn,
         [*sections, (f"Every column ({unit})", "The same table as report.md and, as numbers, report.csv.",
                      (header, body))], extra, LEGEND))
     intro = wrap(f"Budget-to-failure in {unit} per defence: the worst case (cheapest successful attack) and the "
                  "censoring-aware median, each with its 95% interval; resolution: the crossing lies within that "
                  "many steps before it.")
-    text = [wrap(ranking(rows, unit)), f"{intro}\n{render_text(*summary(rows, unit))}", *map(wrap, extra)]
+    text = [wrap(order), f"{intro}\n{render_text(*brief)}", *map(wrap, extra)]
     text += [f"{wrap(title)}:\n{render_text(*tab)}" for title, _, tab in sections]
     return "\n\n".join(text)
 

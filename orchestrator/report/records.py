@@ -107,6 +107,7 @@ class DefenceRow:
     """Trial records ignored because another record of the same trial (trial_key) counts:
     two machines sharing a tracking server ran it, each under its own lock."""
     _curves: dict[str, survival.Curve] = field(default_factory=dict, repr=False, compare=False)
+    _cis: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict, repr=False, compare=False)
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
@@ -206,8 +207,11 @@ class DefenceRow:
         return self.survival(unit).follow_up
 
     def ci(self, unit: str = "steps") -> dict[str, tuple[float, float]]:
-        """95% bootstrap interval of the minimum, seeds resampled per attacker."""
-        return stats.bootstrap_ci(self.values(unit))
+        """95% bootstrap interval of the minimum, seeds resampled per attacker (resampled once per
+        unit: every table of a report reads the same interval)."""
+        if unit not in self._cis:
+            self._cis[unit] = stats.bootstrap_ci(self.values(unit))
+        return self._cis[unit]
 
     def evaluator_labels(self) -> list[str]:
         """Every evaluator that scored these trials, the primary first."""
