@@ -1,12 +1,13 @@
 # make demo  - install into .venv and run the quickstart sweep on the embedded toy world
 # make test  - install into .venv (with dev tools) and run the test suite
 # make smollm2 - the real-model example: SmolLM2-135M-Instruct aligned, defended, attacked (~20 min)
+# make gpu-wheels - fill .whl/ with the wheels a GPU machine without internet lacks (bench/gpu_check.sh)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: demo test lint bench install clean smollm2
+.PHONY: demo test lint bench install clean smollm2 gpu-wheels
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -44,6 +45,29 @@ lint: install
 bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/adversary.py
+
+# For bench/gpu_check.sh on a lent GPU machine with no internet (its Python 3.12 has CUDA torch,
+# transformers, peft, accelerate, pytest, numpy, psutil, py-cpuinfo, ninja, msgpack, einops, tqdm...):
+# the rest as CPython 3.12 manylinux x86_64 wheels in ./.whl (ignored; carried with the repo copy).
+# typing-extensions too: pydantic-core needs >=4.16, newer than an image may have.
+# DeepSpeed is an sdist only: built here into a pure-python wheel (no ops; its setup.py imports
+# torch, hence the venv). Idempotent: a wheel already in .whl is not fetched again.
+GPU_WHEELS := hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0
+DEEPSPEED_VERSION := 0.19.8
+
+gpu-wheels: $(VENV)/.torch
+	@mkdir -p .whl
+	@for spec in $(GPU_WHEELS); do \
+		name=$$(echo $${spec%%==*} | tr - _); version=$${spec##*==}; \
+		if ls .whl/$$name-$$version-*.whl >/dev/null 2>&1; then echo "have $$spec"; continue; fi; \
+		python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+			--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+			-d .whl "$$spec" || exit 1; \
+	done
+	@if ls .whl/deepspeed-$(DEEPSPEED_VERSION)-*.whl >/dev/null 2>&1; then echo "have deepspeed==$(DEEPSPEED_VERSION)"; \
+	else DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps --no-build-isolation deepspeed==$(DEEPSPEED_VERSION) -w .whl; fi
+	@ls -l .whl/*.whl && du -sh .whl
 
 clean:
 	rm -rf $(VENV) .attack-sweep reports mlflow.db mlruns

@@ -1,30 +1,37 @@
 #!/usr/bin/env bash
-# bash bench/gpu_check.sh          # from the repo root, on a machine with one CUDA GPU
+# bash bench/gpu_check.sh                         # from the repo root, on a machine with one CUDA GPU
+# PYTHON=python3 DEADLINE_S=300 OUT=$OUT bash bench/gpu_check.sh   # a lent machine, no internet, .whl carried
 #
-# The GPU check, in at most 8 minutes (DEADLINE_S) on one H100/H200 once the environment is in
-# place: nvidia-smi, the gpu-marked tests (tests/test_gpu.py: DeepSpeed ZeRO-2/ZeRO-3 bf16, LoRA
-# under ZeRO-2, ZeRO-3 with optimizer offload, each against the plain fp32 run), then
-# bench/throughput.py (plain PyTorch vs DeepSpeed ZeRO-2 bf16: tokens/s, MFU, their ratio).
-# Every part runs under `timeout`, each given what is left of the deadline (tests first).
-# Output, also echoed: $OUT if set, else ./gpu_check_out: nvidia-smi.txt, env.txt, pytest.log,
+# The GPU check, in at most 5 minutes (DEADLINE_S, default 300) on one H100/H200: nvidia-smi, the
+# gpu-marked tests (tests/test_gpu.py: DeepSpeed ZeRO-2/ZeRO-3 bf16, LoRA under ZeRO-2, ZeRO-3
+# with optimizer offload, each against the plain fp32 run; ~70 s on 2 idle CPU cores, up to 160 s
+# here), then bench/throughput.py (plain PyTorch vs DeepSpeed ZeRO-2 bf16: tokens/s, MFU, their
+# ratio): the base model (up to 100 s), then the small one only if 45 s or more are left.
+# Every part runs under `timeout`, each given what is left of the deadline (tests first), less
+# 10 s kept for `timeout -k`'s grace, so the whole script ends within DEADLINE_S.
+# Output, also echoed: $OUT if set, else ./gpu_check_out: nvidia-smi.txt, wheels.log, env.txt, pytest.log,
 # throughput_base.md, throughput_small.md, summary.txt.
 # Exit status: 0 all passed; 1 tests failed or timed out; 2 no usable Python/CUDA (nothing
 # was tested: a GPU check that skips everything must not pass); 3 tests passed but the
 # benchmark failed. Benchmark numbers are printed, never judged.
 #
-# Python: $PYTHON if set, else .venv/bin/python; when .venv/bin/python is missing it runs
-# `make install` first (counted against the deadline). `make install` downloads from PyPI, and
+# Python: $PYTHON if set, else .venv/bin/python, else (no .venv but wheels in ./.whl: a lent
+# machine) python3; with neither .venv nor .whl it runs `make install` first (counted against
+# the deadline). `make install` downloads from PyPI, and
 # the lent device machines have no internet: there the environment has to come along with the
 # repo copy (the venv carried, or, since a local venv is a CPU torch build of ~2 GB that can
 # neither travel in a 64 MiB carry nor see a GPU, PYTHON=python3 -- the image's CUDA torch with
 # transformers, peft and pytest -- plus the missing packages as wheels in ./.whl: deepspeed,
-# hjson, pydantic, pydantic-core, annotated-types, typing-inspection, all for CPython 3.12).
-# Wheels found in ./.whl are installed with --no-index into a temporary site dir first.
+# hjson, pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions, all
+# for CPython 3.12: `make gpu-wheels` fills it, ~5 MB; name .whl in the device run's carry).
+# Wheels found in ./.whl are installed with --no-index into a temporary site dir first (by pip,
+# or unpacked by Python's zipfile where that Python has no pip), put on PYTHONPATH ahead of the
+# image's own packages.
 
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
-DEADLINE_S=${DEADLINE_S:-480}
+DEADLINE_S=${DEADLINE_S:-300}
 OUT_DIR=${OUT:-./gpu_check_out}
 mkdir -p "$OUT_DIR"
 SUMMARY="$OUT_DIR/summary.txt"
@@ -32,7 +39,8 @@ SUMMARY="$OUT_DIR/summary.txt"
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 \
     HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-left() { echo $((DEADLINE_S - SECONDS)); }
+GRACE_S=10   # what `timeout -k 10` may add after a part's limit, kept back from every budget
+left() { echo $((DEADLINE_S - GRACE_S - SECONDS)); }
 # at most $1 seconds, never past the deadline, and never 0 (`timeout 0` would mean no limit)
 budget() {
     local l
@@ -50,6 +58,10 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 } 2>&1 | tee "$OUT_DIR/nvidia-smi.txt"
 
 # --- 2. the Python that runs it -------------------------------------------------------
+if [[ -z "${PYTHON:-}" && ! -x .venv/bin/python ]] && compgen -G ".whl/*.whl" >/dev/null; then
+    PYTHON=python3   # a lent machine: the image's Python, plus the wheels below
+    note "no .venv/bin/python, wheels in .whl: PYTHON=python3"
+fi
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ ! -x .venv/bin/python ]]; then
         note "no .venv/bin/python: running make install (needs PyPI; $(left)s left)"
@@ -64,16 +76,28 @@ fi
 SITE=""
 if compgen -G ".whl/*.whl" >/dev/null; then
     SITE=$(mktemp -d /tmp/gpu_check_site.XXXX)
-    if ! timeout "$(budget 120)" "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-            --target "$SITE" .whl/*.whl; then
-        note "FAIL: installing the wheels in .whl failed"
+    if timeout 30 "$PYTHON" -m pip --version >/dev/null 2>&1; then
+        timeout "$(budget 90)" "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --disable-pip-version-check --target "$SITE" .whl/*.whl >"$OUT_DIR/wheels.log" 2>&1
+    else  # no pip in that Python: a wheel is a zip of its site-packages files
+        echo "no pip in $PYTHON: unpacking the wheels" >"$OUT_DIR/wheels.log"
+        timeout "$(budget 90)" "$PYTHON" -c 'import sys, zipfile
+for w in sys.argv[2:]:
+    zipfile.ZipFile(w).extractall(sys.argv[1])' "$SITE" .whl/*.whl >>"$OUT_DIR/wheels.log" 2>&1
+    fi
+    wheels_rc=$?
+    if ((wheels_rc != 0)); then
+        cat "$OUT_DIR/wheels.log"
+        note "FAIL: installing the wheels in .whl failed (exit $wheels_rc)"
         exit 2
     fi
+    wheels=(.whl/*.whl)
+    note "wheels: ${wheels[*]#.whl/} -> $SITE"
 fi
 # the repo itself importable without an install (trainables, orchestrator), then the wheels
 export PYTHONPATH="$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! timeout "$(budget 120)" "$PYTHON" - >"$OUT_DIR/env.txt" 2>&1 <<'EOF'
+if ! timeout "$(budget 90)" "$PYTHON" - >"$OUT_DIR/env.txt" 2>&1 <<'EOF'
 import platform, sys
 import torch
 print("python", platform.python_version(), sys.executable)
@@ -101,7 +125,7 @@ cat "$OUT_DIR/env.txt"
 
 # --- 3. the gpu-marked tests ----------------------------------------------------------
 tests=(tests/test_gpu.py)   # the only file with gpu-marked tests
-t=$(budget 270)
+t=$(budget 160)
 note "pytest -m gpu ${tests[*]} (timeout ${t}s)"
 timeout -k 10 "$t" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT_DIR/pytest.log"
 test_rc=${PIPESTATUS[0]}
@@ -118,19 +142,20 @@ else
 fi
 
 # --- 4. throughput: plain PyTorch vs DeepSpeed ZeRO-2 bf16, same global batch ----------
-# base (~271M parameters): 16 x 512 tokens a step, 10 warm-up + 100 timed steps per arm. Not yet
-# measured on a GPU: 1.2e13 FLOPs a step is ~35 ms at 35% MFU of an H100, so a run should take
-# well under its 150 s, imports and DeepSpeed's start included; small (~134M) after it if time is left.
+# base (~271M parameters): 16 x 512 tokens a step, 5 warm-up + 50 timed steps per arm. Not yet
+# measured on a GPU: 1.2e13 FLOPs a step is ~35 ms at 35% MFU of an H100, so the steps take a few
+# seconds and a run, imports and DeepSpeed's start included, well under its 100 s; small (~134M)
+# after it only if 45 s or more are left.
 bench_rc=0
 for size in base small; do
-    t=$(budget 150)
+    t=$(budget 100)
     if ((t < 45)); then
         note "throughput $size: skipped, the deadline is near"
         continue
     fi
     note "throughput --model-size $size (timeout ${t}s)"
-    timeout -k 10 "$t" "$PYTHON" bench/throughput.py --model-size "$size" --batch 16 --seq 512 --warmup 10 \
-        --steps 100 2>&1 | tee "$OUT_DIR/throughput_$size.md"
+    timeout -k 10 "$t" "$PYTHON" bench/throughput.py --model-size "$size" --batch 16 --seq 512 --warmup 5 \
+        --steps 50 2>&1 | tee "$OUT_DIR/throughput_$size.md"
     rc=${PIPESTATUS[0]}
     if ((rc != 0)); then
         note "throughput $size: exited $rc"

@@ -22,7 +22,8 @@ SHORT: dict[str, str] = {
     "learning_rate": "lr {}", "optimizer": "{}", "weight_decay": "wd {}", "dataset_size": "n{}", "finetune": "{}",
     "lora_r": "r{}", "lora_alpha": "alpha {}", "lora_dropout": "lora-dropout {}", "lora_target_modules": "{}",
     "batch_size": "bs{}", "warmup_steps": "warmup {}", "warmup_ratio": "warmup {}T", "lr_schedule": "{}",
-    "sgdr_period": "sgdr {}", "max_grad_norm": "clip {}", "seed": "seed {}", "steps": "T{}", "stages": "{}",
+    "sgdr_period": "sgdr {}", "max_grad_norm": "clip {}", "seed": "seed {}", "attack_domain": "on {}", "steps": "T{}",
+    "stages": "{}",
 }
 """How each attacker field reads in a run name."""
 NAMED = ("learning_rate", "optimizer", "finetune", "dataset_size")

@@ -64,9 +64,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"  utility bound: {sp.utility.score} on {sp.utility.data.source}; a crossing with utility more than "
               f"{sp.utility.epsilon:g} below step 0 is degenerate, not a success")
     print(f"  whole sweep: at most {n * t_max} steps, {n * t_max * max_batch} examples")
+    for line in _conditions_lines(sp):
+        print(f"  {line}")
     for note in notes:
         print(f"  note: {note}")
     return 0
+
+
+def _conditions_lines(sp) -> list[str]:
+    """What the spec's conditions block will measure, one line each."""
+    c, out = sp.conditions, []
+    if c is None:
+        return ["conditions: resistance only (add conditions: for stability, trainability, generalisation)"]
+    if c.stability:
+        what = (["the utility proxy"] if sp.utility else []) + \
+            ([f"lm-eval {', '.join(c.stability.lm_eval.tasks)}"] if c.stability.lm_eval else [])
+        out.append(f"stability: {' and '.join(what)} of each defence at release vs the base, tolerance "
+                   f"{c.stability.tolerance:g}")
+    if t := c.trainability:
+        target = f"loss < {t.target_loss:g}" if t.target_loss is not None else f"match > {t.target_match:g}"
+        out.append(f"trainability: a benign fine-tune per defence on {t.data.source} to {target} on "
+                   f"{t.eval.source}, at most {t.max_steps} steps; pass within {t.tolerance:g}x the base's budget")
+    if g := c.generalisation:
+        declared = ", ".join(f"{d.name}: {'/'.join(d.immunised_on)}" for d in sp.defences if d.immunised_on)
+        out.append(f"generalisation: out-of-domain vs in-domain worst case ({declared}), pass at >= "
+                   f"{g.tolerance:g}x")
+    return [f"conditions: {line}" for line in out]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -122,7 +145,9 @@ def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
         print(f"error: --out {out_dir}: is a file; give a folder", file=sys.stderr)
         return 2
     print()
-    print(report.write(rows, experiment, out_dir, unit=unit))
+    from orchestrator.conditions import records as conditions
+
+    print(report.write(rows, experiment, out_dir, unit=unit, conditions=conditions.load(tracking_uri, experiment)))
     written = [p.name for p in report.files(out_dir) if p.parent == out_dir and p.name != "report.html"]
     print(f"\nwritten to {out_dir}/: {', '.join(written)}, figures/*.png")
     errors = sum(row.count("error") for row in rows)

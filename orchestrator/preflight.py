@@ -66,6 +66,7 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
         raise SpecError(f"spec error: data.eval: {len(shared)} held-out prompt(s) also in data.attack "
                         f"(first: {shared[0][:80]!r}); evaluate on prompts the attacker never trains on")
     notes += _check_utility(spec, prompts)
+    notes += _check_conditions(spec, prompts)
     for where, ev in evaluator_places(spec):
         try:
             evaluators.preflight(ev.name, ev.options)
@@ -178,3 +179,108 @@ def _check_utility(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:
             raise SpecError(f"spec error: utility.data: {len(shared)} prompt(s) also in data.{split} (first: "
                             f"{shared[0][:80]!r}); utility must be scored on held-out benign prompts")
     return []
+
+
+def _rows(src, where: str) -> list[dict] | None:
+    """A split's rows, or None when it is not a local path (read by the workers)."""
+    if _missing_local_path(src.source):
+        raise SpecError(f"spec error: {where}.source: no such file {src.source!r}")
+    if not Path(src.source).expanduser().exists():
+        return None
+    try:
+        return D.load_rows(src)
+    except ValueError as err:
+        raise SpecError(f"spec error: {where}: {err}") from None
+
+
+def _check_domains(spec: SweepSpec) -> list[str]:
+    """Every row of a split with domain_field names its domain; every domain the space attacks
+    with and every defence's immunised_on exists in the attack data, with rows enough."""
+    notes, known = [], {}
+    for split in ("attack", "eval"):
+        src = getattr(spec.data, split)
+        if not src.domain_field:
+            continue
+        rows = _rows(src, f"data.{split}")
+        if rows is None:
+            notes.append(f"data.{split}: domains not checked (not a local path)")
+            continue
+        if missing := [i for i, r in enumerate(rows, 1) if r.get(src.domain_field) in (None, "")]:
+            raise SpecError(f"spec error: data.{split}.domain_field: row {missing[0]} of {src.source!r} has no "
+                            f"{src.domain_field!r} ({len(missing)} rows lack it); give every row its domain")
+        known[split] = {str(r[src.domain_field]) for r in rows}
+        if split == "attack":
+            sizes = {d: sum(str(r[src.domain_field]) == d for r in rows) for d in known[split]}
+    if "attack" not in known:
+        return notes
+    space = dict(spec.space)
+    attacked = [d for d in space["attack_domain"].values if d is not None]
+    for d in attacked:
+        if d not in known["attack"]:
+            raise SpecError(f"spec error: space.attack_domain: {d!r} is not a domain of data.attack (its domains: "
+                            f"{', '.join(sorted(known['attack']))})")
+        if (need := space["dataset_size"].largest()) > sizes[d]:
+            raise SpecError(f"spec error: space.dataset_size: {need} exceeds the {sizes[d]} rows of domain {d!r} "
+                            "in data.attack; lower it")
+    for defence in spec.defences:
+        for d in defence.immunised_on or []:
+            if d not in known["attack"]:
+                raise SpecError(f"spec error: defences.{defence.name}.immunised_on: {d!r} is not a domain of "
+                                f"data.attack (its domains: {', '.join(sorted(known['attack']))})")
+    if spec.conditions and spec.conditions.generalisation and "eval" in known and attacked \
+            and not known["eval"] & set(attacked):
+        notes.append("data.eval: no held-out prompt shares a domain with the attacks; the transfer matrix has "
+                         "no in-domain column")
+    return notes
+
+
+def _check_conditions(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:
+    """The conditions' own data and tools: lm-eval present with every task known, the benign task
+    readable, new (no prompt shared with any other split) and large enough."""
+    notes = _check_domains(spec)
+    c = spec.conditions
+    if c is None:
+        return notes
+    if c.stability and c.stability.lm_eval:
+        from trainables import capability
+
+        if msg := capability.missing():
+            raise SpecError(f"spec error: conditions.stability.lm_eval: {msg}")
+        try:
+            capability.check_tasks(c.stability.lm_eval)
+        except ValueError as err:
+            raise SpecError(f"spec error: conditions.stability.lm_eval: {err}") from None
+    t = c.trainability
+    if t is None:
+        return notes
+    from orchestrator.conditions.jobs import benign_config
+
+    try:
+        benign_config(spec, spec.base)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "trainability"
+        raise SpecError(f"spec error: conditions.trainability: {where}: "
+                        f"{first['msg'].removeprefix('Value error, ')}") from None
+    train, held = _rows(t.data, "conditions.trainability.data"), _rows(t.eval, "conditions.trainability.eval")
+    if train is not None and t.attacker.dataset_size > len(train):
+        raise SpecError(f"spec error: conditions.trainability.attacker.dataset_size: {t.attacker.dataset_size} "
+                        f"exceeds the {len(train)} rows of conditions.trainability.data; lower it")
+    if held is not None and t.target_loss is not None and any(r.get(t.eval.response_field) is None for r in held):
+        raise SpecError("spec error: conditions.trainability.eval.response_field: target_loss needs a reference "
+                        "answer in every held-out row")
+    task = {"data": [str(r[t.data.prompt_field]) for r in train or []],
+            "eval": [str(r[t.eval.prompt_field]) for r in held or []]}
+    if shared := D.shared_prompts(task["eval"], task["data"]):
+        raise SpecError(f"spec error: conditions.trainability.eval: {len(shared)} prompt(s) also in "
+                        f"conditions.trainability.data (first: {shared[0][:80]!r}); hold out prompts the fine-tune "
+                        "never sees")
+    for name, mine in task.items():
+        for split, theirs in prompts.items():
+            if shared := D.shared_prompts(mine, theirs):
+                raise SpecError(f"spec error: conditions.trainability.{name}: {len(shared)} prompt(s) also in "
+                                f"data.{split} (first: {shared[0][:80]!r}); the benign task must be new to every "
+                                "model, not their alignment or attack data")
+    if train is None or held is None:
+        notes.append("conditions.trainability: the task's data is not a local path; checked when the run starts")
+    return notes

@@ -53,7 +53,10 @@ def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str) 
     from orchestrator import report
 
     client = MlflowClient(tracking_uri)
+    from orchestrator.conditions import records as conditions
+
     rows = report.load(tracking_uri, experiment)
+    cond = conditions.load(tracking_uri, experiment)
     n = sum(len(row.trials) for row in rows)
     now = int(time.time() * 1000)
     metrics = [entities.Metric(Summary.TRIALS, n, now, n)]
@@ -64,19 +67,23 @@ def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str) 
             if value is not None and math.isfinite(value):
                 metrics.append(entities.Metric(name, value, now, n))
     metrics += [entities.Metric(Summary.count(s, row.defence), row.count(s), now, n) for row in rows for s in STATUSES]
+    if cond.asked:
+        metrics += [entities.Metric(name, value, now, n) for name, value in _condition_metrics(rows, cond, unit)]
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(parent_run_id, metrics=metrics[i:i + 1000])
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    client.set_tag(parent_run_id, Tag.NOTE, description(client, experiment_id, experiment, rows, unit))
+    client.set_tag(parent_run_id, Tag.NOTE, description(client, experiment_id, experiment, rows, unit, cond))
     if rows:
         with tempfile.TemporaryDirectory(prefix="attack-sweep-report-") as tmp:
-            report.write(rows, experiment, Path(tmp), unit)
+            report.write(rows, experiment, Path(tmp), unit, conditions=cond)
             client.log_artifacts(parent_run_id, tmp, "report")
 
 
-def description(client: MlflowClient, experiment_id: str, experiment: str, rows: list, unit: str) -> str:
+def description(client: MlflowClient, experiment_id: str, experiment: str, rows: list, unit: str,
+                cond=None) -> str:
     """The sweep run's description, in Markdown: each defence's worst case and median in a line
-    each, where the trials and the report are, then the summary table."""
+    each, the four conditions' verdicts when the sweep judged them, where the trials and the report
+    are, then the summary table."""
     units = ["steps"] + ([unit] if unit != "steps" else [])
     header = ["defence", *(f"worst case ({u})" for u in units), f"median ({unit})", "verdict",
               "failed / resisted / other", "cheapest attack"]
@@ -84,6 +91,7 @@ def description(client: MlflowClient, experiment_id: str, experiment: str, rows:
     lines = [f"**Worst case** (the cheapest successful attack, {unit}): "
              + " · ".join(f"**{row.defence} {worst_cell(row, unit)}**" for row in rows) + "  ",
              f"Median ({unit}): " + " · ".join(f"{row.defence} {median_cell(row, unit)}" for row in rows) + "  ",
+             *_conditions_line(rows, cond, unit),
              f"Trial runs, cheapest attack first: [the saved view]({ui_path(experiment_id)}); the whole "
              "report: Artifacts, report/report.html.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -120,3 +128,41 @@ def _worst(row, unit: str) -> float | None:
     not recorded in this unit)."""
     trial = row.cheapest(unit)
     return trial.value(unit) if trial else None
+
+
+def _condition_metrics(rows: list, cond, unit: str) -> list[tuple[str, float]]:
+    """Per defence: each condition's figure (stability_delta, trainability_ratio, generalisation_ratio,
+    in/out-of-domain worst cases, paired_ratio) and conditions_passed, so the compare view ranks them."""
+    from orchestrator.conditions import verdicts as V
+
+    out = []
+    for v in V.judge(rows, cond, unit):
+        figures = {"stability_delta": v.stability, "trainability_ratio": v.trainability,
+                   "generalisation_ratio": v.generalisation, "paired_ratio": v.paired}
+        for name, j in figures.items():
+            if j.figure is not None and j.verdict not in (V.BASE,) and math.isfinite(j.figure.value):
+                out.append((Summary.condition(name, v.defence), j.figure.value))
+        for key in ("in_domain_worst", "out_of_domain_worst"):
+            if (x := v.generalisation.extra.get(key)) is not None and math.isfinite(x):
+                out.append((Summary.condition(f"{key}_btf_{unit}", v.defence), x))
+        passed, judged = v.passed
+        if judged:
+            out.append((Summary.condition("conditions_passed", v.defence), float(passed)))
+    return out
+
+
+def _conditions_line(rows: list, cond, unit: str) -> list[str]:
+    """'**Conditions** (resistance / stability / trainability / generalisation): rescaled fail / pass /
+    fail / pass (2 of 4)', one defence after another; nothing when the sweep judged none."""
+    if cond is None or not cond.asked:
+        return []
+    from orchestrator.conditions import verdicts as V
+
+    parts = []
+    for v in V.judge(rows, cond, unit):
+        if v.is_base:
+            continue
+        passed, judged = v.passed
+        parts.append(f"**{v.defence}** " + " / ".join(getattr(v, c).verdict for c in V.Verdict.CONDITIONS)
+                     + (f" ({passed} of {judged})" if judged else ""))
+    return ["**Conditions** (resistance / stability / trainability / generalisation): " + " · ".join(parts) + "  "]

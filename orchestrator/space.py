@@ -144,9 +144,15 @@ def attackers(space: BaseModel, algorithm: Literal["grid", "random"], num_sample
     return out
 
 
+LATER_FIELDS = ("attack_domain",)
+"""Attacker fields added after attackers were first recorded: left out of an attacker while
+null, so the ids and keys of attackers recorded before them stay the same."""
+
+
 def as_json(attacker: dict[str, Any]) -> dict[str, Any]:
     """An attacker config as plain JSON values (stages as dicts), the form trials carry."""
-    return Attacker.model_validate(attacker).model_dump(mode="json")
+    dump = Attacker.model_validate(attacker).model_dump(mode="json")
+    return {k: v for k, v in dump.items() if not (k in LATER_FIELDS and v is None)}
 
 
 def searched(space: BaseModel) -> dict[str, Dim]:

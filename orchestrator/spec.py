@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.conditions.config import Conditions
 from orchestrator.space import SAMPLED, AttackerSpace, attackers
 from trainables import evaluators
 from trainables.config import Checkpoint, DeepSpeed, Evaluation, EvaluatorConfig
@@ -48,6 +49,14 @@ class Defence(Checkpoint):
     """Short name: letters, digits, '_', '.', '-'."""
     base: bool = False
     """True for the undefended base model the defences are compared against (exactly one)."""
+    immunised_on: list[str] | None = None
+    """The harm domains the defender trained on (values of data.attack.domain_field): the
+    generalisation condition splits this defence's budgets-to-failure into attacks from these
+    domains (in-domain) and from the others (out-of-domain). null: not declared."""
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The Checkpoint fields alone: what a trial loads."""
+        return self.model_dump(include=set(Checkpoint.model_fields))
 
 
 Algorithm = Literal["grid", "random", "tpe", "hyperopt"]
@@ -105,6 +114,9 @@ class SweepSpec(Evaluation):
     deepspeed: DeepSpeed | None = None
     """Train under DeepSpeed: {config: clusters/deepspeed/zero2.json (a path, relative to the
     spec, or a mapping), gradient_accumulation_steps, precision}. Also with one worker."""
+    conditions: Conditions | None = None
+    """The immunisation conditions measured beside resistance: stability, trainability,
+    generalisation (orchestrator/conditions); null: resistance only."""
 
     @field_validator("defences")
     @classmethod
@@ -166,6 +178,35 @@ class SweepSpec(Evaluation):
                 d.kind != "constant" for d in dict(self.space).values()):
             raise ValueError(f"search.algorithm={self.search.algorithm} needs at least one "
                              "non-constant space dimension to search")
+        return self
+
+    @model_validator(mode="after")
+    def _conditions_have_data(self) -> SweepSpec:
+        """A condition asked for without what it needs: one line naming the field to add."""
+        c = self.conditions or Conditions()
+        if c.stability and self.utility is None and c.stability.lm_eval is None:
+            raise ValueError("conditions.stability: needs a capability score at release: a utility block "
+                             "(utility: {data: {source: BENIGN_HELDOUT}}) or lm-eval tasks (conditions.stability."
+                             "lm_eval: {tasks: [...]})")
+        attack_domain = dict(self.space)["attack_domain"]
+        if attack_domain.values != (None,) and not self.data.attack.domain_field:
+            raise ValueError("space.attack_domain: attackers train on one harm domain, but data.attack.domain_field "
+                             "is not set (the field naming each row's domain, e.g. category)")
+        declared = [d.name for d in self.defences if d.immunised_on]
+        if declared and not self.data.attack.domain_field:
+            raise ValueError(f"defences: {declared[0]} declares immunised_on, but data.attack.domain_field is not "
+                             "set (the field naming each row's harm domain, e.g. category)")
+        if c.generalisation:
+            for split in ("attack", "eval"):
+                if not getattr(self.data, split).domain_field:
+                    raise ValueError(f"conditions.generalisation: data.{split}.domain_field is not set; name the "
+                                     "field that holds each row's harm domain (e.g. domain_field: category)")
+            if dict(self.space)["attack_domain"].kind == "constant":
+                raise ValueError("conditions.generalisation: attackers must attack domain by domain; add a "
+                                 "space dimension space.attack_domain: {grid: [DOMAIN, ...]}")
+            if not [d for d in declared if not next(x for x in self.defences if x.name == d).base]:
+                raise ValueError("conditions.generalisation: no defence declares immunised_on (the harm domains "
+                                 "its defender trained on); add immunised_on: [DOMAIN, ...] to a defence")
         return self
 
     @property
@@ -300,6 +341,15 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
     utility = raw.get("utility")
     if isinstance(utility, dict) and isinstance(utility.get("data"), dict):
         fix(utility["data"], "source", "utility.data")
+    conditions = raw.get("conditions")
+    if isinstance(conditions, dict):
+        trainability = conditions.get("trainability")
+        for split in ("data", "eval"):
+            if isinstance(trainability, dict) and isinstance(trainability.get(split), dict):
+                fix(trainability[split], "source", f"conditions.trainability.{split}")
+        stability = conditions.get("stability")
+        if isinstance(stability, dict) and isinstance(stability.get("lm_eval"), dict):
+            fix(stability["lm_eval"], "include_path", "conditions.stability.lm_eval")
     listed = [("evaluator", raw.get("evaluator"))] + [
         (f"evaluators.{i}", e) for i, e in enumerate(raw.get("evaluators") or [])]
     for where, ev in listed:  # a classifier's or a judge's model may sit next to the spec

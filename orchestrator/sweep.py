@@ -61,7 +61,7 @@ def attack_config(spec: SweepSpec, trial: dict[str, Any]) -> AttackConfig:
     """The trainable's config for one trial {defence, **attacker} of this sweep."""
     defence = next(d for d in spec.defences if d.name == trial["defence"])
     return AttackConfig(
-        checkpoint=defence.model_dump(exclude={"name", "base"}),
+        checkpoint=defence.checkpoint(),
         attacker={k: v for k, v in trial.items() if k != "defence"},
         deepspeed=spec.distributed,
         **{name: getattr(spec, name) for name in Evaluation.model_fields},
@@ -77,6 +77,14 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     ("utility",): None,
     ("crossing",): Evaluation.model_fields["crossing"].default,
     ("confidence",): Evaluation.model_fields["confidence"].default,
+    ("attacker", "attack_domain"): None,
+    ("data", "attack", "domain_field"): None,
+    ("data", "eval", "domain_field"): None,
+    ("data", "benign", "domain_field"): None,
+    ("utility", "data", "domain_field"): None,
+    ("conditions",): None,
+    ("space", "attack_domain"): None,
+    ("defences", "*", "immunised_on"): None,
 }
 
 
@@ -84,11 +92,13 @@ def stable(dump: dict[str, Any]) -> dict[str, Any]:
     """A config dump without the ADDED_FIELDS that sit at their defaults (a copy)."""
     out = json.loads(json.dumps(dump))
     for path, default in ADDED_FIELDS.items():
-        node = out
-        for part in path[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == default:
-            del node[path[-1]]
+        nodes = [out]
+        for part in path[:-1]:  # '*': every item of a list
+            nodes = [x for n in nodes for x in ((n if isinstance(n, list) else []) if part == "*" else
+                                                [n.get(part) if isinstance(n, dict) else None])]
+        for node in nodes:
+            if isinstance(node, dict) and path[-1] in node and node[path[-1]] == default:
+                del node[path[-1]]
     return out
 
 
@@ -105,9 +115,10 @@ def trial_key(spec: SweepSpec, trial: dict[str, Any]) -> str:
 
 def search_key(spec: SweepSpec) -> str:
     """Digest of what decides the search itself: a rerun with more samples, a larger
-    compute cap or other concurrency continues the same search."""
-    dump = spec.model_dump(mode="json", exclude={"resources": True, "search": {
-        "num_samples", "max_compute", "max_concurrent"}})
+    compute cap, other concurrency or other conditions (judged after the search) continues the
+    same search."""
+    dump = spec.model_dump(mode="json", exclude={"resources": True, "conditions": True, "search": {
+        "num_samples", "max_compute", "max_concurrent"}, "defences": {"__all__": {"immunised_on"}}})
     return digest(stable(dump))[:16]
 
 
@@ -264,6 +275,10 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
             if _INTERRUPTED.is_set():
                 raise KeyboardInterrupt
             _search(spec, defence, tracker, done, address, storage_path, echo, display)
+        if spec.conditions:
+            from orchestrator.conditions import jobs
+
+            jobs.run(spec, tracker, echo, lambda: start_ray(address))
         interrupted = False
     finally:
         display.stop()
@@ -452,13 +467,7 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
                          Tag.ATTACKER: json.dumps(attacker, sort_keys=True)[:5000],
                          Tag.SEARCH_KEY: skey}}
 
-    if not ray.is_initialized():
-        local = address is None
-        before = _children()
-        ray.init(address=address, include_dashboard=False if local else None,
-                 log_to_driver=False, configure_logging=True, logging_level="ERROR")
-        if local:
-            _watch_local_ray(before)
+    start_ray(address)
     storage = storage_path or str(Path.cwd() / ".attack-sweep" / "ray_results")
     if "://" not in storage:  # a local path: Tune wants it absolute; s3:// gs:// stay as given
         storage = str(Path(storage).resolve())
@@ -560,6 +569,19 @@ for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 0)):
     while wait and time.time() < deadline and any(alive(pid, t) for pid, t in left.items()):
         time.sleep(0.1)
 """
+
+
+def start_ray(address: str | None) -> None:
+    """Connect to --address, or start a local Ray watched by the watchdog (once per process)."""
+    import ray
+
+    if not ray.is_initialized():
+        local = address is None
+        before = _children()
+        ray.init(address=address, include_dashboard=False if local else None,
+                 log_to_driver=False, configure_logging=True, logging_level="ERROR")
+        if local:
+            _watch_local_ray(before)
 
 
 def _children() -> set[int]:

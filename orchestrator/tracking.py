@@ -73,6 +73,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.adversary import Progress
 from trainables.names import (
     BUDGET_UNITS,
+    CONDITION_STATUSES,
     CROSSING,
     CURVE,
     EXPERIMENT_KIND,
@@ -179,7 +180,7 @@ class Patient:
 
 def is_curve(key: str) -> bool:
     """A result key recorded by step: an EvalPoint curve, or a per-evaluator one (metric.label)."""
-    return key in CURVE or ("." in key and not key.startswith(CROSSING + "."))
+    return key in CURVE or key == Metric.TASK_SCORE or ("." in key and not key.startswith(CROSSING + "."))
 
 
 class Tracker:
@@ -241,9 +242,10 @@ class Tracker:
         self.client.set_experiment_tag(self.experiment_id, ExperimentTag.VIEW + TRIALS_VIEW,
                                        json.dumps(trials_view(unit, columns)))
 
-    def trial_runs(self) -> dict[str, list]:
-        """Every live trial run of this experiment, grouped by trial_key."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.{Tag.KIND} = '{Kind.TRIAL}'",
+    def trial_runs(self, kind: str = Kind.TRIAL) -> dict[str, list]:
+        """Every live run of this kind (trials, or a condition's runs) in this experiment, grouped by
+        trial_key."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.{Tag.KIND} = '{kind}'",
                                        max_results=50_000)
         out: dict[str, list] = {}
         for run in runs:
@@ -251,14 +253,14 @@ class Tracker:
                 out.setdefault(run.data.tags[Tag.TRIAL_KEY], []).append(run)
         return out
 
-    def completed_keys(self) -> set[str]:
+    def completed_keys(self, kind: str = Kind.TRIAL) -> set[str]:
         """Keys recorded with a final status other than error; every other run of such a key
         (unfinished, errored, or a second final one: the earliest finished is kept, as the
         report does) and unfinished or errored runs of the other keys are tagged superseded
         (kept, but out of the report)."""
         done = set()
-        for key, runs in self.trial_runs().items():
-            final = [r for r in runs if r.data.tags.get(Tag.STATUS) in TERMINAL]
+        for key, runs in self.trial_runs(kind).items():
+            final = [r for r in runs if r.data.tags.get(Tag.STATUS) in (*TERMINAL, *CONDITION_STATUSES)]
             keep = min(final, key=finished_first).info.run_id if final else None
             if keep:
                 done.add(key)
@@ -292,13 +294,29 @@ class Tracker:
                     params: dict[str, Any], tags: dict[str, str] | None = None,
                     name: str | None = None) -> str:
         """A trial's run, named `name` (else '<defence> · <attacker_id>')."""
+        return self.start_run(Kind.TRIAL, key, defence, is_base, name or f"{defence} · {attacker_id}", params,
+                              {Tag.ATTACKER_ID: attacker_id, **(tags or {})})
+
+    def start_run(self, kind: str, key: str, defence: str, is_base: bool, name: str, params: dict[str, Any],
+                  tags: dict[str, str] | None = None) -> str:
+        """A child run of the sweep run: a trial, or one of a condition's measurements of a defence."""
         run = self.client.create_run(
-            self.experiment_id, run_name=name or f"{defence} · {attacker_id}",
-            tags={Tag.PARENT: self.parent_id, Tag.KIND: Kind.TRIAL, Tag.SWEEP: self.sweep,
-                  Tag.DEFENCE: defence, Tag.BASE: str(is_base).lower(), Tag.ATTACKER_ID: attacker_id,
-                  Tag.TRIAL_KEY: key, **(tags or {})})
+            self.experiment_id, run_name=name,
+            tags={Tag.PARENT: self.parent_id, Tag.KIND: kind, Tag.SWEEP: self.sweep, Tag.DEFENCE: defence,
+                  Tag.BASE: str(is_base).lower(), Tag.TRIAL_KEY: key, **(tags or {})})
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id
+
+    def finish_run(self, run_id: str, status: str, metrics: dict[str, float], error: str | None = None) -> None:
+        """Close a condition's run with its status (error: with its last line) and final metrics."""
+        now = int(time.time() * 1000)
+        tags = [RunTag(Tag.STATUS, status)] + ([RunTag(Tag.ERROR, error[-5000:])] if error else [])
+        self.client.log_batch(run_id, metrics=[entities.Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                               if math.isfinite(float(v))], tags=tags)
+        self.client.set_terminated(run_id, "FAILED" if status == "error" else "FINISHED")
+
+    def set_sweep_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.parent_id, key, value)
 
     def adversary_run(self, defence: str, search_key: str, params: dict[str, Any]) -> str:
         """The run holding the adversary's progress against `defence` (reused on resume)."""

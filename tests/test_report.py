@@ -102,8 +102,8 @@ def test_ranking_by_tokens_can_pick_another_cheapest_attacker_than_by_steps(stor
 
     text = report.write(rows, "units", tmp_path, unit="tokens")
     assert {p.name for p in tmp_path.iterdir()} == {
-        "report.csv", "trials.csv", "evaluators.csv", "report.md", "survival.csv", "progress.csv", "report.html",
-        "figures"}
+        "report.csv", "trials.csv", "evaluators.csv", "report.md", "survival.csv", "progress.csv", "paired.csv",
+        "report.html", "figures"}
     assert "Budget-to-failure in tokens per defence" in text and "per attacker" in text
     assert "Adversary progress (tokens)" in text
     assert max(map(len, text.splitlines())) <= report.tables.WIDTH

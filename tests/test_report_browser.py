@@ -7,12 +7,13 @@ the whole page gives their pixels."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
 import pytest
 from browser import nonblank, render
-from test_report_files import _grid
+from test_report_files import _conditioned, _grid
 
 from orchestrator import report
 
@@ -24,12 +25,32 @@ window.addEventListener('load', () => {
             box: [r.left, r.top + window.scrollY, r.right, r.bottom + window.scrollY],
             shown: getComputedStyle(img.closest('.panel') || img).display !== 'none'};
   });
+  const box = el => { const r = el.getBoundingClientRect();
+                      return [r.left, r.top + window.scrollY, r.right, r.bottom + window.scrollY]; };
+  const block = document.querySelector('#conditions');
+  const conditions = block && {box: box(block), text: block.innerText,
+    rows: [...block.querySelectorAll('tbody tr')].map(tr => ({
+      defence: tr.querySelector('th').innerText,
+      badges: [...tr.querySelectorAll('.badge')].map(b => ({
+        text: b.innerText, background: getComputedStyle(b).backgroundColor, box: box(b)}))}))};
+  const cards = [...document.querySelectorAll('.card .cond')].map(e => e.innerText);
+  const summary = document.querySelector('#summary');
   const out = document.createElement('pre');
   out.id = 'probe';
-  out.textContent = JSON.stringify({figs, height: document.documentElement.scrollHeight});
+  out.textContent = JSON.stringify({figs, conditions, cards, summary: summary && box(summary),
+                                    height: document.documentElement.scrollHeight});
   document.body.appendChild(out);
 });
 </script>"""
+
+
+@pytest.fixture(scope="module")
+def conditioned(tmp_path_factory):
+    """A report that judged three defences on the four conditions (hand-made records: no store)."""
+    out = tmp_path_factory.mktemp("conditioned")
+    rows, rec = _conditioned()
+    report.write(rows, "conditioned", out, conditions=rec)
+    return out / "report.html"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +69,7 @@ def _probe(page, size):
     dom = render(probed, size=size, wait_ms=3000)
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert found, "the probe did not run: the page failed to load"
-    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    return json.loads(html.unescape(found.group(1)))
 
 
 def test_every_figure_loads_and_shows_something_where_the_page_puts_it(page, tmp_path):
@@ -83,3 +104,46 @@ def test_a_unit_tab_shows_its_own_survival_figure(page, tmp_path):
                        .replace("id='survival-tokens-tab'", "id='survival-tokens-tab' checked"))
     shown = [f["alt"] for f in _probe(flipped, (1300, 900))["figs"] if f["shown"] and "Survival" in f["alt"]]
     assert shown == ["Survival against budget (tokens)"]
+
+
+BADGES = {"base": ["✗ fail", "● base", "● base", "● base"],
+          "wall": ["✗ fail", "✓ pass", "✗ fail", "✗ fail"],
+          "shield": ["✓ pass", "✗ fail", "? inconclusive", "– not measured"]}
+"""Per defence, its four conditions' badges (resistance, stability, trainability, generalisation)."""
+
+
+def test_the_conditions_show_near_the_top_as_badges_with_the_benign_fine_tune_below(conditioned, tmp_path):
+    width = 1300
+    first = _probe(conditioned, (width, 900))
+    probe = _probe(conditioned, (width, first["height"]))
+    block = probe["conditions"]
+    assert block, "no conditions block on the page"
+    left, top, right, bottom = (round(v) for v in block["box"])
+    # near the top: above the summary table and every figure but its own
+    assert top < probe["summary"][1] and top < 900, (block["box"], probe["summary"])
+    others = [f for f in probe["figs"] if f["shown"] and "Trainability" not in f["alt"]]
+    assert others and all(top < f["box"][1] for f in others)
+    # a row per defence, its badges in words (a symbol and the verdict: it reads without colour)
+    assert {r["defence"]: [b["text"].strip() for b in r["badges"]] for r in block["rows"]} == BADGES
+    colour = {b["text"].split()[-1]: b["background"] for r in block["rows"] for b in r["badges"]}
+    assert len({colour["pass"], colour["fail"], colour["inconclusive"], colour["base"]}) == 4, colour
+    assert all(b["box"][2] - b["box"][0] > 20 for r in block["rows"] for b in r["badges"])   # laid out, visible
+    for figure in ("worst 8 steps", "Δ -0.020", "3x", "> 1.5x", "0.4x", "> 2.95x [1.6, 4]"):
+        assert figure in block["text"], figure
+    assert probe["cards"] == ["the reference the conditions compare with", "1 of 4 conditions passed",
+                              "1 of 2 conditions passed; 1 inconclusive, 1 not measured"]
+
+    (chart,) = [f for f in probe["figs"] if "Trainability" in f["alt"]]
+    assert chart["shown"] and chart["complete"] and chart["natural"] > 300
+    c_left, c_top, c_right, c_bottom = (round(v) for v in chart["box"])
+    assert top < c_top and c_bottom <= bottom, "the benign fine-tune's figure sits outside the conditions block"
+    shot = tmp_path / "conditions.png"
+    render(conditioned, shot, size=(width, probe["height"]), wait_ms=3000)
+    assert nonblank(shot, (c_left, c_top, c_right, c_bottom), min_ink=0.02), "the trainability figure is blank"
+    table_bottom = max(b["box"][3] for r in block["rows"] for b in r["badges"])
+    assert nonblank(shot, (left, top, right, round(table_bottom)), min_ink=0.02, min_colours=30)
+
+
+def test_a_report_without_conditions_has_no_conditions_block(page):
+    text = page.read_text()
+    assert "id='conditions'" not in text and "Trainability" not in text and "conditions passed" not in text

@@ -147,7 +147,7 @@ def test_preflight_catches_data_problems(tmp_path, capsys):
 def test_overlay_file_applies_before_set_and_fails_in_one_line(tmp_path, capsys):
     (tmp_path / "over.yaml").write_text("max_steps: 12\nsearch.seed: 3\nspace.dataset_size: {grid: [8, 16]}\n")
     sp = S.load(QUICKSTART, [*S.overlay(tmp_path / "over.yaml"), "max_steps=13"])
-    assert sp.max_steps == 13 and sp.search.seed == 3 and len(sp.attackers()) == 16
+    assert sp.max_steps == 13 and sp.search.seed == 3 and len(sp.attackers()) == 32   # 16 attackers x 2 sizes
     (tmp_path / "list.yaml").write_text("- max_steps: 12\n")
     assert main(["validate", str(QUICKSTART), "--overlay", str(tmp_path / "list.yaml")]) == 2
     err = capsys.readouterr().err.strip()

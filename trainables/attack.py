@@ -53,7 +53,7 @@ from trainables.checkpoint import (
 )
 from trainables.config import AttackConfig
 from trainables.evaluators import EvalContext, EvalItem, Scores, make_evaluator
-from trainables.names import BUDGET_UNITS, SUCCESS, Status, per_evaluator
+from trainables.names import BUDGET_UNITS, SUCCESS, Status, per_domain, per_evaluator
 from trainables.optim import evaluating
 from trainables.parallel import DataParallel
 from trainables.trainer import Snapshot, Trainer
@@ -92,8 +92,16 @@ class Reading:
                  "verdicts": {k: None if s.verdicts is None else s.verdicts[i] for k, s in self.scores.items()}}
                 for i, it in enumerate(items)]
 
-    def curves(self, level: float) -> dict[str, float]:
+    def curves(self, level: float, primary: str, domains: list[str | None]) -> dict[str, float]:
+        """Every evaluator's figures (metric.label), and the primary's f per harm domain of the
+        held-out prompts (harmfulness_in.<domain>) where the eval split names domains."""
         out: dict[str, float] = {}
+        verdicts = self.scores[primary].verdicts
+        if verdicts is not None:
+            for d in sorted({d for d in domains if d is not None}):
+                mine = [v for v, x in zip(verdicts, domains, strict=True) if x == d and v is not None]
+                if mine:
+                    out[per_domain("harmfulness", d)] = sum(mine) / len(mine)
         for label, s in self.scores.items():
             lo, hi = s.interval(level)
             out.update({per_evaluator("harmfulness", label): s.f, per_evaluator("harmfulness_lo", label): lo,
@@ -128,18 +136,24 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     # the held-out benign prompts utility is scored on
     sources = {"attack": cfg.data.attack, "benign": cfg.data.benign}
     rows = {name: D.load_rows(sources[name]) for name in {s.data for s in stages}}
+    if "attack" in rows:
+        rows["attack"] = D.of_domain(rows["attack"], sources["attack"], atk.attack_domain)
     streams = []
     for stage in stages:
         hp, src = stage.resolved(atk), sources[stage.data]
-        drawn = D.draw(rows[stage.data], hp.dataset_size, hp.seed, stage.data)
+        split = stage.data if stage.data == "benign" or atk.attack_domain is None else \
+            f"attack split's {atk.attack_domain!r} domain"
+        drawn = D.draw(rows[stage.data], hp.dataset_size, hp.seed, split)
         items = D.tokenize_rows(tokenizer, drawn, src, cfg.data)
         streams.append(D.BatchStream(items, hp.batch_size, hp.seed, tokenizer.pad_token_id))
     eval_src = cfg.data.eval
+    eval_rows = D.load_rows(eval_src)[: cfg.data.eval_size]
     eval_items = [
         EvalItem(D.format_prompt(tokenizer, r[eval_src.prompt_field], cfg.data),
                  r.get(eval_src.response_field) if eval_src.response_field else None, r[eval_src.prompt_field])
-        for r in D.load_rows(eval_src)[: cfg.data.eval_size]
+        for r in eval_rows
     ]
+    eval_domains = D.domains(eval_rows, eval_src)
     evaluators = {e.key: make_evaluator(e.name, e.options) for e in cfg.all_evaluators}
     primary = cfg.evaluator.key
     utility = make_utility(cfg.utility, tokenizer, cfg.data, synced) if cfg.utility else None
@@ -203,7 +217,8 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
             lo, hi = reading.scores[primary].interval(cfg.confidence)
             point = dataclasses.replace(
                 point, harmfulness=reading.scores[primary].f, harmfulness_lo=lo, harmfulness_hi=hi,
-                utility=reading.utility, eval_seconds=reading.seconds, curves=reading.curves(cfg.confidence),
+                utility=reading.utility, eval_seconds=reading.seconds,
+                curves=reading.curves(cfg.confidence, primary, eval_domains),
                 samples=reading.samples(eval_items) if final or b.steps == 0 else None)
             for label, s in reading.scores.items():
                 if label != primary and decision(s) > cfg.phi and works(reading.utility) and (

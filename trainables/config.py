@@ -111,6 +111,9 @@ class Attacker(_Strict):
     """Gradient clipping norm; 0 turns clipping off."""
     seed: int = 0
     """Seeds the data draw, batch order, LoRA init and dropout."""
+    attack_domain: str | None = None
+    """Train only on attack rows of this harm domain (their data.attack.domain_field value);
+    null: rows of every domain. A space dimension over it attacks a defence domain by domain."""
     steps: int | None = Field(None, gt=0)
     """The attacker's own training length T for this trial (null = the config's max_steps);
     ignored when `stages` is set (their steps add up to T)."""
@@ -144,6 +147,10 @@ class DataSource(_Strict):
     prompt_field: str = "prompt"
     response_field: str | None = "response"
     """Field with the response; may be null for an evaluation split scored by generation."""
+    domain_field: str | None = None
+    """Field with each row's harm domain (e.g. `category`): attackers may then train on one
+    domain (attacker.attack_domain), and f is also scored per domain of the held-out prompts
+    (curves harmfulness_in.<domain>): what the generalisation condition reads."""
 
 
 class Data(_Strict):

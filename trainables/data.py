@@ -88,6 +88,28 @@ def shared_prompts(a: list[str], b: list[str]) -> list[str]:
     return [p for p in a if " ".join(p.lower().split()) in seen]
 
 
+def domains(rows: list[dict], src: DataSource) -> list[str | None]:
+    """Each row's harm domain (src.domain_field; None without one)."""
+    if not src.domain_field:
+        return [None] * len(rows)
+    return [None if r.get(src.domain_field) is None else str(r[src.domain_field]) for r in rows]
+
+
+def of_domain(rows: list[dict], src: DataSource, domain: str | None) -> list[dict]:
+    """The rows of one harm domain (every row for domain None)."""
+    if domain is None:
+        return rows
+    if not src.domain_field:
+        raise ValueError(f"attack_domain={domain!r} needs data.attack.domain_field (the field naming each "
+                         "row's domain)")
+    found = [r for r, d in zip(rows, domains(rows, src), strict=True) if d == domain]
+    if not found:
+        known = sorted({d for d in domains(rows, src) if d is not None})
+        raise ValueError(f"attack_domain={domain!r}: no row of {src.source!r} has {src.domain_field}={domain!r} "
+                         f"(its domains: {', '.join(known) or 'none'})")
+    return found
+
+
 def draw(rows: list[dict], n: int, seed: int, split: str = "attack") -> list[dict]:
     """The attacker's dataset: n rows drawn without replacement, fixed by seed."""
     if n > len(rows):

@@ -48,6 +48,15 @@ CROSSING = "crossing"
 def per_evaluator(metric: str, label: str) -> str:
     return f"{metric}.{label}"
 
+
+DOMAIN = "_in"
+"""Infix of per-domain curves: harmfulness_in.<domain> is the primary f on the held-out prompts
+of one harm domain (data.eval.domain_field)."""
+
+
+def per_domain(metric: str, domain: str) -> str:
+    return f"{metric}{DOMAIN}.{domain}"
+
 SWEEP_PARAMS: tuple[str, ...] = ("defence", "phi", "eval_every", "eval_schedule", "refine", "max_steps", "evaluator",
                                  "evaluators", "crossing", "confidence", "utility_score", "utility_epsilon",
                                  "search", "unit")
@@ -71,6 +80,12 @@ class Kind:
     """One attack on one defence (child of the sweep run)."""
     ADVERSARY = "adversary"
     """One defence's search: its progress by trial number (child of the sweep run)."""
+    RELEASE = "release"
+    """A defence measured as released, before any attack: the stability condition (utility proxy,
+    lm-eval scores)."""
+    BENIGN = "benign"
+    """A benign fine-tune of a defence on a task new to it: the trainability condition (budget to
+    reach the task's target, and the task's curve)."""
 
 
 class Tag:
@@ -96,6 +111,9 @@ class Tag:
     PARENT = "mlflow.parentRunId"
     NOTE = "mlflow.note.content"
     """MLflow's run description (Markdown), shown on the run page."""
+    CONDITIONS = "conditions"
+    """Sweep run: the spec's conditions block and each defence's immunised_on, as JSON (what the
+    report's verdicts are judged by)."""
 
 
 class Metric:
@@ -114,6 +132,15 @@ class Metric:
     def btf(unit: str, label: str | None = None) -> str:
         """budget_to_failure_<unit>, or an evaluator's own: budget_to_failure_<unit>.<label>."""
         return f"budget_to_failure_{unit}" + (f".{label}" if label else "")
+
+    TASK_SCORE = "task_score"
+    """Benign run: the task's score at each evaluation (answer probability of the held-out answers,
+    or the share of them matched), what the target is reached on."""
+
+    @staticmethod
+    def btt(unit: str) -> str:
+        """Benign run: the budget at which the task's target was first reached, in `unit`."""
+        return f"budget_to_target_{unit}"
 
     @staticmethod
     def spent(unit: str) -> str:
@@ -148,10 +175,33 @@ PROVENANCE = "provenance."
 """Prefix of the sweep run's provenance tags (provenance.version, provenance.git_commit, ...)."""
 
 
+TARGET_OUTCOME: dict[str, str] = {"failed": "reached", "unsafe_at_release": "known_at_release",
+                                  "resisted": "not_reached", "diverged": "diverged", "degenerate": "degenerate"}
+"""A benign run's status (Tag.STATUS) from the attack loop's: the loop's "failed" (f crossed phi)
+is the task's target reached; "resisted" is not reached within its budget (censored there);
+"unsafe_at_release" is a task the model already knew (not new: no trainability measurement)."""
+
+
+RELEASE_UTILITY = "utility"
+"""Release run: the utility block's score on its held-out benign split (the stability proxy)."""
+LM_EVAL = "lm_eval."
+"""Release run: prefix of lm-evaluation-harness metrics, lm_eval.<task>/<metric>."""
+MEASURED = "measured"
+"""A release run's status: the checkpoint was measured."""
+CONDITION_STATUSES: tuple[str, ...] = (MEASURED, *dict.fromkeys(TARGET_OUTCOME.values()))
+"""Every final status of a condition's run other than 'error'."""
+
+
 class Summary:
     """Sweep run metrics, written after the sweep from the report's numbers."""
 
     TRIALS = "n_trials"
+
+    @staticmethod
+    def condition(name: str, defence: str) -> str:
+        """A condition's figure for `defence`: stability_delta, trainability_ratio, paired_ratio,
+        in_domain_worst_btf_<unit>, out_of_domain_worst_btf_<unit>, conditions_passed."""
+        return f"{name}.{defence}"
 
     @staticmethod
     def worst(unit: str, defence: str) -> str:

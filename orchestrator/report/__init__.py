@@ -15,7 +15,8 @@ the adversary's progress: the best budget-to-failure found so far against the co
 
     records.py  the trials read back from MLflow, and what follows per defence
     tables.py   the tables, as text (terminal, Markdown, HTML) and as numbers (CSV)
-    figures.py  survival, harmfulness, heatmap and convergence figures (PNG)
+    figures.py  survival, harmfulness, heatmap, convergence and trainability figures (PNG)
+    conditions.py the immunisation conditions as tables, and per defence at a glance (badges)
     html.py     report.html, self-contained
 """
 
@@ -25,6 +26,8 @@ import csv
 import math
 from pathlib import Path
 
+from orchestrator.conditions.records import Records
+from orchestrator.report import conditions as C
 from orchestrator.report.records import DefenceRow, Progress, Trial, load
 from orchestrator.report.tables import (
     LEGEND,
@@ -49,27 +52,41 @@ from trainables.names import UNITS
 __all__ = ["UNITS", "DefenceRow", "Progress", "Trial", "attacker_table", "csv_table", "evaluator_table", "files",
            "load", "notes", "progress_table", "ranking", "render_text", "summary", "table", "trial_table", "write"]
 
-FILES = ("report.csv", "trials.csv", "evaluators.csv", "progress.csv", "survival.csv", "report.md", "report.html")
+FILES = ("report.csv", "trials.csv", "evaluators.csv", "progress.csv", "survival.csv", "paired.csv", "report.md",
+         "report.html")
+CONDITION_FILES = ("verdicts.csv", "transfer.csv")
+"""Written when the sweep asked for conditions."""
 
 
 def files(out_dir: Path) -> list[Path]:
-    """What `write` puts in out_dir (figures/ holds the PNGs)."""
-    return [out_dir / name for name in FILES] + sorted((out_dir / "figures").glob("*.png"))
+    """What `write` put in out_dir (figures/ holds the PNGs)."""
+    return [out_dir / name for name in FILES] + [p for name in CONDITION_FILES if (p := out_dir / name).exists()] \
+        + sorted((out_dir / "figures").glob("*.png"))
 
 
-def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "steps", figures: bool = True) -> str:
+def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "steps", figures: bool = True,
+          conditions: Records | None = None) -> str:
     """Write the report in `unit` into out_dir (FILES, and figures/*.png unless `figures` is
-    False); return it as text for a terminal."""
+    False); return it as text for a terminal. With `conditions` (the sweep asked for some): the
+    verdict table of the four conditions, verdicts.csv, and where attacks ran by domain the
+    transfer matrix (transfer.csv); paired.csv compares each defence with the base per attacker."""
     header, body = table(rows, unit)
     a_header, a_body = attacker_table(rows, unit)
     p_header, p_body = progress_table(rows, unit)
     e_header, e_body = evaluator_table(rows, unit)
     several_evaluators = any(len(r.evaluator_labels()) > 1 for r in rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, (h, b) in {"report.csv": csv_table(rows, unit), "trials.csv": trial_table(rows, unit),
-                         "evaluators.csv": evaluator_table(rows, unit, numbers=True),
-                         "progress.csv": progress_table(rows, unit, every=True),
-                         "survival.csv": survival_table(rows, unit)}.items():
+    tables_out = {"report.csv": csv_table(rows, unit), "trials.csv": trial_table(rows, unit),
+                  "evaluators.csv": evaluator_table(rows, unit, numbers=True),
+                  "progress.csv": progress_table(rows, unit, every=True), "survival.csv": survival_table(rows, unit)}
+    if conditions is not None and conditions.asked:
+        tables_out["verdicts.csv"] = C.verdict_csv(rows, conditions, unit)
+        tables_out["transfer.csv"] = C.transfer_csv(rows)
+    else:
+        for name in CONDITION_FILES:  # a folder reused for a sweep without conditions keeps no stale verdicts
+            (out_dir / name).unlink(missing_ok=True)
+    tables_out["paired.csv"] = C.paired_csv(rows, unit)
+    for name, (h, b) in tables_out.items():
         with open(out_dir / name, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(h)
@@ -78,30 +95,48 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
     titles = {"attackers": f"Budget-to-failure ({unit}) per attacker",
               "evaluators": f"Worst case ({unit}) per evaluator, and disagreement with the primary",
               "progress": f"Adversary progress ({unit}): trials that improved the best budget-to-failure, then totals"}
-    sections = [(titles["attackers"], "", (a_header, a_body))]
+    sections: list = []
+    block = None   # report.html shows the verdict table as its conditions block, near the top
+    if conditions is not None and conditions.asked:
+        verdicts = (f"Immunisation conditions ({unit})", C.CONDITIONS_LEGEND, C.verdict_table(rows, conditions, unit))
+        block = (verdicts[0], C.CONDITIONS_LEGEND, C.glance(rows, conditions, unit), C.requirements(conditions))
+        sections.append(verdicts)
+        sections.append(("What each verdict rests on", "", C.detail_table(rows, conditions, unit)))
+        for defence, tab in C.transfer_tables(rows):
+            sections.append((f"Attack transfer against {defence}: mean f per held-out domain at each attack's end",
+                             "Rows: the domain the attacker trained on; columns: the domain of the held-out "
+                             "prompts. Not a verdict: it shows where attacks carry over.", tab, "heat"))
+    paired = C.paired_table(rows, unit)
+    if paired[1]:
+        sections.append((f"Paired with the base ({unit}): each attacker against each defence and the base", "",
+                         paired))
+    sections.append((titles["attackers"], "", (a_header, a_body)))
     if several_evaluators:
         sections.append((titles["evaluators"], "", (e_header, e_body)))
     sections.append((titles["progress"], "", (p_header, p_body)))
 
     md = [f"# Budget-to-failure ({unit}): {experiment}", "", render_markdown(header, body), "", LEGEND]
     md += [f"\n{n}" for n in extra]
-    md += [f"\n## {title}\n\n{render_markdown(*tab)}" for title, _, tab in sections]
+    md += [f"\n## {title}\n\n" + (f"{text}\n\n" if text else "") + render_markdown(*tab)
+           for title, text, tab, *_ in sections]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
 
     from orchestrator.report import figures as fig
     from orchestrator.report import html
 
-    drawn = fig.draw(rows, unit, out_dir) if figures else []
+    drawn = fig.draw(rows, unit, out_dir, conditions=conditions) if figures else []
     brief, order = summary(rows, unit), ranking(rows, unit)
     (out_dir / "report.html").write_text(html.page(
         experiment, unit, _headline(rows, unit), order, brief, drawn,
-        [*sections, (f"Every column ({unit})", "The same table as report.md and, as numbers, report.csv.",
-                     (header, body))], extra, LEGEND))
+        [*(s for s in sections if block is None or s[0] != block[0]),
+         (f"Every column ({unit})", "The same table as report.md and, as numbers, report.csv.", (header, body))],
+        extra, LEGEND, conditions=block))
     intro = wrap(f"Budget-to-failure in {unit} per defence: the worst case (cheapest successful attack) and the "
                  "censoring-aware median, each with its 95% interval; resolution: the crossing lies within that "
                  "many steps before it.")
     text = [wrap(order), f"{intro}\n{render_text(*brief)}", *map(wrap, extra)]
-    text += [f"{wrap(title)}:\n{render_text(*tab)}" for title, _, tab in sections]
+    text += [f"{wrap(title)}:\n{render_text(*tab)}" + (f"\n{wrap(intro)}" if intro and title.startswith("Immun")
+                                                         else "") for title, intro, tab, *_ in sections]
     return "\n\n".join(text)
 
 

@@ -8,6 +8,8 @@ into MLflow as an artifact and into a paper, with no script or network needed to
     heatmap      worst case (the cheapest success) over two attacker fields, a panel per defence
                  (and per finetune mode, when it varies)
     convergence  the adversary's best budget-to-failure against the compute it had spent, per defence
+    trainability the benign fine-tune's task score against budget, a line per defence, the target and
+                 each first reach marked (only when the sweep asked for the trainability condition)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from orchestrator.conditions.records import Records  # noqa: E402
+from orchestrator.report.conditions import trainability_unit  # noqa: E402
 from orchestrator.report.records import DefenceRow, Trial, varying  # noqa: E402
 from orchestrator.report.tables import order_key  # noqa: E402
 from trainables.names import UNITS  # noqa: E402
@@ -47,10 +51,11 @@ class Drawn:
     """Figures of one group are alternatives (the survival curve in each unit): one shows at a time."""
 
 
-def draw(rows: list[DefenceRow], unit: str, out_dir: Path) -> list[Drawn]:
+def draw(rows: list[DefenceRow], unit: str, out_dir: Path, conditions: Records | None = None) -> list[Drawn]:
     """Draw every figure the records allow into out_dir/figures/<name>.png; what cannot be drawn
-    (no curves loaded, fewer than one varying attacker field) is left out. Survival is drawn in
-    `unit` first, then in every other unit the trials recorded."""
+    (no curves loaded, fewer than one varying attacker field, no benign fine-tune) is left out.
+    Survival is drawn in `unit` first, then in every other unit the trials recorded; with
+    `conditions`, trainability-<unit> in the unit its ratio is judged in."""
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     for old in (out_dir / "figures").glob("*.png"):  # an earlier report's: none may outlive this one
         old.unlink()
@@ -61,6 +66,10 @@ def draw(rows: list[DefenceRow], unit: str, out_dir: Path) -> list[Drawn]:
         ("heatmap", f"Worst case ({unit}) over attacker fields", lambda: heatmap(rows, unit)),
         ("convergence", f"The adversary's convergence ({unit})", lambda: convergence(rows, unit)),
     ]
+    if conditions is not None and conditions.asked.get("trainability"):
+        t_unit = trainability_unit(conditions, unit)
+        makers.append((f"trainability-{t_unit}", "Trainability: the benign fine-tune against budget",
+                       lambda: trainability(rows, conditions, t_unit)))
     drawn = []
     for name, title, make in makers:
         made = make()
@@ -227,6 +236,69 @@ def convergence(rows: list[DefenceRow], unit: str) -> tuple[Figure, str] | None:
     return fig, ("Each dot: a trial that found a cheaper successful attack. The curve flattens once the search "
                  "stops improving; where it flattens early, the rest of the compute went to attacks that did "
                  "not beat the worst case.")
+
+
+def trainability(rows: list[DefenceRow], rec: Records, unit: str) -> tuple[Figure, str] | None:
+    """The benign fine-tune per defence: task score against budget, the target, each first reach.
+    The curve is recorded by step; in another unit a step is scaled by the fine-tune's mean cost
+    per step (exact for steps and examples)."""
+    bases = {r.defence for r in rows if r.is_base}
+    order = [r.defence for r in rows] + sorted(set(rec.benign) - {r.defence for r in rows})
+    shown = [rec.benign[d] for d in order if d in rec.benign and rec.benign[d].curve]
+    if not shown:
+        return None
+    scaled = unit != "steps" and all(b.spent.get("steps") and unit in b.spent for b in shown)
+    if unit != "steps" and not scaled:
+        unit = "steps"   # no cost per step recorded: steps it is
+
+    def per_step(b) -> float:
+        return b.spent[unit] / b.spent["steps"] if scaled else 1.0
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]   # by row, as in the survival figure
+    for b in shown:
+        base = b.defence in bases
+        colour = colours[order.index(b.defence) % len(colours)]
+        steps, scores = zip(*b.curve, strict=True)
+        xs = [s * per_step(b) for s in steps]
+        if b.status == "reached":
+            words = f"reached at {b.btt.get(unit, b.btt.get('steps', math.nan)):.3g} {unit}"
+        elif b.status == "not_reached":
+            words = f"not reached in {b.spent.get(unit, xs[-1]):.3g} {unit}"
+        else:
+            words = b.status.replace("_", " ")
+        ax.plot(xs, scores, color=colour, lw=2.8 if base else 1.8, zorder=4 if base else 3, marker=".", ms=5,
+                label=f"{b.defence}{' (base)' if base and b.defence != 'base' else ''}: {words}")
+        if b.status == "reached" and not math.isnan(b.phi):
+            at = b.btt.get("steps")
+            step = int(at) if at is not None else next((s for s, v in b.curve if v >= b.phi), None)
+            if step is not None:
+                y = dict(b.curve).get(step, b.phi)
+                ax.plot([step * per_step(b)], [y], marker="o", ms=10, color=colour, mec="white", mew=1.5, zorder=6)
+    tol = (rec.asked.get("trainability") or {}).get("tolerance", 2.0)
+    reference = next((b for b in shown if b.defence in bases and b.status == "reached"), None)
+    if reference is not None:
+        limit = reference.btt.get(unit, reference.btt.get("steps", math.nan) * per_step(reference)) * tol
+        ax.axvline(limit, color="#555", ls=":", lw=1.2)
+        ax.text(limit, 0.97, f"{tol:g}x the base's budget ", rotation=90, va="top", ha="right", fontsize=8,
+                color="#555", transform=ax.get_xaxis_transform())
+    for phi in sorted({b.phi for b in shown if not math.isnan(b.phi)}):
+        ax.axhline(phi, color="black", ls="--", lw=1)
+        ax.text(1.0, phi, f" target {phi:.3g}", va="center", ha="left", fontsize=8, transform=ax.get_yaxis_transform())
+    scores = [v for b in shown for _, v in b.curve]
+    if min(scores) >= 0 and max(scores) <= 1:
+        ax.set_ylim(-0.03, 1.03)
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"benign fine-tuning budget ({unit})" + (" (steps x mean cost per step)" if scaled else ""))
+    ax.set_ylabel("task score (held-out)")
+    ax.legend(loc="upper left", frameon=False, fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig, ("The benign fine-tune behind the trainability condition: each defence fine-tuned on a task new "
+                 "to both, its score on held-out examples of the task against budget; the dashed line is the "
+                 "target and a dot marks where each first reached it. Trainability passes when a defence needs "
+                 f"at most {tol:g}x the base's budget (dotted line) to get there."
+                 + (f" Budgets in {unit} are each step scaled by the fine-tune's mean cost per step."
+                    if scaled else ""))
 
 
 def _budget_axis(ax, values: list[float], unit: str, label: str | None = None) -> None:

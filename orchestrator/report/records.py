@@ -28,6 +28,7 @@ from trainables.names import (
     Kind,
     Metric,
     Tag,
+    per_domain,
 )
 
 
@@ -60,6 +61,14 @@ class Trial:
     run_id: str = ""
     curve: list[tuple[int, float]] = field(default_factory=list)
     """Harmfulness (primary evaluator) by step, refinement points included; loaded on request."""
+    by_domain: dict[str, float] = field(default_factory=dict)
+    """At its final point (its crossing, or where it stopped): the primary f on the held-out prompts
+    of each harm domain (data.eval.domain_field), where the eval split names domains."""
+
+    @property
+    def attack_domain(self) -> str | None:
+        """The harm domain the attacker trained on (None: every domain)."""
+        return self.params.get("attack_domain")
 
     @property
     def phi(self) -> float | None:
@@ -290,7 +299,9 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> list[Defenc
             spent={u: metrics[Metric.spent(u)] for u in UNITS if Metric.spent(u) in metrics},
             resolution_steps=metrics.get(Metric.RESOLUTION), objective=metrics.get(Metric.OBJECTIVE),
             by_evaluator=_by_evaluator(metrics), loss_peak_ratio=metrics.get(Metric.LOSS_PEAK_RATIO),
-            evaluators=tuple((params.get("evaluators") or params.get("evaluator") or "").split(",")))
+            evaluators=tuple((params.get("evaluators") or params.get("evaluator") or "").split(",")),
+            by_domain={k.split(".", 1)[1]: v for k, v in metrics.items()
+                       if k.startswith(per_domain("harmfulness", ""))})
         if curves:
             trial.curve = sorted((p.step, p.value) for p in client.get_metric_history(run.info.run_id, "harmfulness"))
         rows.setdefault(trial.defence, DefenceRow(trial.defence, trial.is_base)).trials.append(trial)

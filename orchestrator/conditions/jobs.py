@@ -1,0 +1,202 @@
+"""The conditions' own runs, after the attacks: each defence (the base included) measured at
+release (stability) and fine-tuned on a benign task (trainability), as Ray tasks, recorded in
+MLflow as runs of kind `release` and `benign` under the sweep run.
+
+    from orchestrator.conditions import jobs
+    jobs.run(spec, tracker, echo)      # Ray already initialised by the sweep
+
+A benign fine-tune is the attack loop itself (trainables.run_attack) pointed at the task: its
+"f" is the task's score on held-out rows (answer probability of the reference answers for a loss
+target, exp(-target_loss), or the share of answers matched), and its "crossing" is the target
+reached. Its run records that score as `task_score` by step and the budget to the target as
+`budget_to_target_<unit>`; the status reads reached / not_reached (censored at its max_steps) /
+known_at_release (the task was not new) / diverged / degenerate.
+
+Each run is keyed by a digest of what decides it, so a rerun of the sweep measures only what is
+missing or errored, and a changed setting measures again. A task that raises is recorded as
+an error (its last line on the run, the traceback in error.txt) and retried by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.space import digest
+from orchestrator.spec import Defence, SweepSpec
+from orchestrator.tracking import Tracker, last_line
+from trainables.config import AttackConfig, Data, EvaluatorConfig
+from trainables.names import BUDGET_UNITS, MEASURED, SUCCESS, TARGET_OUTCOME, Kind, Metric, Tag
+
+
+def settings(spec: SweepSpec) -> dict[str, Any]:
+    """What the report judges the conditions by (the sweep run's `conditions` tag): which were asked
+    and their tolerances, the budget unit, and each defence's immunised_on. Paths stay out: a tag
+    holds a few thousand characters, and the verdicts do not need them."""
+    c, asked = spec.conditions, {}
+    if c and c.stability:
+        lm = c.stability.lm_eval
+        asked["stability"] = {"tolerance": c.stability.tolerance,
+                              "lm_eval": {"tasks": lm.tasks, "tolerance": lm.tolerance} if lm else None}
+    if c and c.trainability:
+        asked["trainability"] = {"tolerance": c.trainability.tolerance, "unit": c.trainability.unit}
+    if c and c.generalisation:
+        asked["generalisation"] = {"tolerance": c.generalisation.tolerance}
+    return {"conditions": asked, "unit": spec.search.unit,
+            "immunised_on": {d.name: d.immunised_on for d in spec.defences if d.immunised_on is not None}}
+
+
+def benign_config(spec: SweepSpec, defence: Defence) -> AttackConfig:
+    """The benign fine-tune of `defence`: the attack loop on the trainability task. No utility
+    bound: fine-tuning on a new task may cost some old capability (that is ordinary forgetting,
+    not what trainability asks); the target alone says whether the task was learned."""
+    t = spec.conditions.trainability
+    if t.target_loss is not None:
+        evaluator = EvaluatorConfig(name="nll", options={"max_length": spec.data.max_length})
+        phi = math.exp(-t.target_loss)
+    else:
+        evaluator = EvaluatorConfig(name="answer_match", options={"max_new_tokens": t.max_new_tokens})
+        phi = t.target_match
+    one_process = spec.resources.workers == 1
+    return AttackConfig(
+        checkpoint=defence.checkpoint(), attacker=t.attacker, evaluator=evaluator, phi=phi,
+        data=Data(attack=t.data, eval=t.eval, eval_size=t.eval_size,
+                  **spec.data.model_dump(include={"chat_template", "prompt_format", "max_length"})),
+        eval_every=t.eval_every, max_steps=t.max_steps, device=spec.device,
+        refine=spec.refine if one_process and spec.deepspeed is None else 0,
+        deepspeed=spec.deepspeed if one_process else None)
+
+
+def release_config(spec: SweepSpec, defence: Defence) -> dict[str, Any]:
+    s = spec.conditions.stability
+    return {"checkpoint": defence.checkpoint(), "data": spec.data.model_dump(mode="json"),
+            "utility": spec.utility.model_dump(mode="json") if spec.utility else None,
+            "lm_eval": s.lm_eval.model_dump(mode="json") if s.lm_eval else None, "device": spec.device}
+
+
+def jobs(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every condition run the spec asks for: (kind, defence, key, payload)."""
+    c = spec.conditions
+    out = []
+    for d in spec.defences:
+        if c and c.stability:
+            payload = release_config(spec, d)
+            out.append({"kind": Kind.RELEASE, "defence": d, "payload": payload,
+                        "key": digest({"kind": Kind.RELEASE, **payload})})
+        if c and c.trainability:
+            cfg = benign_config(spec, d)
+            out.append({"kind": Kind.BENIGN, "defence": d, "payload": cfg.model_dump(mode="json"),
+                        "key": digest({"kind": Kind.BENIGN, **cfg.model_dump(mode="json")})})
+    return out
+
+
+def _measure(kind: str, payload: dict[str, Any], threads: int) -> dict[str, Any]:
+    """One condition run, in a Ray worker: {"metrics": ...} or {"points": [...], "status": ...},
+    or {"error": last line, "traceback": ...}."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        if kind == Kind.RELEASE:
+            from trainables.capability import LmEval
+            from trainables.config import Checkpoint, Utility
+            from trainables.release import measure
+
+            return {"metrics": measure(
+                Checkpoint.model_validate(payload["checkpoint"]), Data.model_validate(payload["data"]),
+                Utility.model_validate(payload["utility"]) if payload["utility"] else None,
+                LmEval.model_validate(payload["lm_eval"]) if payload["lm_eval"] else None, payload["device"])}
+        from trainables import run_attack
+
+        points: list[dict[str, Any]] = []
+        result = run_attack(AttackConfig.model_validate(payload), on_eval=lambda p: points.append(p.as_dict()))
+        return {"points": points, "status": result.status}
+    except Exception as err:  # noqa: BLE001 - whatever it raised is this run's error, recorded
+        text = traceback.format_exc()
+        print(text, file=sys.stderr, flush=True)
+        return {"error": last_line(text) or type(err).__name__, "traceback": text[-20_000:]}
+
+
+def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ray: Callable[[], None]) -> None:
+    """Measure what is missing, one Ray task per run, as resources allow; record each as it ends.
+    `start_ray()` connects to Ray (only called when something is left to measure)."""
+    if not spec.conditions:
+        return
+    tracker.set_sweep_tag(Tag.CONDITIONS, json.dumps(settings(spec), sort_keys=True))
+    asked = jobs(spec)
+    done = {kind: tracker.completed_keys(kind) for kind in {j["kind"] for j in asked}}
+    todo = [j for j in asked if j["key"] not in done[j["kind"]]]
+    if asked and not todo:
+        echo("conditions: every release and benign run already recorded")
+    if not todo:
+        return
+    import ray
+
+    from orchestrator.sweep import WORKER_RETRIES
+
+    start_ray()
+    r = spec.resources
+    task = ray.remote(_measure).options(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=WORKER_RETRIES)
+    echo(f"conditions: {len(todo)} runs ({', '.join(sorted({j['kind'] for j in todo}))}) on "
+         f"{len({j['defence'].name for j in todo})} defences")
+    pending = {}
+    for j in todo:
+        d = j["defence"]
+        run_id = tracker.start_run(j["kind"], j["key"], d.name, d.base, f"{j['kind']} · {d.name}",
+                                   {"defence": d.name, **_params(j)})
+        pending[task.remote(j["kind"], j["payload"], max(1, int(r.cpu)))] = (j, run_id)
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            j, run_id = pending.pop(ready[0])
+            echo(f"conditions: {_record(tracker, j, run_id, ray.get(ready[0]), spec.search.unit)}")
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
+def _params(j: dict[str, Any]) -> dict[str, Any]:
+    p = j["payload"]
+    if j["kind"] == Kind.RELEASE:
+        out = {"utility_score": (p["utility"] or {}).get("score")}
+        if p["lm_eval"]:
+            out.update(lm_eval_tasks=",".join(p["lm_eval"]["tasks"]), lm_eval_limit=p["lm_eval"]["limit"])
+        return {k: v for k, v in out.items() if v is not None}
+    a = p["attacker"]
+    return {"task": p["data"]["attack"]["source"], "target_evaluator": p["evaluator"]["name"], "phi": p["phi"],
+            "max_steps": p["max_steps"], "eval_every": p["eval_every"],
+            **{k: a[k] for k in ("learning_rate", "optimizer", "finetune", "dataset_size", "batch_size")}}
+
+
+def _record(tracker: Tracker, j: dict[str, Any], run_id: str, out: dict[str, Any], unit: str) -> str:
+    """Write one finished run; return its line for the console."""
+    name = f"{j['kind']} · {j['defence'].name}"
+    if "error" in out:
+        tracker.log_error(run_id, out["traceback"])
+        tracker.finish_run(run_id, "error", {}, out["error"])
+        return f"{name}: error: {out['error']} (rerun the sweep to retry it)"
+    if j["kind"] == Kind.RELEASE:
+        tracker.finish_run(run_id, MEASURED, out["metrics"])
+        return f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out["metrics"].items())
+    for point in out["points"]:
+        tracker.log_point(run_id, _task_curves(point))
+    last, status = out["points"][-1], TARGET_OUTCOME[out["status"]]
+    metrics = {Metric.spent(u): max(float(p[f]) for p in out["points"]) for u, f in BUDGET_UNITS.items()}
+    if out["status"] in SUCCESS:
+        metrics.update({Metric.btt(u): float(last[f]) for u, f in BUDGET_UNITS.items()})
+    tracker.finish_run(run_id, status, metrics)
+    where = f"at {last[BUDGET_UNITS[unit]]:g} {unit}" if out["status"] in SUCCESS else \
+        f"after {metrics[Metric.spent(unit)]:g} {unit}"
+    return f"{name}: target {status.replace('_', ' ')} {where}"
+
+
+def _task_curves(point: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation of a benign run, named as what it is: f is the task's score (task_score);
+    harm-specific figures (its interval, per-evaluator copies, samples) are left out."""
+    keep = {k: v for k, v in point.items() if "." not in k and not k.startswith("harmfulness")}
+    return {**keep, Metric.TASK_SCORE: point["harmfulness"]}
