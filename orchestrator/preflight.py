@@ -48,16 +48,10 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
         src = getattr(spec.data, split)
         if src is None:
             continue
-        if _missing_local_path(src.source):
-            raise SpecError(f"spec error: data.{split}.source: no such file {src.source!r}")
-        if not Path(src.source).expanduser().exists():
-            notes.append(f"data.{split}: {src.source!r} is not a local path; read as a hub "
-                         "dataset when the trials start (not checked here)")
+        loaded, note = _read(src, f"data.{split}")
+        if loaded is None:
+            notes.append(note)
             continue
-        try:
-            loaded = D.load_rows(src)
-        except ValueError as err:
-            raise SpecError(f"spec error: data.{split}: {err}") from None
         prompts[split], rows = [str(r[src.prompt_field]) for r in loaded], len(loaded)
         if need > rows:
             raise SpecError(f"spec error: {'space.dataset_size' if split == 'attack' else 'space.stages'}"
@@ -65,6 +59,7 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
     if shared := D.shared_prompts(prompts.get("eval", []), prompts.get("attack", [])):
         raise SpecError(f"spec error: data.eval: {len(shared)} held-out prompt(s) also in data.attack "
                         f"(first: {shared[0][:80]!r}); evaluate on prompts the attacker never trains on")
+    notes += _check_defender_data(spec, prompts)
     notes += _check_utility(spec, prompts)
     notes += _check_conditions(spec, prompts)
     for where, ev in evaluator_places(spec):
@@ -160,15 +155,9 @@ def _check_utility(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:
         return ["no utility block: a crossing of phi counts as a successful attack even when the attack broke "
                 "the model (gibberish, one memorised answer); add utility: {data: {source: BENIGN_HELDOUT}}"]
     src = u.data
-    if _missing_local_path(src.source):
-        raise SpecError(f"spec error: utility.data.source: no such file {src.source!r}")
-    if not Path(src.source).expanduser().exists():
-        return [f"utility.data: {src.source!r} is not a local path; read as a hub dataset when the trials "
-                "start (not checked here)"]
-    try:
-        rows = D.load_rows(src)
-    except ValueError as err:
-        raise SpecError(f"spec error: utility.data: {err}") from None
+    rows, note = _read(src, "utility.data")
+    if rows is None:
+        return [note]
     if u.score == "answer_probability" and (not src.response_field or any(r.get(src.response_field) is None
                                                                           for r in rows[: u.size])):
         raise SpecError("spec error: utility.data.response_field: score answer_probability needs a reference "
@@ -181,16 +170,54 @@ def _check_utility(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:
     return []
 
 
-def _rows(src, where: str) -> list[dict] | None:
-    """A split's rows, or None when it is not a local path (read by the workers)."""
+def _read(src, where: str) -> tuple[list[dict] | None, str]:
+    """A split's rows, from a local file or, where the hub can be reached, a hub dataset; else
+    (None, a note saying it was not checked). A bad local split is a SpecError."""
     if _missing_local_path(src.source):
         raise SpecError(f"spec error: {where}.source: no such file {src.source!r}")
     if not Path(src.source).expanduser().exists():
-        return None
+        from orchestrator.checkpoints import hub_offline
+
+        if why := hub_offline():
+            return None, (f"{where}: {src.source!r} is not a local path; read as a hub dataset when the trials "
+                          f"start (not checked here: {why})")
+        try:
+            return D.load_rows(src), ""
+        except Exception as err:  # noqa: BLE001 - a hub split that cannot be read here is a note, not a failure
+            return None, (f"{where}: {src.source!r} is not a local path and could not be read here "
+                          f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); read when the trials start")
     try:
-        return D.load_rows(src)
+        return D.load_rows(src), ""
     except ValueError as err:
         raise SpecError(f"spec error: {where}: {err}") from None
+
+
+def _rows(src, where: str) -> list[dict] | None:
+    """A split's rows, or None when they cannot be read here (read by the workers)."""
+    return _read(src, where)[0]
+
+
+def _check_defender_data(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:
+    """Evaluation hygiene: a defence's own training data (defender_data, when given) shares no prompt
+    with the attack or the eval split. Rosati's premise is an attacker whose samples the defender
+    never saw; an eval prompt the defender trained on would flatter its resistance."""
+    notes = []
+    for i, d in enumerate(spec.defences):
+        if d.defender_data is None:
+            continue
+        rows, note = _read(d.defender_data, f"defences.{i}.defender_data")
+        if rows is None:
+            notes.append(note)
+            continue
+        mine = [str(r[d.defender_data.prompt_field]) for r in rows]
+        for split in ("eval", "attack"):
+            if shared := D.shared_prompts(prompts.get(split, []), mine):
+                named = "; ".join(repr(p[:60]) for p in shared[:3])
+                raise SpecError(f"spec error: defences.{i}.defender_data: {len(shared)} prompt(s) of data.{split} are "
+                                f"in {d.name}'s own training data ({named}{'; ...' if len(shared) > 3 else ''}); "
+                                f"the {'held-out prompts' if split == 'eval' else 'attacker'} must be new to the "
+                                "defence: drop them from the split")
+    return notes
 
 
 def _check_domains(spec: SweepSpec) -> list[str]:

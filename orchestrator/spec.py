@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.conditions.config import Conditions
 from orchestrator.space import SAMPLED, AttackerSpace, attackers
 from trainables import evaluators
-from trainables.config import Checkpoint, DeepSpeed, Evaluation, EvaluatorConfig
+from trainables.config import Checkpoint, DataSource, DeepSpeed, Evaluation, EvaluatorConfig
 from trainables.names import Unit
 
 
@@ -53,6 +53,10 @@ class Defence(Checkpoint):
     """The harm domains the defender trained on (values of data.attack.domain_field): the
     generalisation condition splits this defence's budgets-to-failure into attacks from these
     domains (in-domain) and from the others (out-of-domain). null: not declared."""
+
+    defender_data: DataSource | None = None
+    """The harmful data the defender trained on, when known: preflight checks that the attack and
+    eval splits share no prompt with it, naming those that do (evaluation hygiene)."""
 
     def checkpoint(self) -> dict[str, Any]:
         """The Checkpoint fields alone: what a trial loads."""
@@ -329,6 +333,8 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
         if isinstance(d, dict):
             for key in ("model", "adapter", "tokenizer"):
                 fix(d, key, f"defences.{i}")
+            if isinstance(d.get("defender_data"), dict):
+                fix(d["defender_data"], "source", f"defences.{i}.defender_data")
     if isinstance(raw.get("deepspeed"), dict) and isinstance(raw["deepspeed"].get("config"), str):
         fix(raw["deepspeed"], "config", "deepspeed")
         path = Path(raw["deepspeed"]["config"]).expanduser()

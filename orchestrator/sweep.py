@@ -85,6 +85,7 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     ("conditions",): None,
     ("space", "attack_domain"): None,
     ("defences", "*", "immunised_on"): None,
+    ("defences", "*", "defender_data"): None,
 }
 
 
@@ -118,7 +119,7 @@ def search_key(spec: SweepSpec) -> str:
     compute cap, other concurrency or other conditions (judged after the search) continues the
     same search."""
     dump = spec.model_dump(mode="json", exclude={"resources": True, "conditions": True, "search": {
-        "num_samples", "max_compute", "max_concurrent"}, "defences": {"__all__": {"immunised_on"}}})
+        "num_samples", "max_compute", "max_concurrent"}, "defences": {"__all__": {"immunised_on", "defender_data"}}})
     return digest(stable(dump))[:16]
 
 

@@ -148,3 +148,36 @@ def test_conditions_and_immunised_on_never_restart_an_adversarys_search(tmp_path
     trial = {"defence": "def", **with_conditions.attackers()[0]}
     assert sweep.trial_key(load_raw(tmp_path, without), trial) == sweep.trial_key(with_conditions, trial)
     assert sweep.spec_digest(load_raw(tmp_path, changed)) != sweep.spec_digest(with_conditions)
+
+
+def test_a_defenders_own_data_must_not_reach_the_attack_or_eval_split(tmp_path):
+    raw = with_domains(tmp_path)
+    (tmp_path / "def.jsonl").write_text("".join(json.dumps({"prompt": p, "response": "no"}) + "\n" for p in
+                                                ["held out cyber 1", "HELD  out theft 2", "unrelated"]))
+    raw["defences"][1]["defender_data"] = {"source": "def.jsonl"}
+    msg = one_line(check_error(tmp_path, raw))
+    assert "defences.1.defender_data: 2 prompt(s) of data.eval are in def's own training data" in msg
+    assert "'held out cyber 1'" in msg and "'held out theft 2'" in msg and "held-out prompts" in msg
+    (tmp_path / "def.jsonl").write_text(json.dumps({"prompt": "attack theft 7", "response": "no"}) + "\n")
+    assert "1 prompt(s) of data.attack are in def's own training data" in check_error(tmp_path, raw)
+    (tmp_path / "def.jsonl").write_text(json.dumps({"prompt": "something else", "response": "no"}) + "\n")
+    assert checked(tmp_path, raw) == []
+    sp = load_raw(tmp_path, raw)   # the defender's data is no part of what a trial loads
+    assert sp.defences[1].defender_data.source == str((tmp_path / "def.jsonl").resolve())
+    assert "defender_data" not in sp.defences[1].checkpoint()
+
+
+def test_a_hub_split_is_read_where_the_hub_answers_and_else_noted(tmp_path, monkeypatch):
+    from orchestrator import checkpoints
+
+    raw = with_domains(tmp_path)
+    raw["defences"][1]["defender_data"] = {"source": "org/defender-set"}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    notes = checked(tmp_path, raw)
+    assert any("defences.1.defender_data: 'org/defender-set' is not a local path" in n and "HF_HUB_OFFLINE" in n
+               for n in notes)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(checkpoints, "hub_offline", lambda: None)   # as if the hub answered: the read is tried
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")                  # ... and fails fast here, with no network
+    notes = checked(tmp_path, raw)
+    assert any("'org/defender-set' is not a local path and could not be read here" in n for n in notes), notes
