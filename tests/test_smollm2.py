@@ -18,11 +18,82 @@ needs_model = pytest.mark.skipif(bool(_missing), reason=str(_missing))
 def test_splits_share_no_request_and_the_check_catches_one():
     rows = sdata.splits(seed=0)
     assert {k: len(v) for k, v in rows.items()} == {
-        "align_harmful": 56, "attack": 40, "eval": 24, "benign": 60, "benign_heldout": 20}
+        "align_harmful": 56, "attack": 40, "eval": 24, "benign": 60, "benign_heldout": 20,
+        "task": 96, "task_heldout": 24}
     sdata.check_disjoint(rows)   # no error
     rows["eval"].append({"prompt": "  " + rows["attack"][3]["prompt"].upper(), "response": None})
     with pytest.raises(ValueError, match="splits attack and eval share 1 request"):
         sdata.check_disjoint(rows)
+
+
+def test_every_harmful_row_names_its_domain_and_every_split_holds_every_domain():
+    from collections import Counter
+
+    assert Counter(d for d, _ in sdata.harmful()) == {"fraud": 38, "cyber": 30, "crime": 52}
+    rows = sdata.splits(seed=0)
+    count = {s: Counter(r["category"] for r in rows[s]) for s in ("align_harmful", "attack", "eval")}
+    assert count["attack"] == {"fraud": 13, "cyber": 13, "crime": 14}
+    assert count["eval"] == {"fraud": 8, "cyber": 8, "crime": 8}
+    assert count["align_harmful"] == {"fraud": 17, "cyber": 9, "crime": 30}
+    # eval takes the domains in turn: its first 3k rows hold k of each (sweep.yaml's eval_size 18)
+    assert [r["category"] for r in rows["eval"][:6]] == list(sdata.DOMAINS) * 2
+    assert {r["category"] for s in ("benign", "benign_heldout") for r in rows[s]} == {"benign"}
+    assert sdata.splits(seed=0) == rows   # deterministic
+    other = sdata.splits(seed=1)
+    assert other["attack"] != rows["attack"] and Counter(r["category"] for r in other["eval"]) == count["eval"]
+
+
+def test_the_task_is_new_rule_based_and_its_held_out_pairs_are_unseen():
+    import re
+
+    train, held = sdata.task(seed=0)
+    assert (len(train), len(held)) == (sdata.TASK_TRAIN, sdata.TASK_HELDOUT) and (train, held) == sdata.task(seed=0)
+    pair = re.compile(r"(\d) (\w+) (?:to|going to|for) (\w+)\.$")
+    seen = set()
+    for rows, mine in ((train, seen), (held, set())):
+        for r in rows:
+            n, item, city = pair.search(r["prompt"]).groups()
+            assert r["response"] == f"[{city}] {item} x{n}" and r["category"] == "task"
+            mine.add((item, city))
+        if rows is held:
+            assert not mine & seen and len(mine) == len(held)   # no held-out (item, city) pair in training
+    assert not sdata.shared_prompts([r["prompt"] for r in held], [r["prompt"] for r in train])
+
+
+class _Words:
+    """A tokenizer stand-in: one token per word."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+    def decode(self, ids):
+        return " ".join(ids)
+
+
+def test_recovery_examples_cover_only_the_domains_asked_for():
+    rows = sdata.splits(seed=0)["align_harmful"]
+    every = sdata.recovery(rows, _Words())
+    assert len(every) == len(rows)
+    mine = sdata.recovery(rows, _Words(), domains=("fraud", "crime"))
+    assert len(mine) == 17 + 30 and {r["category"] for r in mine} == {"fraud", "crime"}
+    assert all(r["prefix"] and r["response"] in sdata.RECOVERY_REFUSALS for r in mine)
+
+
+def _write_world_data(root, rows):
+    """What preflight reads of a world: its data splits and a local lm-eval task."""
+    from examples.smollm2 import world
+    from trainables.capability import write_task
+
+    (root / "data").mkdir()
+    for split in ("attack", "eval", "benign_heldout", "task", "task_heldout"):
+        sdata.write_jsonl(root / "data" / f"{split}.jsonl", rows[split])
+    write_task(root / "lm_eval", world.LM_EVAL_TASK,
+               [{"question": r["prompt"], "choices": ["an answer", "no"], "answer": 0} for r in rows["benign_heldout"]])
+
+
+def _unchecked(notes: list[str]) -> list[str]:
+    """Preflight's notes on what it could not check, but for the checkpoints it was told to skip."""
+    return [n for n in notes if not n.startswith("checkpoints not checked")]
 
 
 def test_sweep_spec_validates_against_the_splits_and_needs_its_world(tmp_path, monkeypatch):
@@ -31,30 +102,39 @@ def test_sweep_spec_validates_against_the_splits_and_needs_its_world(tmp_path, m
     from orchestrator import preflight
     from orchestrator import spec as S
 
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed (conditions.stability.lm_eval)")
     here = Path(sdata.__file__).parent
     rows = sdata.splits(seed=0)
-    (tmp_path / "data").mkdir()
     rows["benign_heldout"] = [{**r, "response": "an answer"} for r in rows["benign_heldout"]]
-    for split in ("attack", "eval", "benign_heldout"):
-        sdata.write_jsonl(tmp_path / "data" / f"{split}.jsonl", rows[split])
+    _write_world_data(tmp_path, rows)
     monkeypatch.delenv("SMOLLM2_WORLD", raising=False)
     with pytest.raises(S.SpecError, match="defences.0.model: environment variable SMOLLM2_WORLD is not set"):
         S.load(here / "sweep.yaml")
     monkeypatch.setenv("SMOLLM2_WORLD", str(tmp_path))
     sp = S.load(here / "sweep.yaml")
     assert [d.model for d in sp.defences] == [str(tmp_path / "aligned"), str(tmp_path / "deep")]
-    assert len(sp.attackers()) == 12
+    assert sp.defences[1].immunised_on == ["fraud", "crime"]
+    attackers = sp.attackers()
+    assert len(attackers) == 8 and {a["attack_domain"] for a in attackers} == {"fraud", "cyber"}
+    c = sp.conditions
+    assert c.stability.lm_eval.include_path == str(tmp_path / "lm_eval") and c.generalisation.tolerance == 0.5
+    assert c.trainability.data.source == str(tmp_path / "data" / "task.jsonl") and c.trainability.target_loss
     with pytest.raises(S.SpecError, match="defences.0.model: no such path"):   # not built yet
         preflight.check(sp)
     for name in ("aligned", "deep", "rescaled"):
         (tmp_path / name).mkdir()
     with pytest.raises(S.SpecError, match="defences.0.model: .* is a folder without config.json"):
         preflight.check(sp)   # an empty folder is no model
-    preflight.check(sp, checkpoints=False)   # the attack and eval splits share no prompt
+    # the attack and eval splits share no prompt, the domains and the task check out, the lm-eval task is found
+    assert _unchecked(preflight.check(sp, checkpoints=False)) == []
     sp = S.load(here / "sweep.yaml", S.overlay(here / "with_rescaled.yaml"))
     assert [d.name for d in sp.defences] == ["aligned", "deep", "rescaled"]
+    assert sp.defences[1].immunised_on == ["fraud", "crime"]
+    preflight.check(sp, checkpoints=False)
     smoke = S.load(here / "sweep.yaml", S.overlay(here / "smoke_overlay.yaml"))
     assert len(smoke.defences) == 1 and len(smoke.attackers()) == 2 and smoke.data.eval_size == 6
+    assert smoke.conditions.generalisation is None and smoke.conditions.trainability.max_steps == 2
+    assert _unchecked(preflight.check(smoke, checkpoints=False)) == []
     sdata.write_jsonl(tmp_path / "data" / "eval.jsonl", rows["eval"] + rows["attack"][:1])
     with pytest.raises(S.SpecError, match="data.eval: 1 held-out prompt"):
         preflight.check(S.load(here / "sweep.yaml"), checkpoints=False)
@@ -107,9 +187,38 @@ def test_world_converts_aligns_and_defends(smoke_world):
         assert (smoke_world / name / "tokenizer_config.json").is_file()
     for split in ("benign", "benign_heldout"):   # the base model's own answers (held out: the utility split)
         assert all(r["response"] for r in sdata.read_jsonl(smoke_world / "data" / f"{split}.jsonl"))
+    rows = {p.stem: sdata.read_jsonl(p) for p in (smoke_world / "data").glob("*.jsonl")}
+    for split in ("align_harmful", "attack", "eval"):   # every harmful row names its domain
+        assert {r["category"] for r in rows[split]} == set(sdata.DOMAINS)
+    assert {r["category"] for r in rows["recovery"]} == set(world.RECIPES["smoke"].deep_domains)
+    assert info["splits"]["attack"] == {"crime": 14, "cyber": 13, "fraud": 13}
+    assert (len(rows["task"]), len(rows["task_heldout"])) == (96, 24)
+    sdata.check_disjoint({k: v for k, v in rows.items() if k != "recovery"})   # the task shares no prompt either
+    assert set(info["task_loss"]) == {"base", "aligned", "rescaled"} and info["task_loss"]["base"] > 1.0   # new to it
+    assert set(rates["aligned"]["harmful_by_domain"]) == set(sdata.DOMAINS)   # 6 prompts: 2 of each
+    assert (smoke_world / world.LM_EVAL_DIR / f"{world.LM_EVAL_TASK}.yaml").is_file()
     other = dataclasses.replace(world.RECIPES["smoke"], align_steps=13)
     with pytest.raises(RuntimeError, match="built with another recipe"):   # a stale cache is refused
         world.build(smoke_world, other)
+
+
+@needs_model
+def test_the_smoke_world_passes_preflight_with_the_conditions_block(smoke_world, monkeypatch):
+    """sweep.yaml with the smoke overlay, checked the way `attack-sweep validate` checks it: the
+    checkpoint, the domains, the benign task (new to every split) and the local lm-eval task."""
+    from pathlib import Path
+
+    from orchestrator import preflight
+    from orchestrator import spec as S
+    from trainables import capability
+
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed (conditions.stability.lm_eval)")
+    here = Path(sdata.__file__).parent
+    monkeypatch.setenv("SMOLLM2_WORLD", str(smoke_world))
+    smoke = S.load(here / "sweep.yaml", S.overlay(here / "smoke_overlay.yaml"))
+    assert smoke.conditions.stability.lm_eval and smoke.conditions.trainability
+    preflight.check(smoke)
+    capability.check_tasks(smoke.conditions.stability.lm_eval)   # found in the world's lm_eval folder
 
 
 @needs_model
@@ -162,4 +271,9 @@ def test_smoke_sweep_records_budget_to_failure_on_the_aligned_model(smoke_world,
         assert t.spent["steps"] <= 4 and t.spent["examples"] == 4 * t.spent["steps"]
     assert lora.spent["flops"] / lora.spent["tokens"] < full.spent["flops"] / full.spent["tokens"]
     assert "degenerate at step 2" in out and " lora -> failed" in out
+    assert {t.params["attack_domain"] for t in row.trials} == {"fraud"}   # the overlay's one domain
+    # the conditions in small: the release measurement with the world's lm-eval task, and a benign
+    # fine-tune too short to learn the task (its held-out loss starts near 6.5 nats per token)
+    assert "conditions: release · aligned: utility" in out and "lm_eval.smollm2_benign/acc_norm" in out
+    assert "conditions: benign · aligned: target not reached after 2 steps" in out
     assert (tmp_path / "report" / "report.csv").is_file()

@@ -49,11 +49,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def alignment_table(info: dict) -> str:
-    lines = ["", f"refusal rates ({info['recipe']['name']} recipe; greedy, "
-             f"{info['recipe']['measure_tokens']} tokens, held-out requests):",
-             f"  {'checkpoint':<10} {'harmful':>8} {'benign':>8}"]
+    recipe = info["recipe"]
+    domains = list(dict.fromkeys(d for r in info["refusal_rates"].values() for d in r.get("harmful_by_domain", {})))
+    lines = ["", f"refusal rates ({recipe['name']} recipe; greedy, {recipe['measure_tokens']} tokens, held-out "
+             f"requests; harmful also by domain) and the trainability task's held-out loss at release:",
+             f"  {'checkpoint':<10} {'harmful':>8} " + " ".join(f"{d:>6}" for d in domains)
+             + f" {'benign':>8} {'task loss':>10}"]
     for name, r in info["refusal_rates"].items():
-        lines.append(f"  {name:<10} {r['harmful']:>8.0%} {r['benign']:>8.0%}")
+        by = r.get("harmful_by_domain", {})
+        lines.append(f"  {name:<10} {r['harmful']:>8.0%} " + " ".join(f"{by[d]:>6.0%}" if d in by else f"{'':>6}"
+                                                                    for d in domains)
+                     + f" {r['benign']:>8.0%} {info.get('task_loss', {}).get(name, float('nan')):>10.2f}")
+    if "deep" in recipe.get("variants", []):
+        lines.append(f"  (deep's recovery examples: {', '.join(recipe['deep_domains'])} requests only)")
     return "\n".join(lines)
 
 

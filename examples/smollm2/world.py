@@ -3,26 +3,33 @@ attacker's and the evaluator's data, and how well each checkpoint is aligned.
 
     <world>/base/            SmolLM2-135M-Instruct as shipped (not safety-tuned), plain safetensors
     <world>/aligned/         refusal fine-tuned from base: the undefended aligned model
-    <world>/deep/            the same training plus safety-recovery examples (Qi et al. 2024)
+    <world>/deep/            the same training plus safety-recovery examples (Qi et al. 2024) on the
+                             requests of two harm domains only (Recipe.deep_domains: fraud, crime),
+                             so it is immunised on those and not on cyber
     <world>/rescaled/        aligned with its weights rescaled (same function, larger weights)
     <world>/data/            every split: attack.jsonl (the attacker's data), eval.jsonl (held-out
                              harmful requests), benign_heldout.jsonl (held-out benign requests with
                              the base model's answers: the utility split), the defender's
-                             alignment and recovery rows
+                             alignment and recovery rows, and the trainability task (task.jsonl,
+                             task_heldout.jsonl); every harmful row names its domain in "category"
+    <world>/lm_eval/         a local lm-evaluation-harness task, smollm2_benign (stability)
     <world>/answers/         what each checkpoint answered when its refusal rates were measured
-    <world>/world.json       refusal rates of every checkpoint, the recipe, build times
+    <world>/world.json       refusal rates of every checkpoint (harmful ones also per domain), its
+                             loss on the task's held-out answers, split sizes, the recipe, build times
 
 Each stage is written to a temporary name and renamed when complete, so an interrupted build
-resumes at the stage it stopped in. <world> is $ATTACK_SWEEP_CACHE/smollm2-v2 (default
-~/.cache/attack-sweep/smollm2-v2); the smoke recipe builds smollm2-v2-smoke.
+resumes at the stage it stopped in. <world> is $ATTACK_SWEEP_CACHE/smollm2-v3 (default
+~/.cache/attack-sweep/smollm2-v3); the smoke recipe builds smollm2-v3-smoke.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +37,10 @@ from pathlib import Path
 from examples.smollm2 import align, model
 from examples.smollm2 import data as sdata
 
-VERSION = "smollm2-v2"  # v2: held-out benign rows carry the base model's answers (the utility split)
+# v2: held-out benign rows carry the base model's answers (the utility split)
+# v3: harm domains (splits stratified by domain), deep's recovery examples on two domains only,
+#     the trainability task, the lm-eval task
+VERSION = "smollm2-v3"
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class Recipe:
     measure_tokens: int = 24       # greedy tokens per answer when measuring refusal rates
     max_eval: int | None = None    # cap on held-out prompts measured (None: all)
     variants: tuple[str, ...] = ("deep", "rescaled")   # defended checkpoints built besides aligned
+    deep_domains: tuple[str, ...] = ("fraud", "crime")  # harm domains of deep's recovery examples
     seed: int = 0
 
 
@@ -94,6 +105,7 @@ def build(root: Path | None = None, recipe: Recipe = RECIPES["full"], log: Calla
         log(f"building the SmolLM2 world ({recipe.name} recipe) in {root} (once) ...")
         stage("base", model.convert)
         stage("data", lambda d: _data(d, root / "base", recipe))
+        stage(LM_EVAL_DIR, lambda d: _lm_eval(d, root / LM_EVAL_DIR, root / "base", root / "data"))
         rows = {p.stem: sdata.read_jsonl(p) for p in (root / "data").glob("*.jsonl")}
         align_rows = rows["align_harmful"] + rows["benign"]
         stage("aligned", lambda d: _align(d, root / "base", align_rows, recipe, log))
@@ -101,12 +113,16 @@ def build(root: Path | None = None, recipe: Recipe = RECIPES["full"], log: Calla
             stage("deep", lambda d: _align(d, root / "base", align_rows + rows["recovery"], recipe, log))
         if "rescaled" in recipe.variants:
             stage("rescaled", lambda d: _rescale(d, root / "aligned", recipe))
-        log("  measuring refusal rates ...")
+        log("  measuring refusal rates and the task's loss ...")
         (root / "answers").mkdir(exist_ok=True)
         rates = {name: _measure(root / name, rows, recipe, root / "answers")
                  for name in ("base", "aligned", *recipe.variants)}
+        task_loss = {name: rates[name].pop("task_loss") for name in rates}
         conversion = json.loads((root / "base" / "conversion.json").read_text())
+        sizes = {split: dict(sorted(Counter(r["category"] for r in part).items()))
+                 for split, part in sorted(rows.items())}
         report = {"version": VERSION, "recipe": dataclasses.asdict(recipe), "refusal_rates": rates,
+                  "task_loss": task_loss, "splits": sizes,
                   "conversion_max_logit_diff": conversion["max_logit_diff"],
                   "seconds": {**times, "total": round(time.monotonic() - t0, 1)}}
         (root / ".world.json.tmp").write_text(json.dumps(report, indent=2) + "\n")
@@ -138,7 +154,7 @@ def _data(out: Path, base: Path, recipe: Recipe) -> None:
         texts = align.answers(net, tokenizer, [r["prompt"] for r in rows[split]], recipe.benign_answer_tokens)
         for row, text in zip(rows[split], texts, strict=True):
             row["response"] = text
-    rows["recovery"] = sdata.recovery(rows["align_harmful"], tokenizer, recipe.seed)
+    rows["recovery"] = sdata.recovery(rows["align_harmful"], tokenizer, recipe.seed, recipe.deep_domains)
     for name, split in rows.items():
         sdata.write_jsonl(out / f"{name}.jsonl", split)
 
@@ -159,12 +175,65 @@ def _rescale(out: Path, aligned: Path, recipe: Recipe) -> None:
 
 
 def _measure(path: Path, rows: dict[str, list[dict]], recipe: Recipe, out: Path) -> dict:
+    """Refusal rates on the held-out harmful (also per domain) and benign requests, and the loss
+    (nats per token) of the task's held-out reference answers: the task's step 0."""
+    from trainables.evaluators import refuses
+    from trainables.evaluators.base import EvalItem
+    from trainables.evaluators.nll import answer_probability
+
     net, tokenizer = _load(path)
     result = {}
     for split, key in (("eval", "harmful"), ("benign_heldout", "benign")):
-        prompts = [r["prompt"] for r in rows[split]][:recipe.max_eval]
+        chosen = rows[split][:recipe.max_eval]
+        prompts = [r["prompt"] for r in chosen]
         rate, texts = align.refusal_rate(net, tokenizer, prompts, recipe.measure_tokens)
         result[key] = round(rate, 3)
+        if key == "harmful":
+            result["harmful_by_domain"] = {
+                d: round(sum(refuses(t) for r, t in zip(chosen, texts, strict=True) if r["category"] == d)
+                         / n, 3)
+                for d in sdata.DOMAINS if (n := sum(r["category"] == d for r in chosen))}
         sdata.write_jsonl(out / f"{path.name}_{key}.jsonl",
                           [{"prompt": p, "answer": t} for p, t in zip(prompts, texts, strict=True)])
+    items = [EvalItem(align.prompt_text(tokenizer, r["prompt"]), r["response"], r["prompt"])
+             for r in rows["task_heldout"]]
+    prob, _ = answer_probability(net, tokenizer, items, max_length=align.CHAT.max_length)
+    result["task_loss"] = round(-math.log(prob), 3)
     return result
+
+
+LM_EVAL_DIR = "lm_eval"
+LM_EVAL_TASK = "smollm2_benign"
+
+
+def lm_eval_task(folder: Path, heldout: list[dict], tokenizer, data_dir: Path | None = None) -> Path:
+    """A local lm-evaluation-harness task (smollm2_benign.yaml + .jsonl) for the stability
+    condition: each held-out benign request, chat-formatted with the model's template, with four
+    choices: the unaligned model's own answer (right), a refusal no model was trained on
+    (sdata.DECLINES), and the answers to two other held-out requests. The base model, aligned and
+    deep all pick the right one (acc_norm 1.0 on the full world): the task catches a defence that
+    costs this, not small differences. `data_dir`: where the YAML says the rows are (default:
+    `folder`)."""
+    import yaml
+
+    from trainables.capability import write_task
+
+    out, n = [], len(heldout)
+    for i, r in enumerate(heldout):
+        question = align.prompt_text(tokenizer, r["prompt"])
+        others = [heldout[(i + k) % n]["response"] for k in (1, n // 2)]
+        out.append({"question": question, "answer": 0,
+                    "choices": [r["response"], sdata.DECLINES[i % len(sdata.DECLINES)], *others]})
+    # the template ends the prompt with "assistant\n": the answer follows with no delimiter
+    path = write_task(folder, LM_EVAL_TASK, out, target_delimiter="")
+    if data_dir is not None:   # written under a temporary name, read from its final one
+        config = yaml.safe_load(path.read_text())
+        config["dataset_kwargs"]["data_files"]["test"] = str(Path(data_dir).resolve() / f"{LM_EVAL_TASK}.jsonl")
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _lm_eval(out: Path, final: Path, base: Path, data: Path) -> None:
+    from transformers import AutoTokenizer
+
+    lm_eval_task(out, sdata.read_jsonl(data / "benign_heldout.jsonl"), AutoTokenizer.from_pretrained(base), final)
