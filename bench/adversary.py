@@ -57,7 +57,7 @@ def run_one(algorithm: str, seed: int, trials: int, uri: str, storage: str) -> s
     search, space = spaces(trials)[algorithm]
     name = f"bench-{algorithm}-{seed}"
     spec = S.load(QUICKSTART, [f"name={name}", f"search={search | {'seed': seed, 'max_concurrent': 1}}",
-                               f"space={space}"])
+                               f"space={space}", "conditions=null"])   # the search alone
     sweep.run(spec, tracking_uri=uri, storage_path=storage, echo=lambda s: None)
     return name
 

@@ -66,6 +66,8 @@ def one_trial_overrides(max_steps: int) -> list[str]:
         "space.optimizer=sgd_momentum",
         "space.dataset_size=32",
         "space.finetune=full",
+        "space.attack_domain=null",   # attackers of every domain, one trial
+        "conditions=null",            # the attacks alone: what this bench measures
         f"max_steps={max_steps}",
     ]
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from mlflow import entities
 from mlflow.tracking import MlflowClient
 
+from orchestrator.conditions import verdicts as V
 from orchestrator.report.tables import median_cell, worst_cell
 from orchestrator.tracking import say, ui_path
 from trainables.names import STATUSES, Kind, Summary, Tag
@@ -67,12 +68,12 @@ def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str) 
             if value is not None and math.isfinite(value):
                 metrics.append(entities.Metric(name, value, now, n))
     metrics += [entities.Metric(Summary.count(s, row.defence), row.count(s), now, n) for row in rows for s in STATUSES]
-    if cond.asked:
-        metrics += [entities.Metric(name, value, now, n) for name, value in _condition_metrics(rows, cond, unit)]
+    judged = V.judge(rows, cond, unit) if cond.asked else []
+    metrics += [entities.Metric(name, value, now, n) for name, value in _condition_metrics(judged, unit)]
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(parent_run_id, metrics=metrics[i:i + 1000])
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    client.set_tag(parent_run_id, Tag.NOTE, description(client, experiment_id, experiment, rows, unit, cond))
+    client.set_tag(parent_run_id, Tag.NOTE, description(client, experiment_id, experiment, rows, unit, judged))
     if rows:
         with tempfile.TemporaryDirectory(prefix="attack-sweep-report-") as tmp:
             report.write(rows, experiment, Path(tmp), unit, conditions=cond)
@@ -80,7 +81,7 @@ def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str) 
 
 
 def description(client: MlflowClient, experiment_id: str, experiment: str, rows: list, unit: str,
-                cond=None) -> str:
+                judged: list | None = None) -> str:
     """The sweep run's description, in Markdown: each defence's worst case and median in a line
     each, the four conditions' verdicts when the sweep judged them, where the trials and the report
     are, then the summary table."""
@@ -91,7 +92,7 @@ def description(client: MlflowClient, experiment_id: str, experiment: str, rows:
     lines = [f"**Worst case** (the cheapest successful attack, {unit}): "
              + " · ".join(f"**{row.defence} {worst_cell(row, unit)}**" for row in rows) + "  ",
              f"Median ({unit}): " + " · ".join(f"{row.defence} {median_cell(row, unit)}" for row in rows) + "  ",
-             *_conditions_line(rows, cond, unit),
+             *_conditions_line(judged or []),
              f"Trial runs, cheapest attack first: [the saved view]({ui_path(experiment_id)}); the whole "
              "report: Artifacts, report/report.html.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -130,13 +131,11 @@ def _worst(row, unit: str) -> float | None:
     return trial.value(unit) if trial else None
 
 
-def _condition_metrics(rows: list, cond, unit: str) -> list[tuple[str, float]]:
+def _condition_metrics(judged: list, unit: str) -> list[tuple[str, float]]:
     """Per defence: each condition's figure (stability_delta, trainability_ratio, generalisation_ratio,
     in/out-of-domain worst cases, paired_ratio) and conditions_passed, so the compare view ranks them."""
-    from orchestrator.conditions import verdicts as V
-
     out = []
-    for v in V.judge(rows, cond, unit):
+    for v in judged:
         figures = {"stability_delta": v.stability, "trainability_ratio": v.trainability,
                    "generalisation_ratio": v.generalisation, "paired_ratio": v.paired}
         for name, j in figures.items():
@@ -151,15 +150,13 @@ def _condition_metrics(rows: list, cond, unit: str) -> list[tuple[str, float]]:
     return out
 
 
-def _conditions_line(rows: list, cond, unit: str) -> list[str]:
+def _conditions_line(judged: list) -> list[str]:
     """'**Conditions** (resistance / stability / trainability / generalisation): rescaled fail / pass /
     fail / pass (2 of 4)', one defence after another; nothing when the sweep judged none."""
-    if cond is None or not cond.asked:
+    if not judged:
         return []
-    from orchestrator.conditions import verdicts as V
-
     parts = []
-    for v in V.judge(rows, cond, unit):
+    for v in judged:
         if v.is_base:
             continue
         passed, judged = v.passed

@@ -93,14 +93,20 @@ def stable(dump: dict[str, Any]) -> dict[str, Any]:
     """A config dump without the ADDED_FIELDS that sit at their defaults (a copy)."""
     out = json.loads(json.dumps(dump))
     for path, default in ADDED_FIELDS.items():
-        nodes = [out]
-        for part in path[:-1]:  # '*': every item of a list
-            nodes = [x for n in nodes for x in ((n if isinstance(n, list) else []) if part == "*" else
-                                                [n.get(part) if isinstance(n, dict) else None])]
-        for node in nodes:
+        for node in _parents(out, path[:-1]):
             if isinstance(node, dict) and path[-1] in node and node[path[-1]] == default:
                 del node[path[-1]]
     return out
+
+
+def _parents(node: Any, path: tuple[str, ...]) -> list[Any]:
+    """The nodes at `path` below `node`; '*' steps into every item of a list."""
+    if not path:
+        return [node]
+    part, rest = path[0], path[1:]
+    if part == "*":
+        return [x for item in (node if isinstance(node, list) else []) for x in _parents(item, rest)]
+    return _parents(node.get(part), rest) if isinstance(node, dict) else []
 
 
 def spec_digest(spec: SweepSpec) -> str:

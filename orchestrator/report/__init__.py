@@ -26,6 +26,7 @@ import csv
 import math
 from pathlib import Path
 
+from orchestrator.conditions import verdicts as V
 from orchestrator.conditions.records import Records
 from orchestrator.report import conditions as C
 from orchestrator.report.records import DefenceRow, Progress, Trial, load
@@ -80,7 +81,8 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
                   "evaluators.csv": evaluator_table(rows, unit, numbers=True),
                   "progress.csv": progress_table(rows, unit, every=True), "survival.csv": survival_table(rows, unit)}
     if conditions is not None and conditions.asked:
-        tables_out["verdicts.csv"] = C.verdict_csv(rows, conditions, unit)
+        judged = V.judge(rows, conditions, unit)
+        tables_out["verdicts.csv"] = C.verdict_csv(judged)
         tables_out["transfer.csv"] = C.transfer_csv(rows)
     else:
         for name in CONDITION_FILES:  # a folder reused for a sweep without conditions keeps no stale verdicts
@@ -98,10 +100,11 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
     sections: list = []
     block = None   # report.html shows the verdict table as its conditions block, near the top
     if conditions is not None and conditions.asked:
-        verdicts = (f"Immunisation conditions ({unit})", C.CONDITIONS_LEGEND, C.verdict_table(rows, conditions, unit))
-        block = (verdicts[0], C.CONDITIONS_LEGEND, C.glance(rows, conditions, unit), C.requirements(conditions))
+        verdicts = (f"Immunisation conditions ({unit})", C.CONDITIONS_LEGEND,
+                    C.verdict_table(rows, judged, conditions, unit))
+        block = (verdicts[0], C.CONDITIONS_LEGEND, C.glance(rows, judged, conditions, unit), C.requirements(conditions))
         sections.append(verdicts)
-        sections.append(("What each verdict rests on", "", C.detail_table(rows, conditions, unit)))
+        sections.append(("What each verdict rests on", "", C.detail_table(judged)))
         for defence, tab in C.transfer_tables(rows):
             sections.append((f"Attack transfer against {defence}: mean f per held-out domain at each attack's end",
                              "Rows: the domain the attacker trained on; columns: the domain of the held-out "

@@ -31,28 +31,29 @@ def _cell(j: V.Judged) -> str:
     return f"{j.verdict}" + (f": {j.figure}" if j.figure else "")
 
 
-def verdict_table(rows: list[DefenceRow], rec: Records, unit: str) -> Table:
-    """One row per defence, one column per condition: the verdict and its figure."""
+def verdict_table(rows: list[DefenceRow], judged: list[V.Verdict], rec: Records, unit: str) -> Table:
+    """One row per defence, one column per condition: the verdict and its figure (`judged`:
+    V.judge(rows, rec, unit), judged once per report)."""
     body = []
-    for r, v in zip(rows, V.judge(rows, rec, unit), strict=True):
-        passed, judged = v.passed
+    for r, v in zip(rows, judged, strict=True):
+        passed, decided = v.passed
         res = f"{v.resistance.verdict}: worst {worst_cell(r, unit)}"
         stab = _cell(v.stability) if v.stability.verdict != V.PASS and v.stability.verdict != V.FAIL else \
             f"{v.stability.verdict}: Δ {v.stability.figure.value:+.3f}"
         train = _cell(v.trainability) + ("x" if v.trainability.figure and v.trainability.verdict != V.BASE else "")
         if v.trainability.verdict == V.BASE and v.trainability.figure:
-            train = f"base: {v.trainability.figure} {rec.asked.get('trainability', {}).get('unit') or unit}"
+            train = f"base: {v.trainability.figure} {trainability_unit(rec, unit)}"
         gen = _cell(v.generalisation) + ("x" if v.generalisation.figure else "")
         paired = "-" if v.paired.verdict == V.BASE else (f"{v.paired.figure}x" if v.paired.figure else "-")
         body.append([r.defence + (" (base)" if r.is_base else ""), res, stab, train, gen, paired,
-                     f"{passed} of {judged}" if judged else "-"])
+                     f"{passed} of {decided}" if decided else "-"])
     return ["defence", "resistance", "stability", "trainability", "generalisation", "paired vs base", "passed"], body
 
 
-def detail_table(rows: list[DefenceRow], rec: Records, unit: str) -> Table:
+def detail_table(judged: list[V.Verdict]) -> Table:
     """What each verdict rests on: one row per defence and condition measured."""
     body = []
-    for v in V.judge(rows, rec, unit):
+    for v in judged:
         for name in (*V.Verdict.CONDITIONS, "paired"):
             j = getattr(v, name)
             if j.detail and (j.verdict != V.NOT_MEASURED or name == "generalisation"):
@@ -60,14 +61,14 @@ def detail_table(rows: list[DefenceRow], rec: Records, unit: str) -> Table:
     return ["defence", "condition", "verdict", "what it rests on"], body
 
 
-def verdict_csv(rows: list[DefenceRow], rec: Records, unit: str) -> Table:
+def verdict_csv(judged: list[V.Verdict]) -> Table:
     """The same, as numbers: per condition its verdict, figure and the figure's bound side."""
     header = ["defence", "is_base"]
     for name in (*V.Verdict.CONDITIONS, "paired"):
         header += [f"{name}_verdict", f"{name}_value", f"{name}_bound"]
     header += ["in_domain_worst", "out_of_domain_worst", "paired_ratio_lo", "paired_ratio_hi", "passed", "judged"]
     body = []
-    for v in V.judge(rows, rec, unit):
+    for v in judged:
         row = [v.defence, str(v.is_base).lower()]
         for name in (*V.Verdict.CONDITIONS, "paired"):
             j = getattr(v, name)
@@ -216,12 +217,12 @@ def trainability_unit(rec: Records, unit: str) -> str:
     return (rec.asked.get("trainability") or {}).get("unit") or rec.settings.get("unit") or unit
 
 
-def glance(rows: list[DefenceRow], rec: Records, unit: str) -> list[Glance]:
+def glance(rows: list[DefenceRow], judged: list[V.Verdict], rec: Records, unit: str) -> list[Glance]:
     """Per defence: each condition's verdict with its figure in a few words (the verdict table's
     content, split into cells the page can badge)."""
     out = []
     tunit = trainability_unit(rec, unit)
-    for r, v in zip(rows, V.judge(rows, rec, unit), strict=True):
+    for r, v in zip(rows, judged, strict=True):
         res, stab, train, gen, pair = v.resistance, v.stability, v.trainability, v.generalisation, v.paired
         cells = {
             "resistance": Cell(res.verdict, "" if (worst := worst_cell(r, unit)) == "-" else f"worst {worst} {unit}",
@@ -234,7 +235,7 @@ def glance(rows: list[DefenceRow], rec: Records, unit: str) -> list[Glance]:
                                  train.detail),
             "generalisation": Cell(gen.verdict, f"{gen.figure}x" if gen.figure else "", gen.detail),
             "paired": Cell(pair.verdict, "" if pair.figure is None else f"{pair.figure}x" + (
-                f" [{_g(pair.extra['paired_ratio_lo'])}, {_g(pair.extra['paired_ratio_hi'])}]"
+                f" [{V.short(pair.extra['paired_ratio_lo'])}, {V.short(pair.extra['paired_ratio_hi'])}]"
                 if "paired_ratio_lo" in pair.extra else ""), pair.detail),
         }
         passed, judged = v.passed
@@ -242,6 +243,3 @@ def glance(rows: list[DefenceRow], rec: Records, unit: str) -> list[Glance]:
         out.append(Glance(r.defence, r.is_base, cells, passed, judged, inconclusive))
     return out
 
-
-def _g(x: float) -> str:
-    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
