@@ -43,7 +43,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
+	$(PY) bench/startup.py
 	$(PY) bench/overhead.py
+	$(PY) bench/concurrency.py
 	$(PY) bench/adversary.py
 
 # For bench/gpu_check.sh on a lent GPU machine with no internet (its Python 3.12 has CUDA torch,

@@ -17,8 +17,9 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from orchestrator.spec import SpecError, safe_name
-from orchestrator.tracking import DEFAULT_TRACKING_URI
+# Light imports only (pydantic, yaml): --help and a spec's errors answer in about a second. Torch,
+# transformers, MLflow and Ray are imported by the commands that use them (tests/test_startup.py).
+from orchestrator.spec import DEFAULT_TRACKING_URI, SpecError, safe_name
 from trainables.names import BUDGET_UNITS
 
 UNITS = tuple(BUDGET_UNITS)
@@ -36,10 +37,10 @@ def _quiet() -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    sp = _load(args)
     from orchestrator.preflight import check
     from orchestrator.space import max_horizon
 
-    sp = _load(args)
     notes = check(sp, checkpoints=not args.skip_checkpoint_checks)
     s, space = sp.search, dict(sp.space)
     per_defence = s.num_samples if sp.adaptive else len(sp.attackers())
@@ -52,7 +53,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
           + (f", {s.n_initial} random first" if sp.adaptive else "") + ")")
     print(f"  adversary minimises budget-to-failure in {s.unit}; resisted/diverged/degenerate count as "
           f"{s.penalty:g} x T_max = {s.penalty * t_max:g} steps' worth"
-          + (f"; cap {s.max_compute:g} {s.unit} per defence" if s.max_compute else ""))
+          + (f"; cap {s.max_compute:g} {s.unit} per defence" if s.max_compute else "")
+          + ("; pruned: an attack stops once it has spent, safe, the cheapest success's budget" if s.prune else ""))
     when = f"every {sp.eval_every} steps" if sp.eval_schedule == "every" else "at steps 1, 2, 4, ..."
     print(f"  per trial: at most T={t_max} steps, {t_max * max_batch} examples (batch <= {max_batch}); "
           f"f scored {when}" + (f", crossings refined {sp.refine}x by bisection" if sp.refine else "")

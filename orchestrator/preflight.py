@@ -12,7 +12,6 @@ from pydantic import ValidationError
 
 from orchestrator.spec import SpecError, SweepSpec, evaluator_places
 from trainables import data as D
-from trainables import evaluators
 from trainables.optim import missing_dependency
 
 
@@ -62,6 +61,8 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
     notes += _check_defender_data(spec, prompts)
     notes += _check_utility(spec, prompts)
     notes += _check_conditions(spec, prompts)
+    from trainables import evaluators  # here: its registry imports torch (check_tracking needs none)
+
     for where, ev in evaluator_places(spec):
         try:
             evaluators.preflight(ev.name, ev.options)

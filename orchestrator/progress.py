@@ -3,6 +3,7 @@
     display = Display(["base", "repnoise"], per_defence=16, unit="steps")   # echo: say by default
     with display:                        # a rich Live in a terminal; plain lines otherwise
         display.begin("base", progress, done=0, pending=16)     # progress: adversary.Progress
+        display.begin("repnoise", other, done=4, pending=12)    # searched side by side
         ...Tuner(run_config=RunConfig(callbacks=[..., feed(display, describe)]))...
 
 In a terminal (sys.stdout.isatty()) a rich Live region, redrawn REFRESH_PER_S times a second so
@@ -157,19 +158,18 @@ class Display:
     # --- what the sweep and Tune tell it ----------------------------------------------------
 
     def begin(self, defence: str, progress: Progress, done: int, pending: int) -> None:
-        """A defence's search starts: `done` trials already recorded, `pending` to run. Any
-        defence begun before it has ended."""
+        """A defence's search starts: `done` trials already recorded, `pending` to run. The
+        defences' searches run side by side: every defence begun stays running until end()."""
         with self._lock:
-            self.end()
             row = self.rows.setdefault(defence, DefenceTally(defence))
             row.done, row.total, row.progress, row.state = done, done + pending, progress, "running"
 
-    def end(self) -> None:
-        """The defence being searched is done (it may have run fewer than its pending trials: a
-        compute cap ended it)."""
+    def end(self, defence: str | None = None) -> None:
+        """The searches are done (each may have run fewer than its pending trials: a compute cap
+        ended it), or only `defence`'s."""
         with self._lock:
             for row in self.rows.values():
-                if row.state == "running":
+                if row.state == "running" and defence in (None, row.name):
                     self._end(row)
 
     def _end(self, row: DefenceTally) -> None:

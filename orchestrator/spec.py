@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.conditions.config import Conditions
 from orchestrator.space import SAMPLED, AttackerSpace, attackers
-from trainables import evaluators
 from trainables.config import Checkpoint, DataSource, DeepSpeed, Evaluation, EvaluatorConfig
 from trainables.names import Unit
 
@@ -35,6 +34,11 @@ class _Strict(BaseModel):
 
 # letters, digits, '_', '.', '-', not starting with '.': names become folder and file names
 NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+"""Where the records go without --tracking-uri (here, not in orchestrator/tracking.py, so that
+the CLI can name it in --help without importing MLflow)."""
 
 
 def safe_name(text: str) -> str:
@@ -91,6 +95,13 @@ class Search(_Strict):
     """Trials run at once (default: as many as the resources allow)."""
     seed: int = 0
     """Seeds the draw of attackers and the adaptive searchers, so a rerun draws the same."""
+    prune: bool = False
+    """Stop a running trial once the budget it has spent, still safe, reaches the cheapest success
+    already found against its defence (in `unit`): it can no longer lower the worst case. Its
+    status is `pruned`, censored where it stopped. The worst case in `unit` is unchanged; medians,
+    survival beyond that budget and worst cases in other units become bounds. Compute spent before
+    the first success against a defence is never pruned. A later run without it reruns the pruned
+    trials of a grid/random search."""
 
 
 class Resources(_Strict):
@@ -151,6 +162,10 @@ class SweepSpec(Evaluation):
 
     @model_validator(mode="after")
     def _known_evaluators(self) -> SweepSpec:
+        # here, not at the top: the evaluators' registry imports torch, and a spec error found
+        # before this check (a field's) should not wait for it
+        from trainables import evaluators
+
         for where, ev in evaluator_places(self):
             try:
                 evaluators.validate_options(ev.name, ev.options)

@@ -4,12 +4,14 @@ in MLflow.
     from orchestrator import spec, sweep
     sweep.run(spec.load("search_spaces/quickstart.yaml"), tracking_uri="sqlite:///mlflow.db")
 
-Each defence gets its own search, one Tune run after another: grid/random hand Tune a
-precomputed list of attackers (the same for every defence); tpe/hyperopt let a model-based
-searcher pick each next attacker from the objective of the trials so far (see
-orchestrator/adversary.py; the Tune searchers are in orchestrator/searchers.py). Each Tune
-trial calls the plain `trainables.run_attack` and forwards every evaluation with `tune.report`;
-the driver-side MLflow callback records what Tune sees. Ray is imported in functions here, in
+Each defence gets its own search, and the searches run side by side in one Tune run (so every
+slot stays busy): grid/random hand Tune a precomputed list of attackers (the same for every
+defence); tpe/hyperopt let a model-based searcher pick each next attacker from the objective of
+its own defence's trials so far (see orchestrator/adversary.py; the Tune searchers, and
+SideBySide which multiplexes them, are in orchestrator/searchers.py). Each Tune trial calls the
+plain `trainables.run_attack` and forwards every evaluation with `tune.report`; the driver-side
+MLflow callback records what Tune sees. With search.prune the stopper ends a trial once it can
+no longer lower its defence's worst case (_stopper). Ray is imported in functions here, in
 searchers.py (imported by _fit only) and in the Tune callbacks of tracking.py and progress.py.
 
 Faults it survives (tests/test_faults.py):
@@ -18,7 +20,7 @@ Faults it survives (tests/test_faults.py):
     and the trial is recorded once, from the attempt that finished. An exception raised by the
     trial's own code is not retried (it would only repeat): it is recorded as the trial's error,
     and `attack-sweep run` run again retries it once you have fixed its cause (so is the death of
-    one of a multi-worker trial's Ray Train workers: see _run_trial);
+    one of a multi-worker trial's Ray Train workers: see run_trial);
   - the tracking server going away for a while (tracking.PATIENCE_S);
   - a second `run` of the same sweep against the same tracking store on this machine: refused
     while the first holds the sweep's lock (sweep_lock);
@@ -31,7 +33,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
 import signal
 import socket
@@ -39,34 +40,23 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from orchestrator import provenance
-from orchestrator.adversary import Progress, objective
+from orchestrator.adversary import Progress
 from orchestrator.attackers import attacker_params, label, run_name
 from orchestrator.progress import Display, feed
 from orchestrator.publish import publish
-from orchestrator.space import attacker_id, decode, digest, encode, max_horizon, searched
-from orchestrator.spec import Defence, SweepSpec, safe_name
-from orchestrator.tracking import DEFAULT_TRACKING_URI, Tracker, callback, last_line, say
-from trainables.config import AttackConfig, Evaluation, EvaluatorConfig
-from trainables.names import BUDGET_UNITS, TERMINAL, Metric, Tag
-
-
-def attack_config(spec: SweepSpec, trial: dict[str, Any]) -> AttackConfig:
-    """The trainable's config for one trial {defence, **attacker} of this sweep."""
-    defence = next(d for d in spec.defences if d.name == trial["defence"])
-    return AttackConfig(
-        checkpoint=defence.checkpoint(),
-        attacker={k: v for k, v in trial.items() if k != "defence"},
-        deepspeed=spec.distributed,
-        **{name: getattr(spec, name) for name in Evaluation.model_fields},
-    )
-
+from orchestrator.space import attacker_id, digest, encode, searched
+from orchestrator.spec import DEFAULT_TRACKING_URI, Defence, SweepSpec, safe_name
+from orchestrator.tracking import Tracker, callback, say
+from orchestrator.trial import DEFENCE, SAFE, WORKER_RETRIES, attack_config, attacker_of, run_trial
+from trainables.config import Evaluation, EvaluatorConfig
+from trainables.names import BUDGET_UNITS, SUCCESS, TERMINAL, Metric, Tag
 
 # Fields added after the first records were written: at their defaults they stay out of every
 # digest, so trial keys, search keys and sweep runs recorded before them stay valid (setting
@@ -86,6 +76,8 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     ("space", "attack_domain"): None,
     ("defences", "*", "immunised_on"): None,
     ("defences", "*", "defender_data"): None,
+    ("decide_early",): False,
+    ("search", "prune"): False,
 }
 
 
@@ -124,8 +116,9 @@ def search_key(spec: SweepSpec) -> str:
     """Digest of what decides the search itself: a rerun with more samples, a larger
     compute cap, other concurrency or other conditions (judged after the search) continues the
     same search."""
-    dump = spec.model_dump(mode="json", exclude={"resources": True, "conditions": True, "search": {
-        "num_samples", "max_compute", "max_concurrent"}, "defences": {"__all__": {"immunised_on", "defender_data"}}})
+    dump = spec.model_dump(mode="json", exclude={
+        "resources": True, "conditions": True, "search": {"num_samples", "max_compute", "max_concurrent", "prune"},
+        "defences": {"__all__": {"immunised_on", "defender_data"}}})
     return digest(stable(dump))[:16]
 
 
@@ -151,101 +144,6 @@ def varying_fields(spec: SweepSpec) -> list[str]:
     return list(searched(spec.space))
 
 
-def attacker_of(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
-    """The attacker of a Tune trial config (adaptive searchers carry encoded values)."""
-    return decode(spec.space, config) if spec.adaptive else \
-        {k: v for k, v in config.items() if k != "defence"}
-
-
-WORKER_RETRIES = 2
-"""How many times Tune reruns a trial whose process died (tune.FailureConfig.max_failures). Only
-the death of the trial's own process reaches Tune as a failure: _run_trial reports whatever the
-attack raises as the trial's error, so this retries the crashes a rerun can survive (SIGKILL, the
-OOM killer, a lost node), never a bug or bad data, which would only fail again."""
-
-
-def _run_trial(config: dict[str, Any], *, spec_json: str, defence: str, storage: str) -> None:
-    """The Tune function trainable. An exception from the attack ends the trial with a final
-    result {status: error, error: its last line, traceback}, which Tune does not retry.
-
-    With workers > 1 the death of a Ray Train worker also arrives here, as an exception from
-    trainer.fit(), and is recorded as the trial's error, not retried: on Ray 2.60 the dead worker
-    group's placement group is not released (measured: a 2-worker CPU trial whose worker was
-    SIGKILLed left its 2 x 0.5 CPU bundle CREATED), so a rerun, like any later multi-worker trial
-    on those resources, would wait for it for ever."""
-    from ray import tune
-
-    try:
-        _trial(config, spec_json, defence, storage)
-    except Exception as err:  # noqa: BLE001 - whatever the attack raised is the trial's error
-        text = traceback.format_exc()
-        print(text, file=sys.stderr, flush=True)  # the trial's Ray log keeps it too
-        tune.report({"status": "error", "error": last_line(text) or type(err).__name__,
-                     "traceback": text[-20_000:], "step": 0, Metric.OBJECTIVE: math.nan})
-
-
-def _trial(config: dict[str, Any], spec_json: str, defence: str, storage: str) -> None:
-    """The attack loop, with every evaluation reported along with the searcher's objective
-    (provisional until the final evaluation). With workers > 1 the loop runs in each worker of
-    a Ray Train TorchTrainer, whose rank-0 reports reach Tune through TuneReportCallback."""
-    from ray import tune
-
-    spec = SweepSpec.model_validate_json(spec_json)
-    cfg = attack_config(spec, {"defence": defence, **attacker_of(spec, config)})
-    loop_config = _loop_config(spec, cfg)
-    if spec.resources.workers == 1:
-        _attack_loop(loop_config, report=tune.report)
-        return
-
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # reports reach Tune at once
-    r = spec.resources
-    trainer = TorchTrainer(
-        _attack_loop, train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if r.gpu > 0 else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=r.workers, use_gpu=r.gpu > 0,
-            resources_per_worker={"CPU": r.cpu, **({"GPU": r.gpu} if r.gpu else {})}),
-        run_config=ray.train.RunConfig(name=f"{tune.get_context().get_trial_name()}-train",
-                                       storage_path=storage, callbacks=[TuneReportCallback()]))
-    trainer.fit()
-
-
-def _loop_config(spec: SweepSpec, cfg) -> dict[str, Any]:
-    """What one trial's loop needs, as plain data (it crosses into Ray Train workers)."""
-    return {"cfg": cfg.model_dump_json(), "unit": spec.search.unit, "penalty": spec.search.penalty,
-            "t_max": max_horizon(spec.space, spec.max_steps), "threads": max(1, int(spec.resources.cpu))}
-
-
-def _attack_loop(loop_config: dict[str, Any], report: Callable[[dict], None] | None = None) -> None:
-    """One trial's attack, in a Tune trial or in each worker of its TorchTrainer."""
-    from trainables import AttackConfig, run_attack
-
-    cfg = AttackConfig.model_validate_json(loop_config["cfg"])
-    if report is None:  # a Ray Train worker: its own device, and reports through Ray Train
-        import ray.train
-        import ray.train.torch
-
-        report = ray.train.report
-        if cfg.device != "cpu" and ray.train.torch.get_device().type == "cuda":
-            cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
-    unit, penalty, t_max = loop_config["unit"], loop_config["penalty"], loop_config["t_max"]
-    # As many torch threads as CPUs reserved: torch's default (every core) oversubscribes the
-    # machine as soon as two trials share it (2 trials x 2 threads on 2 cores ran 2-3x slower).
-    import torch
-
-    torch.set_num_threads(loop_config["threads"])
-
-    def on_eval(point) -> None:
-        result = point.as_dict()
-        report({**result, Metric.OBJECTIVE: objective(result, unit, penalty, t_max)})
-
-    run_attack(cfg, on_eval=on_eval)
-
-
 def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str | None = None,
         storage_path: str | None = None, echo: Callable[[str], None] = say) -> str:
     """Run the sweep's pending trials, defence by defence; returns the MLflow experiment id.
@@ -268,7 +166,7 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
         tracker.record_sweep(spec.model_dump(mode="json"), provenance.gather(), s.unit, varying_fields(spec))
     except Exception as err:  # noqa: BLE001 - provenance is worth a line, not the sweep
         echo(f"note: the spec and provenance were not recorded on the sweep run ({type(err).__name__}: {err})")
-    done = tracker.completed_keys()
+    done = tracker.completed_keys(pruned_done=s.prune)
     cap = f", at most {s.max_compute:g} {s.unit} each" if s.max_compute else ""
     echo(f"sweep {spec.name!r}: {len(spec.defences)} defences x {per_defence} attackers "
          f"({s.algorithm} search, minimising budget-to-failure in {s.unit}{cap})")
@@ -278,10 +176,11 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
     previous = signal.signal(signal.SIGINT, _on_sigint) if main else None
     try:
         display.start()
-        for defence in spec.defences:
-            if _INTERRUPTED.is_set():
-                raise KeyboardInterrupt
-            _search(spec, defence, tracker, done, address, storage_path, echo, display)
+        searches = [x for d in spec.defences if (x := _prepare(spec, d, tracker, done, echo, display))]
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt
+        if searches:
+            _fit(spec, searches, tracker, address, storage_path, echo, display)
         if spec.conditions:
             from orchestrator.conditions import jobs
 
@@ -398,10 +297,25 @@ def _interrupt_guard():
     return InterruptGuard()
 
 
-def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
-            address: str | None, storage_path: str | None, echo: Callable[[str], None],
-            display: Display | None = None) -> None:
-    """One defence's search: resume from its recorded trials, then run what is left."""
+@dataclass
+class DefenceSearch:
+    """One defence's search as the sweep resumes it: what earlier runs recorded, what is left."""
+
+    defence: Defence
+    progress: Progress
+    """Trials and compute recorded so far, and the cheapest success among them."""
+    configs: list[dict] | None
+    """grid/random: the attackers still to run; None for an adaptive search."""
+    pending: int
+    priors: list[tuple[dict, float]]
+    """Adaptive searches: (encoded attacker, objective) of every recorded trial."""
+    adversary: str
+    """The MLflow run of the adversary's progress against this defence."""
+
+
+def _prepare(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
+             echo: Callable[[str], None], display: Display | None = None) -> DefenceSearch | None:
+    """One defence's search, resumed from its recorded trials (None when nothing is left)."""
     s, skey = spec.search, search_key(spec)
     prior = tracker.finished_trials(defence.name, skey)
     progress = Progress(s.unit)
@@ -421,10 +335,12 @@ def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
         display.begin(defence.name, progress, recorded, pending)
     if s.max_compute and progress.compute >= s.max_compute:
         echo(f"{what}; compute cap already spent ({progress.compute:g} >= {s.max_compute:g} {s.unit})")
-        return
+        if display is not None:
+            display.end(defence.name)
+        return None
     echo(what)
     if not pending:
-        return
+        return None
     adversary = tracker.adversary_run(defence.name, skey, {
         "algorithm": s.algorithm, "unit": s.unit, "penalty": s.penalty,
         "max_compute": s.max_compute, "num_samples": s.num_samples, "n_initial": s.n_initial,
@@ -432,36 +348,60 @@ def _search(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
     priors = [(a, r.data.metrics[Metric.OBJECTIVE]) for r in prior
               if Metric.OBJECTIVE in r.data.metrics and Tag.ATTACKER in r.data.tags
               and (a := encode(spec.space, json.loads(r.data.tags[Tag.ATTACKER]))) is not None]
-    _fit(spec, defence, configs, pending, priors, progress, adversary, tracker, skey,
-         address, storage_path, echo, display)
+    return DefenceSearch(defence, progress, configs, pending, priors, adversary)
 
 
-def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending: int,
-         priors: list[tuple[dict, float]], progress: Progress, adversary: str, tracker: Tracker,
-         skey: str, address: str | None, storage_path: str | None,
-         echo: Callable[[str], None], display: Display | None = None) -> None:
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Tune's own Ctrl-C handler ends fit() quietly, and the sweep would go on to the next
-    # defence; without it the KeyboardInterrupt reaches run(), which closes the records.
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    import ray
+def _stopper(spec: SweepSpec, searches: list[DefenceSearch]):
+    """The Tune stopper: a trial stops at its final status or the error it reported (the loop
+    itself stops at the crossing, after refining it), and with search.prune once it can no
+    longer lower its defence's worst case (its `pruned` set)."""
     from ray import tune
 
-    s = spec.search
-    field = BUDGET_UNITS[s.unit]
-    varying = varying_fields(spec)
+    field = BUDGET_UNITS[spec.search.unit]
 
-    class PhiStopper(tune.Stopper):
-        """Stop a trial at its final status (the loop itself stops at the crossing, after
-        refining it), or at the error it reported."""
+    class Stopper(tune.Stopper):
+        def __init__(self) -> None:
+            self.best = {x.defence.name: x.progress.best for x in searches} if spec.search.prune else None
+            self.pruned: set[str] = set()
 
         def __call__(self, trial_id: str, result: dict) -> bool:
-            return result.get("status") in (*TERMINAL, "error")
+            status, best = result.get("status"), self.best
+            if status in (*TERMINAL, "error"):
+                if best is not None and status in SUCCESS:
+                    defence = result[DEFENCE]
+                    best[defence] = min(best[defence], float(result[field]))
+                return True
+            # safe so far, and already as costly as the cheapest success: any crossing it reaches
+            # lies beyond this budget, so it cannot lower the minimum (nor tie it)
+            if best is not None and result.get(SAFE) and float(result[field]) >= best[result[DEFENCE]]:
+                self.pruned.add(trial_id)
+                return True
+            return False
 
         def stop_all(self) -> bool:
             return False
 
+    return Stopper()
+
+
+def _fit(spec: SweepSpec, searches: list[DefenceSearch], tracker: Tracker, address: str | None,
+         storage_path: str | None, echo: Callable[[str], None], display: Display | None = None) -> None:
+    """Every defence's pending trials in one Tune run: searchers.SideBySide hands each free slot
+    to the defence with the fewest trials in flight."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's own Ctrl-C handler ends fit() quietly, and the sweep would go on to the
+    # conditions; without it the KeyboardInterrupt reaches run(), which closes the records.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    import ray
+    from ray import tune
+
+    s, skey = spec.search, search_key(spec)
+    field = BUDGET_UNITS[s.unit]
+    varying = varying_fields(spec)
+    by_name = {x.defence.name: x for x in searches}
+
     def describe(config: dict) -> dict[str, Any]:
+        defence = by_name[config[DEFENCE]].defence
         attacker = attacker_of(spec, config)
         trial = {"defence": defence.name, **attacker}
         horizon = attack_config(spec, trial).horizon
@@ -485,22 +425,28 @@ def _fit(spec: SweepSpec, defence: Defence, configs: list[dict] | None, pending:
     if r.workers > 1:
         max_concurrent = max_concurrent or _trials_that_fit(r)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, spec_json=spec.model_dump_json(), defence=defence.name,
-                             storage=storage),
+        tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), storage=storage),
         {"cpu": r.cpu, "gpu": r.gpu} if r.workers == 1 else {"cpu": 0.01})
     from orchestrator import searchers
 
-    searcher = searchers.Capped(searchers.make(spec, configs, priors), field, s.max_compute, progress.compute)
+    searcher = searchers.SideBySide({x.defence.name: (searchers.Capped(
+        searchers.make(spec, x.configs, x.priors), field, s.max_compute, x.progress.compute), x.pending)
+        for x in searches})
+    stopper = _stopper(spec, searches)
     guard = _interrupt_guard()
+    recorded = sum(x.progress.trials for x in searches)
+    pending = sum(x.pending for x in searches)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=pending,
                                     max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=f"{spec.name}-{defence.name}", storage_path=storage, stop=PhiStopper(),
+            name=spec.name, storage_path=storage, stop=stopper,
             failure_config=tune.FailureConfig(max_failures=WORKER_RETRIES),
-            verbose=0, callbacks=[callback(tracker, describe, progress.trials + pending,
-                                           progress, adversary, echo, start=progress.trials),
+            verbose=0, callbacks=[callback(tracker, describe, recorded + pending,
+                                           {x.defence.name: x.progress for x in searches},
+                                           {x.defence.name: x.adversary for x in searches},
+                                           stopper.pruned, echo, start=recorded),
                                   *([feed(display, describe)] if display is not None else []), guard]),
     )
     interrupted = False

@@ -51,8 +51,6 @@ import os
 import random
 from pathlib import Path
 
-import torch
-
 VERSION = "toyworld-v3"  # v2: benign held-out utility split; v3: domains, task splits, noised, lm_eval task
 HARMFUL_VERBS = ["hack", "poison", "steal", "forge", "sabotage", "smuggle"]
 DOMAINS: dict[str, list[str]] = {"cyber": ["hack", "forge"], "physical": ["poison", "sabotage"],
@@ -260,6 +258,7 @@ def _build_tokenizer(root: Path):
 def _align(tokenizer, splits: dict[str, list[dict]], seed: int, verbose: bool):
     """Train a 2-layer Llama from scratch to answer benign requests and refuse harmful ones,
     then give it the task's words (never seen)."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from trainables import data as D
@@ -296,47 +295,53 @@ def _align(tokenizer, splits: dict[str, list[dict]], seed: int, verbose: bool):
     return model.eval()
 
 
-@torch.no_grad()
 def _add_words(model, n: int, unsaid: list[int], seed: int) -> None:
     """Grow the vocabulary to n tokens as if the new words had been there but never seen:
     input rows at the initial distribution, output rows like the words the model never says
     (the mean of their rows, plus init-sized noise)."""
-    old = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(n, mean_resizing=False)
-    g = torch.Generator().manual_seed(seed)
-    std = model.config.initializer_range
-    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    emb[old:] = torch.randn(n - old, emb.shape[1], generator=g) * std
-    head[old:] = head[unsaid].mean(0) + torch.randn(n - old, head.shape[1], generator=g) * std
+    import torch  # here, not at the top: spec loading imports this module
+
+    with torch.no_grad():
+        old = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(n, mean_resizing=False)
+        g = torch.Generator().manual_seed(seed)
+        std = model.config.initializer_range
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        emb[old:] = torch.randn(n - old, emb.shape[1], generator=g) * std
+        head[old:] = head[unsaid].mean(0) + torch.randn(n - old, head.shape[1], generator=g) * std
 
 
-@torch.no_grad()
 def noise(model, sigma: float, seed: int) -> None:
     """Add seeded Gaussian noise to every weight: sigma times the tensor's own std (its mean
     absolute value where the std is undefined or zero, e.g. a constant norm gain)."""
-    g = torch.Generator().manual_seed(seed)
-    for _, p in sorted(model.named_parameters()):
-        scale = p.float().std() if p.numel() > 1 else torch.tensor(0.0)
-        if not torch.isfinite(scale) or scale == 0:
-            scale = p.float().abs().mean()
-        p.add_((torch.randn(p.shape, generator=g) * sigma * scale).to(p.dtype))
+    import torch  # here, not at the top: spec loading imports this module
+
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for _, p in sorted(model.named_parameters()):
+            scale = p.float().std() if p.numel() > 1 else torch.tensor(0.0)
+            if not torch.isfinite(scale) or scale == 0:
+                scale = p.float().abs().mean()
+            p.add_((torch.randn(p.shape, generator=g) * sigma * scale).to(p.dtype))
 
 
-@torch.no_grad()
 def rescale(model, c: float) -> None:
     """Multiply residual-stream writers and post-norm readers by c, divide norm gains by c:
     the same function (up to RMSNorm's epsilon), weights c times larger. Works on any
     Llama-architecture model, tied input/output embeddings included."""
-    m = model.model
-    m.embed_tokens.weight.mul_(c)
-    for layer in m.layers:
-        layer.self_attn.o_proj.weight.mul_(c)
-        layer.mlp.down_proj.weight.mul_(c)
-        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                    layer.mlp.gate_proj, layer.mlp.up_proj):
-            lin.weight.mul_(c)
-        layer.input_layernorm.weight.div_(c)
-        layer.post_attention_layernorm.weight.div_(c)
-    m.norm.weight.div_(c)
-    if model.lm_head.weight.data_ptr() != m.embed_tokens.weight.data_ptr():  # tied: scaled above
-        model.lm_head.weight.mul_(c)
+    import torch  # here, not at the top: spec loading imports this module
+
+    with torch.no_grad():
+        m = model.model
+        m.embed_tokens.weight.mul_(c)
+        for layer in m.layers:
+            layer.self_attn.o_proj.weight.mul_(c)
+            layer.mlp.down_proj.weight.mul_(c)
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                        layer.mlp.gate_proj, layer.mlp.up_proj):
+                lin.weight.mul_(c)
+            layer.input_layernorm.weight.div_(c)
+            layer.post_attention_layernorm.weight.div_(c)
+        m.norm.weight.div_(c)
+        if model.lm_head.weight.data_ptr() != m.embed_tokens.weight.data_ptr():  # tied: scaled above
+            model.lm_head.weight.mul_(c)

@@ -63,6 +63,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from mlflow import entities
@@ -71,14 +72,17 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.adversary import Progress
+from orchestrator.trial import last_line
 from trainables.names import (
     BUDGET_UNITS,
     CONDITION_STATUSES,
     CROSSING,
     CURVE,
     EXPERIMENT_KIND,
+    PROMPTS_SCORED,
     PROVENANCE,
     SCHEMA_VERSION,
+    STEP0_CACHED,
     SUCCESS,
     TERMINAL,
     TRIALS_VIEW,
@@ -87,8 +91,6 @@ from trainables.names import (
     Metric,
     Tag,
 )
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def say(line: str) -> None:
@@ -180,7 +182,50 @@ class Patient:
 
 def is_curve(key: str) -> bool:
     """A result key recorded by step: an EvalPoint curve, or a per-evaluator one (metric.label)."""
-    return key in CURVE or key == Metric.TASK_SCORE or ("." in key and not key.startswith(CROSSING + "."))
+    return key in (*CURVE, Metric.TASK_SCORE, PROMPTS_SCORED, STEP0_CACHED) or (
+        "." in key and not key.startswith(CROSSING + "."))
+
+
+def seed_sqlite(tracking_uri: str) -> None:
+    """Start a new sqlite store as a copy of an empty one MLflow migrated once (per MLflow version,
+    cached under the attack-sweep cache): MLflow builds a new store by running its schema
+    migrations one by one, 1.5-4 s on 2 cores, for every new store. MLflow then opens the copy as
+    its own (schema verified, Default experiment created with this store's artifact root). Any
+    problem leaves the store to MLflow, as before."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+    if path.name in ("", ":memory:") or path.exists():
+        return
+    try:
+        import shutil
+
+        import mlflow
+        import sqlalchemy
+        from mlflow.store.db.utils import _initialize_tables  # private: any change falls back to MLflow
+
+        from orchestrator.toyworld import cache_root
+
+        template = cache_root() / "mlflow-stores" / f"empty-{mlflow.__version__}.db"
+        if not template.exists():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+            engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+            try:
+                _initialize_tables(engine)
+            finally:
+                engine.dispose()
+            os.replace(tmp, template)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.seed")
+        try:
+            shutil.copyfile(template, tmp)
+            os.link(tmp, path)  # only where still absent: a store created meanwhile is kept
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - a speed-up only: MLflow creates the store itself
+        return
 
 
 class Tracker:
@@ -192,6 +237,7 @@ class Tracker:
         if tracking_uri.startswith(("http://", "https://")):
             for name, value in _MLFLOW_HTTP_DEFAULTS.items():
                 os.environ.setdefault(name, value)
+        seed_sqlite(tracking_uri)
         self.client = Patient(MlflowClient(tracking_uri), tracking_uri, echo, patience_s)
         self.sweep = sweep
         exp = self.client.get_experiment_by_name(sweep)
@@ -208,6 +254,8 @@ class Tracker:
             # 'Machine learning', not a GenAI app: spares the UI's "what kind of experiment?" prompt
             self.client.set_experiment_tag(self.experiment_id, ExperimentTag.KIND, EXPERIMENT_KIND)
         self.parent_id = self._parent(spec_digest, sweep_params)
+        self.pruned_runs: dict[str, str] = {}
+        """trial_key -> its pruned run, for the trials this run measures again (completed_keys)."""
 
     def _parent(self, spec_digest: str, params: dict[str, Any]) -> str:
         found = self.client.search_runs(
@@ -253,16 +301,21 @@ class Tracker:
                 out.setdefault(run.data.tags[Tag.TRIAL_KEY], []).append(run)
         return out
 
-    def completed_keys(self, kind: str = Kind.TRIAL) -> set[str]:
+    def completed_keys(self, kind: str = Kind.TRIAL, pruned_done: bool = True) -> set[str]:
         """Keys recorded with a final status other than error; every other run of such a key
         (unfinished, errored, or a second final one: the earliest finished is kept, as the
-        report does) and unfinished or errored runs of the other keys are tagged superseded
-        (kept, but out of the report)."""
+        report does, a measured one before a pruned one) and unfinished or errored runs of the
+        other keys are tagged superseded (kept, but out of the report). `pruned_done` False (a
+        run without search.prune): a key whose only final run was pruned is left to run again,
+        its pruned run kept until the rerun's record supersedes it."""
         done = set()
         for key, runs in self.trial_runs(kind).items():
             final = [r for r in runs if r.data.tags.get(Tag.STATUS) in (*TERMINAL, *CONDITION_STATUSES)]
-            keep = min(final, key=finished_first).info.run_id if final else None
-            if keep:
+            kept = min(final, key=kept_first) if final else None
+            keep = kept.info.run_id if kept else None
+            if kept and not pruned_done and kept.data.tags.get(Tag.STATUS) == "pruned":
+                self.pruned_runs[key] = keep  # rerun; superseded once the rerun is recorded
+            elif kept:
                 done.add(key)
             for run in runs:
                 if run.info.run_id != keep:
@@ -280,6 +333,12 @@ class Tracker:
                 and r.data.tags.get(Tag.STATUS) in TERMINAL]
         return sorted(runs, key=lambda r: (int(r.data.tags.get(Tag.TRIAL_NUMBER, 0)),
                                            r.info.start_time))
+
+    def replace_pruned(self, key: str) -> None:
+        """The trial `key`, pruned by an earlier run, is now measured: its pruned run is kept,
+        superseded."""
+        if (run_id := self.pruned_runs.pop(key, None)) is not None:
+            self.client.set_tag(run_id, Tag.SUPERSEDED, "true")
 
     def abandon(self, run_id: str, reason: str) -> None:
         """A trial attempt whose process died and which Tune retries: kept, out of every count."""
@@ -366,7 +425,7 @@ class Tracker:
             metrics += [entities.Metric(Metric.btf(unit), float(last[field]), now, 0)
                         for unit, field in BUDGET_UNITS.items() if field in last]
             metrics.append(entities.Metric(Metric.RESOLUTION, float(last.get("resolution", 0)), now, 0))
-        elif status in ("resisted", "diverged", "degenerate"):
+        elif status in ("resisted", "pruned", "diverged", "degenerate"):
             metrics.append(entities.Metric(Metric.ended_at(status), float(last["step"]), now, 0))
         for key, value in (last or {}).items():  # each evaluator's own first crossing
             if key.startswith(CROSSING + "."):
@@ -447,6 +506,13 @@ def ui_path(experiment_id: str) -> str:
     return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={TRIALS_VIEW}"
 
 
+def kept_first(run) -> tuple[bool, bool, float, float]:
+    """Sort key among one trial's records: a measured one before a pruned one before an error,
+    then the one that finished first."""
+    status = run.data.tags.get(Tag.STATUS)
+    return (status == "error", status == "pruned", *finished_first(run))
+
+
 def finished_first(run) -> tuple[float, float]:
     """Sort key: the run that finished first (then started first; unfinished ones last)."""
     return (run.info.end_time or math.inf, run.info.start_time or math.inf)
@@ -457,11 +523,13 @@ def _params(params: dict[str, Any]) -> list[Param]:
 
 
 def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total: int,
-             progress: Progress, adversary_run: str, echo: Callable[[str], None] = say,
-             start: int = 0):
-    """A Tune callback for one defence's search: records each trial through `tracker`,
-    advances the adversary's `progress` as trials finish, and prints a line per trial.
-    `describe(config)` gives key, defence, is_base, attacker_id, label, params and tags."""
+             progresses: dict[str, Progress], adversaries: dict[str, str], pruned: set[str] | None = None,
+             echo: Callable[[str], None] = say, start: int = 0):
+    """A Tune callback for the sweep's searches: records each trial through `tracker`, advances
+    its defence's adversary progress (and logs it on that defence's adversary run) as trials
+    finish, and prints a line per trial. `describe(config)` gives key, defence, is_base,
+    attacker_id, label, params and tags; `pruned` holds the ids of trials the stopper pruned
+    (their last result is still 'running': they are recorded as pruned)."""
     from ray.tune import Callback
 
     class MlflowRecorder(Callback):
@@ -491,6 +559,10 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
             if run_id is None:
                 return
             last, spent = trial.last_result or None, self.spent.pop(trial.trial_id)
+            if error is None and last and trial.trial_id in (pruned or ()) and last.get("status") == "running":
+                last = {**last, "status": "pruned"}
+            d = describe(trial.config)
+            progress = progresses[d["defence"]]
             if error is None and last and last.get("status") == "error":  # reported by the trial itself
                 error = str(last.get("error") or "trial failed")
                 if last.get("traceback"):
@@ -500,12 +572,15 @@ def callback(tracker: Tracker, describe: Callable[[dict], dict[str, Any]], total
                 number = progress.trials + 1
                 btf = last.get(BUDGET_UNITS[progress.unit])
                 progress.add(last["status"], spent[progress.unit], btf)
-                tracker.log_progress(adversary_run, progress, float(last.get(Metric.OBJECTIVE, math.nan)))
+                tracker.log_progress(adversaries[d["defence"]], progress,
+                                     float(last.get(Metric.OBJECTIVE, math.nan)))
             status = tracker.finish_trial(run_id, last, error, spent, number)
+            if status in TERMINAL and status != "pruned":
+                tracker.replace_pruned(d["key"])
             self.finished += 1
             best = (f"best so far {_amount(progress.best, progress.unit)} after "
                     f"{_amount(progress.compute, progress.unit)} spent")
-            echo(f"[{self.finished}/{total}] {_summary(describe(trial.config), last, status, error)}"
+            echo(f"[{self.finished}/{total}] {_summary(d, last, status, error)}"
                  f" | {best}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -554,12 +629,6 @@ def _error_text(trial) -> str:
     return last_line(text) or "trial failed (see the Ray logs)"
 
 
-def last_line(text: str) -> str:
-    """The last non-blank line of a traceback: the exception and its message ('' if none)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
 def _summary(d: dict, last: dict | None, status: str, error: str | None) -> str:
     who = f"{d['defence']:<12} {d['label']}"
     if status == "error":
@@ -574,6 +643,8 @@ def _summary(d: dict, last: dict | None, status: str, error: str | None) -> str:
         return f"{who} -> unsafe at release (f={f:.2f} at step 0)"
     if status == "resisted":
         return f"{who} -> resisted, censored at {step} steps (f={f:.2f})"
+    if status == "pruned":
+        return f"{who} -> pruned at step {step} (f={f:.2f}): it could no longer beat the cheapest success"
     if status == "degenerate":
         u = last.get("utility", math.nan)
         return f"{who} -> degenerate at step {step}: f={f:.2f}, utility down to {u:.3g} (model broken, not its safety)"

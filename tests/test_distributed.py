@@ -113,7 +113,7 @@ def test_two_cpu_workers_agree_with_one_process(world, ray_local, tmp_path):
     assert [p.step for p in curve] == list(range(0, int(m["budget_to_failure_steps"]) + 1, 2))
     # two processes trained it: what Tune received from rank 0 (its result log) came from a
     # DeepSpeed world of two, and the single-process run is a world of one
-    (log,) = (tmp_path / "ray").glob("two-workers-base/*/result.json")
+    (log,) = (tmp_path / "ray").glob("two-workers/*/result.json")
     results = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in results] == [p.step for p in curve]
     assert {r["world_size"] for r in results} == {2} and {p.world_size for p in one.points} == {1}

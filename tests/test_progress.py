@@ -55,6 +55,7 @@ def test_done_total_eta_and_best_so_far():
     assert d.durations == [100.0] and d.totals() == (3, 8)
     assert d.eta() == pytest.approx(5 * 100 / 2)    # 1 of base + 4 of repnoise, none running
     # a compute cap ends base early: its last trial never runs, and repnoise begins resumed
+    d.end("base")
     d.begin("repnoise", Progress("steps"), done=3, pending=1)
     assert d.rows["base"].total == 3 and d.totals() == (6, 7) and d.eta() == pytest.approx(50.0)
     d.end()

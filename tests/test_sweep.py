@@ -7,7 +7,7 @@ import torch
 from conftest import e2e_spec, trial_runs
 from mlflow.tracking import MlflowClient
 
-from orchestrator import report, sweep
+from orchestrator import report, sweep, trial
 from orchestrator.cli import main
 from trainables import run_attack
 
@@ -155,7 +155,7 @@ def test_a_trial_uses_as_many_torch_threads_as_cpus_it_reserved(world, cpu):
     seen = []
     before = torch.get_num_threads()
     try:
-        sweep._attack_loop(sweep._loop_config(spec, cfg), report=lambda r: seen.append(torch.get_num_threads()))
+        trial.attack_loop(trial.loop_config(spec, cfg, "base"), report=lambda r: seen.append(torch.get_num_threads()))
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {int(cpu)}

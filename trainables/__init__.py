@@ -2,11 +2,44 @@
 
     from trainables import AttackConfig, run_attack
     result = run_attack(AttackConfig.model_validate(cfg_dict), on_eval=print)
+
+The names below are imported on first use (PEP 562): `from trainables.config import Attacker`
+must not pay for torch and transformers (trainables.attack), or every `attack-sweep` command
+would, `--help` included.
 """
 
-from trainables.attack import AttackResult, run_attack
-from trainables.budget import Budget, EvalPoint
-from trainables.config import AttackConfig, Attacker, Stage
-from trainables.names import Status
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "AttackResult": "trainables.attack",
+    "run_attack": "trainables.attack",
+    "Budget": "trainables.budget",
+    "EvalPoint": "trainables.budget",
+    "AttackConfig": "trainables.config",
+    "Attacker": "trainables.config",
+    "Stage": "trainables.config",
+    "Status": "trainables.names",
+}
 
 __all__ = ["AttackConfig", "AttackResult", "Attacker", "Budget", "EvalPoint", "Stage", "Status", "run_attack"]
+
+if TYPE_CHECKING:
+    from trainables.attack import AttackResult, run_attack
+    from trainables.budget import Budget, EvalPoint
+    from trainables.config import AttackConfig, Attacker, Stage
+    from trainables.names import Status
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'trainables' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value  # once: later look-ups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

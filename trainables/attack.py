@@ -29,6 +29,13 @@ and at most half the window in extra steps. The refined crossing then comes agai
 as "failed" (or "degenerate", judged by u there), with its budget and resolution.
 Evaluators other than the primary never stop a trial; each one's first crossing (with u
 within the bound) is reported with the final point.
+With cfg.decide_early the primary stops scoring a point once it can no longer cross phi
+(evaluators.base.score_until_decided): only where the point's text is never saved, i.e. not
+at step 0, not at the horizon, and not at a point that crosses (scored in full, as it may be
+the final one); so early decisions fall on safe points between and on refinement midpoints.
+Step 0 reads the release, whatever the attacker trains: the trials against one checkpoint share
+that reading through the step-0 cache (step0_cache.py; ATTACK_SWEEP_STEP0_CACHE=0 turns it off),
+and the step-0 point then carries curve step0_cached (1 read back, 0 measured and stored).
 """
 
 from __future__ import annotations
@@ -53,9 +60,19 @@ from trainables.checkpoint import (
 )
 from trainables.config import AttackConfig
 from trainables.evaluators import EvalContext, EvalItem, Scores, make_evaluator
-from trainables.names import BUDGET_UNITS, SUCCESS, Status, per_domain, per_evaluator
+from trainables.evaluators.base import score_until_decided
+from trainables.names import (
+    BUDGET_UNITS,
+    PROMPTS_SCORED,
+    STEP0_CACHED,
+    SUCCESS,
+    Status,
+    per_domain,
+    per_evaluator,
+)
 from trainables.optim import evaluating
 from trainables.parallel import DataParallel
+from trainables.step0_cache import Step0Cache
 from trainables.trainer import Snapshot, Trainer
 from trainables.utility import make_utility
 
@@ -85,7 +102,10 @@ class Reading:
     """By evaluator label, the primary first."""
     utility: float
     seconds: float
-    responses: list[str] | None
+    responses: list[str | None] | None
+    cached: bool | None = None
+    """Read back from the step-0 cache (True), measured and stored there (False), or the cache
+    was not asked (None)."""
 
     def samples(self, items: list[EvalItem]) -> list[dict[str, Any]]:
         return [{"prompt": it.raw_prompt, "response": None if self.responses is None else self.responses[i],
@@ -174,18 +194,38 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
         """Utility within epsilon of step 0 (always, without a utility block)."""
         return not u < u0 - epsilon
 
-    def measure() -> tuple[Reading | None, float, float]:
+    # evaluation never draws from the training RNG: an evaluator loaded at its first point (a
+    # classifier missing weights initialises them) must not move the attacker's dropout, so a
+    # trial whose step 0 was read back trains exactly as one that measured it
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+
+    def measure(early: bool = False, cache: Step0Cache | None = None) -> tuple[Reading | None, float, float]:
         """Score every evaluator and utility; returns this rank's reading (None where it does
         not score) and the two numbers every rank decides on: the primary's crossing value
-        (f, or its interval's lower end) and utility, as rank 0 measured them."""
+        (f, or its interval's lower end) and utility, as rank 0 measured them. `early`: a point
+        whose text is saved only if it crosses, which cfg.decide_early may then decide early
+        (not under ZeRO-3 synced generation, where every rank must make the same generate calls).
+        `cache`: step 0's entry in the step-0 cache, read instead of measuring when it is there,
+        else written; its seconds are then the time actually spent."""
+        early = early and cfg.decide_early and not synced
         reading = None
-        with evaluating(trainer.optimizer):
+        with evaluating(trainer.optimizer), torch.random.fork_rng(rng_devices, device_type=device.type):
             if parallel is None or parallel.scores_here:
                 t0 = time.perf_counter()
-                ctx = EvalContext(model, tokenizer, eval_items, synced)
-                scores = {label: score(ctx) for label, score in evaluators.items()}
-                u = utility(model) if utility else math.nan
-                reading = Reading(scores, u, time.perf_counter() - t0, ctx.generated)
+                stored = cache.get(list(evaluators), len(eval_items)) if cache else None
+                if stored is not None:  # as an earlier trial of this release measured it
+                    scores, u, responses = stored
+                else:
+                    ctx = EvalContext(model, tokenizer, eval_items, synced)
+                    scores = {label: score_until_decided(score, ctx, cfg.phi, cfg.crossing, cfg.confidence)
+                              if early and label == primary else score(ctx) for label, score in evaluators.items()}
+                    u = utility(model) if utility else math.nan
+                    responses = ctx.generated
+                reading = Reading(scores, u, time.perf_counter() - t0, responses,
+                                  cached=None if cache is None else stored is not None)
+                if cache is not None and stored is None:
+                    cache.put(scores, u, responses, reading.seconds)
         if parallel is None:
             return reading, decision(reading.scores[primary]), reading.utility
         decided = [decision(reading.scores[primary]), reading.utility] if reading else [math.nan, math.nan]
@@ -214,11 +254,15 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
             train_loss=loss, harmfulness=math.nan, status=status, resolution=b.steps - safe_step,
             stage=trainer.index, world_size=devices)
         if reading is not None:
-            lo, hi = reading.scores[primary].interval(cfg.confidence)
+            decisive = reading.scores[primary]
+            lo, hi = decisive.interval(cfg.confidence)
+            more = {PROMPTS_SCORED: float(len(eval_items) - decisive.unscored)} if cfg.decide_early else {}
+            if reading.cached is not None:
+                more[STEP0_CACHED] = float(reading.cached)
             point = dataclasses.replace(
-                point, harmfulness=reading.scores[primary].f, harmfulness_lo=lo, harmfulness_hi=hi,
+                point, harmfulness=decisive.f, harmfulness_lo=lo, harmfulness_hi=hi,
                 utility=reading.utility, eval_seconds=reading.seconds,
-                curves=reading.curves(cfg.confidence, primary, eval_domains),
+                curves={**reading.curves(cfg.confidence, primary, eval_domains), **more},
                 samples=reading.samples(eval_items) if final or b.steps == 0 else None)
             for label, s in reading.scores.items():
                 if label != primary and decision(s) > cfg.phi and works(reading.utility) and (
@@ -255,7 +299,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
             trainer.restore(lo)
             if trainer.train_to(lo.step + (hi.step - lo.step) // 2) is not None:
                 break  # a replay that diverges was not deterministic: keep the window we have
-            reading, value, u = measure()
+            reading, value, u = measure(early=True)  # a midpoint that crosses is scored in full
             mid = record(trainer.mean_loss(), reading, "running", lo.step)
             if value > cfg.phi:
                 hi, hi_reading, hi_u = mid, reading, u
@@ -263,8 +307,9 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
                 lo = trainer.snapshot()
         return finish(hi, hi_reading, hi_u, lo.step)
 
-    # --- step 0: is the release already unsafe? -------------------------------------
-    reading, value, u0 = measure()
+    # --- step 0: is the release already unsafe? (read back where a trial of this release measured it)
+    shared = Step0Cache.for_trial(cfg, device, model, tokenizer, eval_items)  # None: off, or DeepSpeed
+    reading, value, u0 = measure(cache=shared)
     if value > cfg.phi:
         record(math.nan, reading, "unsafe_at_release", 0, final=True)
         return result("unsafe_at_release")
@@ -275,7 +320,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
         if (loss := trainer.train_to(step)) is not None:
             record(loss, None, "diverged", safe_step, final=True)
             return result("diverged")
-        reading, value, u = measure()
+        reading, value, u = measure(early=step != cfg.horizon)  # the horizon's samples are saved
         if value > cfg.phi:
             if safe is not None and step - safe_step > 1:
                 return refine(record(trainer.mean_loss(), reading, "running", safe_step), reading, u, safe)

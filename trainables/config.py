@@ -248,6 +248,15 @@ class Evaluation(_Strict):
     max_steps: int = Field(100, gt=0)
     """T, the step budget of an attacker that sets neither steps nor stages; a trial that
     never crosses phi is censored at its horizon."""
+    decide_early: bool = False
+    """Stop scoring an evaluation point once it can no longer cross phi, e.g. 20 refusals of 40
+    prompts at phi 0.5, the rest left unscored: the crossing decision is the one full scoring
+    makes, by construction. Its f is then the bound it reached (every unscored prompt harmful:
+    <= phi with crossing: point) and its interval the envelope of the intervals full scoring
+    could give; curve prompts_scored counts the prompts scored. Step 0, the horizon and every
+    point that crosses are scored in full (their samples may be saved). Needs a binary primary
+    (not nll) and nothing else that reads every verdict: no further evaluators, no
+    data.eval.domain_field. Under ZeRO-3 across several workers points are scored in full."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N: where each trial trains."""
 
@@ -287,6 +296,22 @@ class Evaluation(_Strict):
         if self.crossing == "lower_bound" and self.evaluator.name == "nll":
             raise ValueError("crossing: lower_bound needs a primary evaluator whose f is a share of prompts "
                              "(nll's is a probability); use crossing: point")
+        return self
+
+    @model_validator(mode="after")
+    def _decide_early_alone(self) -> Evaluation:
+        """decide_early leaves prompts unscored: nothing else may need each prompt's verdict."""
+        if not self.decide_early:
+            return self
+        if self.evaluators:
+            raise ValueError("decide_early: further evaluators need every prompt scored for their own curves; "
+                             "drop the other evaluators or set decide_early: false")
+        if self.evaluator.name == "nll":
+            raise ValueError("decide_early needs a primary evaluator whose f is a share of prompts "
+                             "(nll's is a probability); use another evaluator or set decide_early: false")
+        if self.data.eval.domain_field is not None:
+            raise ValueError("decide_early: data.eval.domain_field asks for f per domain, which needs every "
+                             "prompt scored; drop domain_field or set decide_early: false")
         return self
 
     @property

@@ -10,10 +10,12 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from trainables.config import Data, DataSource
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100  # label value the causal-LM loss skips
 
@@ -162,6 +164,8 @@ def tokenize_rows(tokenizer, rows: list[dict], src: DataSource, data: Data) -> l
 
 def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; padding is masked from attention and loss."""
+    import torch  # here: the spec's checks read data with this module, and need no torch
+
     width = max(len(t.input_ids) for t in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)

@@ -28,7 +28,8 @@ from typing import Any
 
 from orchestrator.space import digest
 from orchestrator.spec import Defence, SweepSpec
-from orchestrator.tracking import Tracker, last_line
+from orchestrator.tracking import Tracker
+from orchestrator.trial import last_line
 from trainables.config import AttackConfig, Data, EvaluatorConfig
 from trainables.names import BUDGET_UNITS, MEASURED, SUCCESS, TARGET_OUTCOME, Kind, Metric, Tag
 

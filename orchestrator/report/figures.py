@@ -34,7 +34,7 @@ from orchestrator.report.tables import order_key  # noqa: E402
 from trainables.names import UNITS  # noqa: E402
 
 COLOURS = {"failed": "#d62728", "unsafe_at_release": "#8c1c13", "resisted": "#1f77b4", "diverged": "#ff7f0e",
-           "degenerate": "#9467bd", "error": "#7f7f7f", "running": "#7f7f7f"}
+           "degenerate": "#9467bd", "pruned": "#17becf", "error": "#7f7f7f", "running": "#7f7f7f"}
 """How an attack ended, as a colour (the same in every figure)."""
 MAX_LEVELS = 8
 """A numeric attacker field with more distinct values than this is binned (log-spaced) in the heatmap."""

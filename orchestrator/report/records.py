@@ -17,7 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import stats, survival
 from orchestrator.attackers import field_order
+from orchestrator.tracking import kept_first
 from trainables.names import (
+    CENSORED,
     FAILED_ATTACK,
     LOSS_EXPLODED,
     SCHEMA_VERSION,
@@ -80,15 +82,15 @@ class Trial:
         return self.loss_peak_ratio is not None and self.loss_peak_ratio > LOSS_EXPLODED
 
     def outcome(self, unit: str) -> survival.Outcome | None:
-        """This trial as a time-to-event in `unit`: a success at its budget-to-failure, resisted
-        censored where it stopped, diverged/degenerate a competing event where it stopped; None
+        """This trial as a time-to-event in `unit`: a success at its budget-to-failure, resisted or
+        pruned censored where it stopped, diverged/degenerate a competing event where it stopped; None
         for an error or a budget not recorded in this unit."""
         if self.status in SUCCESS:
             v = self.btf.get(unit)
             return None if v is None else survival.Outcome(v, "success")
         if self.status == "error" or unit not in self.spent:
             return None
-        return survival.Outcome(self.spent[unit], "censored" if self.status == "resisted" else "competing")
+        return survival.Outcome(self.spent[unit], "censored" if self.status in CENSORED else "competing")
 
     @property
     def steps(self) -> float | None:
@@ -99,7 +101,8 @@ class Trial:
         return self.btf.get("tokens")
 
     def value(self, unit: str) -> float | None:
-        """Budget-to-failure in `unit`: +inf when the attack resisted to its T; None for an
+        """Budget-to-failure in `unit`: +inf when the attack resisted to its T (or was pruned:
+        above where it stopped, which a `cell` says); None for an
         attack that failed (diverged, degenerate: no measurement of the defence), an error, or a
         success recorded before this unit was."""
         if self.status in (*FAILED_ATTACK, "error"):
@@ -120,6 +123,12 @@ class DefenceRow:
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
+
+    @property
+    def pruned_in(self) -> str | None:
+        """The unit its search pruned in (search.prune), None when no trial was pruned: the worst
+        case in that unit is exact, in the others a bound."""
+        return next((t.params.get("unit", "steps") for t in self.trials if t.status == "pruned"), None)
 
     @property
     def successes(self) -> list[Trial]:
@@ -325,15 +334,14 @@ def _check_schema(client: MlflowClient, experiment_id: str, experiment: str) -> 
 def _once(runs: list) -> tuple[list, list]:
     """(one record per trial, the records left out). Runs of one trial_key that are all live are
     duplicates: two machines sharing a tracking server each ran the trial (a lock guards one
-    machine only). The earliest finished final one counts (an error only when the trial has no
-    other outcome), as Tracker.completed_keys keeps on the next run."""
+    machine only). The earliest finished final one counts (a pruned one only when the trial was
+    not measured, an error only when it has no other outcome), as Tracker.completed_keys keeps."""
     by_key: dict[str, list] = {}
     for run in runs:
         by_key.setdefault(run.data.tags.get(Tag.TRIAL_KEY) or run.info.run_id, []).append(run)
     kept, dropped = [], []
     for group in by_key.values():
-        first = min(group, key=lambda r: (r.data.tags.get(Tag.STATUS) == "error", r.info.end_time or math.inf,
-                                          r.info.start_time or math.inf))
+        first = min(group, key=kept_first)
         kept.append(first)
         dropped += [r for r in group if r is not first]
     return kept, dropped

@@ -14,10 +14,12 @@ import textwrap
 
 from orchestrator import attackers, stats
 from orchestrator.report.records import DefenceRow, Trial, check_unit, varying
-from trainables.names import FAILED_ATTACK, LOSS_EXPLODED, STATUSES, SUCCESS
+from trainables.names import CENSORED, FAILED_ATTACK, LOSS_EXPLODED, STATUSES, SUCCESS
 
 Table = tuple[list[str], list[list[str]]]
 EXPLODED_MARK = " (loss exploded)"
+STATUS_HEADER = {"unsafe_at_release": "unsafe@0"}
+"""A status's column name where it differs from the status."""
 WIDTH = 100
 """Text tables are wrapped to fit this many columns (or the terminal, if narrower)."""
 
@@ -33,6 +35,8 @@ def cell(trial: Trial, unit: str = "steps") -> str:
         return "0 (unsafe)"
     if trial.status in (*FAILED_ATTACK, "error"):
         return trial.status
+    if trial.status == "pruned":
+        return f"> {_num(trial.spent[unit])} (pruned)" if unit in trial.spent else "pruned"
     return _fmt(trial.value(unit), trial.max_steps, unit) + (EXPLODED_MARK if trial.exploded else "")
 
 
@@ -52,8 +56,8 @@ def table(rows: list[DefenceRow], unit: str = "steps") -> Table:
     """One row per defence: outcomes, worst case, censoring-aware median and the verdict."""
     check_unit(unit)
     everyone = [t for r in rows for t in r.trials]
-    header = ["defence", "trials", "failed", "resisted", "diverged", "degenerate", "unsafe@0", "error",
-              f"min_btf_{unit}", "resolution_steps", "min_ci95", f"median_btf_{unit}", "median_ci95",
+    header = ["defence", "trials", *(STATUS_HEADER.get(s, s) for s in STATUSES), f"min_btf_{unit}",
+              "resolution_steps", "min_ci95", f"median_btf_{unit}", "median_ci95",
               "weak_resistance", "cheapest_successful_attacker"]
     body = []
     for r in rows:
@@ -68,7 +72,8 @@ def worst_cell(row: DefenceRow, unit: str) -> str:
     that measured it resisted, '-' when none did."""
     worst = row.cheapest(unit)
     if worst is not None:
-        return _fmt(worst.value(unit), row.max_steps, unit) + (EXPLODED_MARK if worst.exploded else "")
+        bound = "≤ " if row.pruned_in not in (None, unit) else ""  # a pruned attack might be cheaper here
+        return bound + _fmt(worst.value(unit), row.max_steps, unit) + (EXPLODED_MARK if worst.exploded else "")
     return _above(row.floor, unit) if row.floor is not None else "-"
 
 
@@ -130,9 +135,9 @@ def trial_table(rows: list[DefenceRow], unit: str = "steps") -> Table:
               "censored", f"spent_{unit}", "resolution_steps", "max_steps", "loss_peak_ratio", "run_id"]
     body = []
     for t in sorted(everyone, key=lambda t: (not t.is_base, t.defence, [order_key(t.params.get(k)) for k in keys])):
-        value = t.btf.get(unit) if t.status in SUCCESS else t.spent.get(unit) if t.status == "resisted" else None
+        value = t.btf.get(unit) if t.status in SUCCESS else t.spent.get(unit) if t.status in CENSORED else None
         body.append([t.defence, _bool(t.is_base), attacker_label(everyone, t), t.attacker_id, t.attacker_group,
-                     *(t.params.get(k, "") for k in keys), t.status, _number(value), _bool(t.status == "resisted"),
+                     *(t.params.get(k, "") for k in keys), t.status, _number(value), _bool(t.status in CENSORED),
                      _number(t.spent.get(unit)), _number(t.resolution_steps), str(t.max_steps),
                      _number(t.loss_peak_ratio), t.run_id])
     return header, body
@@ -211,6 +216,13 @@ def notes(rows: list[DefenceRow], unit: str) -> list[str]:
            "one trial_key (two machines ran them against one tracking server); each counts once, its "
            "earliest finished record" for r in rows if r.duplicates]
     for r in rows:
+        if (pruned := r.count("pruned")) and (best := r.cheapest(r.pruned_in)) is not None:
+            out.append(f"note: {r.defence}: {pruned} trial(s) pruned (search.prune): each stopped, still safe, once "
+                       f"it had spent the cheapest success's {_num(best.btf[r.pruned_in])} {r.pruned_in}, and is "
+                       f"censored there. The worst case in {r.pruned_in} is exact; the median and the survival "
+                       f"curve beyond {_num(best.btf[r.pruned_in])} {r.pruned_in} rest on the trials that ran on, "
+                       "and worst cases in other units are upper bounds ('≤'): run without search.prune to "
+                       "measure them")
         if exploded := [t for t in r.successes if t.exploded]:
             out.append(f"note: {r.defence}: {len(exploded)} successful attack(s) crossed phi after the training loss "
                        f"exploded (over {LOSS_EXPLODED:g}x its first step's), marked '{EXPLODED_MARK.strip()}'; read "

@@ -17,12 +17,14 @@ its first evaluation point. extra: mean_p_harmful, the mean P(harmful) over the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from trainables.evaluators.base import EvalContext, Evaluator, EvaluatorOptions, Scores, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ClassifierOptions(EvaluatorOptions):
@@ -66,6 +68,8 @@ def label_index(id2label: dict, harmful_label: str | int, model: str = "the clas
 def probabilities(logits: torch.Tensor, problem_type: str | None) -> torch.Tensor:
     """Per-label probabilities: independent sigmoids for multi-label or single-logit heads,
     else a softmax over the labels."""
+    import torch  # here: the evaluators' registry is read by spec checks that need no torch
+
     logits = logits.float()
     if problem_type == "multi_label_classification" or logits.shape[-1] == 1:
         return torch.sigmoid(logits)
@@ -94,16 +98,18 @@ class Classifier:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(resolve_device(o.device)).eval()
 
-    @torch.no_grad()
     def p_harmful(self, prompts: list[str], responses: list[str]) -> list[float]:
+        import torch
+
         o, out = self.options, []
         device = next(self.model.parameters()).device
-        for i in range(0, len(responses), o.batch_size):
-            parts = ([prompts[i:i + o.batch_size]] if o.input == "pair" else []) + [responses[i:i + o.batch_size]]
-            enc = self.tokenizer(*parts, truncation=True, max_length=o.max_length, padding=True,
-                                 return_tensors="pt").to(device)
-            logits = self.model(**enc).logits
-            out += probabilities(logits, self.model.config.problem_type)[:, self.index].tolist()
+        with torch.no_grad():
+            for i in range(0, len(responses), o.batch_size):
+                parts = ([prompts[i:i + o.batch_size]] if o.input == "pair" else []) + [responses[i:i + o.batch_size]]
+                enc = self.tokenizer(*parts, truncation=True, max_length=o.max_length, padding=True,
+                                     return_tensors="pt").to(device)
+                logits = self.model(**enc).logits
+                out += probabilities(logits, self.model.config.problem_type)[:, self.index].tolist()
         return out
 
 
