@@ -1,4 +1,5 @@
-"""python bench/adversary.py [--seeds 3] [--trials 16] [--smoke] [--world toy|smollm2]
+"""python bench/adversary.py [--seeds 3] [--trials 16] [--smoke] [--world toy|smollm2] [--arms grid,tpe,...]
+                           [--max-steps T]
 
 How much attacker compute each adversary spends before it finds a defence's worst case, and in
 all, on the demo's toy world (base and rescaled) or, with --world smollm2, the SmolLM2 example
@@ -71,10 +72,12 @@ def spaces(trials: int, world: str) -> dict[str, tuple[dict, dict]]:
             "tpe+prune": ({**tpe, "prune": True}, sampled)}
 
 
-def run_one(algorithm: str, seed: int, trials: int, uri: str, storage: str, world: str) -> str:
+def run_one(algorithm: str, seed: int, trials: int, uri: str, storage: str, world: str,
+            max_steps: int | None) -> str:
     search, space = spaces(trials, world)[algorithm]
     name = f"bench-{algorithm.replace('+', '-')}-{seed}"
-    sets = [f"name={name}", f"search={search | {'seed': seed, 'max_concurrent': 1}}", "conditions=null"]
+    sets = [f"name={name}", f"search={search | {'seed': seed, 'max_concurrent': 1}}", "conditions=null",
+            *([f"max_steps={max_steps}"] if max_steps else [])]
     if world == "smollm2":  # the example's space, its searched dimensions as `space` says
         spec = S.load(SMOLLM2, [*sets, *(f"space.{k}={v}" for k, v in space.items())])
     else:
@@ -114,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=16, help="trials per defence for random/tpe")
     ap.add_argument("--smoke", action="store_true", help="1 seed, 6 trials")
     ap.add_argument("--world", choices=["toy", "smollm2"], default="toy")
+    ap.add_argument("--arms", default="grid,random,tpe,tpe+prune", help="adversaries to run (grid always runs)")
+    ap.add_argument("--max-steps", type=int, default=None, help="T of every attacker (default: the spec's)")
     args = ap.parse_args(argv)
+    arms = ["grid", *(a for a in ("random", "tpe", "tpe+prune") if a in args.arms.split(","))]
     seeds, trials = (1, 6) if args.smoke else (args.seeds, args.trials)
     if args.world == "smollm2":
         os.environ.setdefault("SMOLLM2_WORLD", str(Path.home() / ".cache" / "attack-sweep" / "smollm2-v3"))
@@ -125,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
              logging_level="ERROR")
     work = Path(tempfile.mkdtemp(prefix="bench-adversary-"))
     uri, storage = f"sqlite:///{work}/mlflow.db", str(work / "ray")
-    runs: dict[str, list[dict]] = {"grid": [], "random": [], "tpe": [], "tpe+prune": []}
+    runs: dict[str, list[dict]] = {a: [] for a in arms}
     start = time.perf_counter()
     for algorithm in runs:
         for seed in ([0] if algorithm == "grid" else range(seeds)):
             t0 = time.perf_counter()
-            runs[algorithm].append(trajectory(uri, run_one(algorithm, seed, trials, uri, storage, args.world)))
+            runs[algorithm].append(trajectory(uri, run_one(algorithm, seed, trials, uri, storage, args.world,
+                                                           args.max_steps)))
             print(f"{algorithm} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     defences = sorted(runs["grid"][0])
     targets = {d: min(b for rs in runs.values() for r in rs for _, b in r[d]) for d in defences}
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
           "<= 0.1x the grid's where pruning can reach it\n")
     print("| defence | tpe+prune total / tpe total | tpe+prune until found / grid |")
     print("|---|---:|---:|")
-    for d in defences:
+    for d in defences if {"tpe", "tpe+prune"} <= set(arms) else []:
         (_, tpe_total), (p_spent, p_total) = medians[d, "tpe"], medians[d, "tpe+prune"]
         grid_spent = medians[d, "grid"][0]
         print(f"| {d} | {p_total / tpe_total:.2f} ({'met' if p_total / tpe_total <= 0.6 else 'not met'}) | "

@@ -392,6 +392,10 @@ def _fit(spec: SweepSpec, searches: list[DefenceSearch], tracker: Tracker, addre
     # Tune's own Ctrl-C handler ends fit() quietly, and the sweep would go on to the
     # conditions; without it the KeyboardInterrupt reaches run(), which closes the records.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # Tune's own per-trial result.json / progress.csv / TensorBoard writers: MLflow holds every
+    # result already, and on 2 cores the driver's writes cost two concurrent trials about an
+    # eighth of their wall time at T=400 (bench/concurrency.py). =0 brings them back.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import ray
     from ray import tune
 

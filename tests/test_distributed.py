@@ -89,7 +89,8 @@ def test_single_process_deepspeed_needs_no_launcher_variables(world, stage, fine
     assert set(got["world_size"]) == {1}
 
 
-def test_two_cpu_workers_agree_with_one_process(world, ray_local, tmp_path):
+def test_two_cpu_workers_agree_with_one_process(world, ray_local, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")  # Tune's result.json: what rank 0 reported
     space = {"dataset_size": 32, "learning_rate": 1e-4, "batch_size": 8}
     raw = sweep_dict(world, "two-workers", defences=("base",), max_steps=20, eval_every=2,
                      space=space, resources={"cpu": 0.5, "workers": 2})

@@ -22,9 +22,9 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
-from orchestrator import report, sweep
+from orchestrator import report, sweep, tracking
 from orchestrator import spec as S
-from orchestrator.tracking import Patient, Tracker
+from orchestrator.tracking import Patient, Tracker, seed_sqlite
 from trainables.names import SCHEMA_VERSION
 
 T = 30
@@ -73,7 +73,7 @@ def running_trial(client: MlflowClient, experiment: str, past_step: int) -> str 
     return None
 
 
-def test_a_trial_whose_process_is_killed_is_rerun_and_recorded_once(world, ray_local, tmp_path):
+def test_a_trial_whose_process_is_killed_is_rerun_and_recorded_once(world, ray_local, tmp_path, monkeypatch):
     """SIGKILL of the Ray worker running a trial, mid-trial: Tune reruns the trial; the dead
     attempt's run is kept superseded and KILLED, and the trial has one finished run, whose
     curve holds each evaluation once (nothing of the dead attempt)."""
@@ -93,6 +93,8 @@ def test_a_trial_whose_process_is_killed_is_rerun_and_recorded_once(world, ray_l
                 return
             time.sleep(0.1)
 
+    seed_sqlite(uri)  # the store exists before two threads open it (neither migrates it then)
+    monkeypatch.setattr(tracking, "FLUSH_S", 0.0)  # each evaluation in MLflow at once: seen mid-trial
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     lines: list[str] = []

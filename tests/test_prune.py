@@ -102,13 +102,13 @@ def test_pruned_trials_stop_safe_at_the_best_budget_and_are_recorded_once(pruned
         assert "budget_to_failure_steps" not in m
         assert all(p.value <= 0.5 for p in client.get_metric_history(r.info.run_id, "harmfulness"))
     assert sum("-> pruned at step" in ln for ln in lines) == len(pruned)
-    # the step-0 reading is measured once per defence and read back by its later trials (the
-    # tracker records the flag as a curve)
+    # the step-0 reading is measured once per defence (or by an earlier test of the session) and
+    # read back by its later trials (the tracker records the flag as a curve)
     for defence in ("base", "rescaled"):
         flags = [client.get_metric_history(r.info.run_id, "step0_cached") for r in runs
                  if r.data.tags["defence"] == defence]
         assert all(len(f) == 1 and f[0].step == 0 for f in flags)
-        assert {f[0].value for f in flags} == {0.0, 1.0}
+        assert {f[0].value for f in flags} <= {0.0, 1.0} and 1.0 in {f[0].value for f in flags}
     for row in rows.values():
         assert row.count("pruned") >= 1 and row.pruned_in == "steps"
 

@@ -198,3 +198,47 @@ def test_the_printed_link_is_the_saved_view_in_model_training_mode(capsys):
     _mlflow_link("sqlite:///mlflow.db", "7")
     assert capsys.readouterr().out == (f"trial runs in MLflow: http://127.0.0.1:5000/{view} "
                                        "(once `mlflow ui --backend-store-uri sqlite:///mlflow.db` runs)\n")
+
+
+def test_a_new_sqlite_store_starts_as_a_copy_of_one_migrated_once(tmp_path, monkeypatch):
+    """New stores are copied from an empty one MLflow migrated (cached per MLflow version); each
+    is then MLflow's own: its experiments, runs and artifact root are separate, and an existing
+    store is never replaced."""
+    monkeypatch.setenv("ATTACK_SWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    ids = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        t = tracking.Tracker(f"sqlite:///{tmp_path / name / 'mlflow.db'}", f"sweep-{name}", "digest", {"x": 1})
+        t.client.log_text(t.parent_id, name, "note.txt")
+        ids[name] = t.parent_id
+    (template,) = (tmp_path / "cache" / "mlflow-stores").glob("empty-*.db")
+    for name, other in (("a", "b"), ("b", "a")):
+        client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        assert {e.name for e in client.search_experiments()} == {"Default", f"sweep-{name}"}
+        assert client.download_artifacts(ids[name], "note.txt", str(tmp_path)) and \
+            (tmp_path / "note.txt").read_text() == name
+        with pytest.raises(Exception):  # noqa: B017 - MLflow's own error for an unknown run
+            client.get_run(ids[other])
+    before = (tmp_path / "a" / "mlflow.db").read_bytes()
+    tracking.seed_sqlite(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    assert (tmp_path / "a" / "mlflow.db").read_bytes() == before and template.stat().st_size > 0
+
+
+def test_buffered_evaluations_reach_mlflow_together_when_due_and_at_close(tmp_path, monkeypatch):
+    """The sweep's recorder buffers each trial's evaluations: one log_batch per FLUSH_S, and
+    nothing left behind when a run ends or the sweep closes."""
+    monkeypatch.setattr(tracking, "FLUSH_S", 3600.0)
+    t = tracking.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "buffered", "digest", {"x": 1})
+    run = t.start_trial("k", "base", True, "a", {})
+    for step in (0, 5, 10):
+        t.log_point(run, {"step": step, "harmfulness": step / 10, "status": "running"}, buffered=True)
+    t.flush(due=True)
+    history = lambda: [(m.step, m.value) for m in t.client.get_metric_history(run, "harmfulness")]  # noqa: E731
+    assert history() == []                                   # not due yet
+    monkeypatch.setattr(tracking, "FLUSH_S", 0.0)
+    t.flush(due=True)
+    assert sorted(history()) == [(0, 0.0), (5, 0.5), (10, 1.0)]
+    t.log_point(run, {"step": 15, "harmfulness": 0.2, "status": "running"}, buffered=True)
+    t.close()
+    assert sorted(history())[-1] == (15, 0.2) and len(history()) == 4
