@@ -180,11 +180,12 @@ class Patient:
             return out
 
 
-FLUSH_S = 2.0
+FLUSH_S = float(os.environ.get("ATTACK_SWEEP_FLUSH_S", "2"))
 """How long a trial's evaluations may wait in the driver before they are sent to MLflow together:
 one log_batch per trial every FLUSH_S, not one per evaluation (on sqlite each costs the driver
 ~15 ms, which two concurrent trials on 2 cores pay out of their own CPU time). Sent at once when
-the trial ends, is rerun or the sweep closes."""
+the trial ends, is rerun or the sweep closes. ATTACK_SWEEP_FLUSH_S sets it (0: every evaluation
+at once)."""
 
 
 def is_curve(key: str) -> bool:

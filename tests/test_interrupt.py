@@ -34,7 +34,7 @@ def test_ctrl_c_then_rerun_loses_and_duplicates_nothing(world, tmp_path):
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--tracking-uri", uri,
            "--storage-path", str(tmp_path / "ray"), "--out", str(tmp_path / "report")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "ATTACK_SWEEP_FLUSH_S": "0"})
     client = MlflowClient(uri)
     try:
         deadline = time.time() + 240

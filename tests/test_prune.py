@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import report, sweep
 from orchestrator.adversary import Progress
-from orchestrator.report import tables
+from orchestrator.report import figures, tables
 from orchestrator.searchers import FixedTrials, SideBySide
 
 
@@ -78,12 +78,15 @@ def pruned_sweep(world, ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prune")
     uri = f"sqlite:///{tmp}/mlflow.db"
     space = {"learning_rate": {"grid": [3e-3, 1e-4, 3e-4]}, "dataset_size": 32}
-    pruned = e2e_spec(world, "prune", space=space, search={"algorithm": "grid", "prune": True, "max_concurrent": 2})
+    # half a CPU each: two trials at once even where an earlier test's dead worker left a CPU reserved
+    half = {"cpu": 0.5}
+    pruned = e2e_spec(world, "prune", space=space, resources=half,
+                      search={"algorithm": "grid", "prune": True, "max_concurrent": 2})
     lines: list[str] = []
     sweep.run(pruned, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lines.append)
     first = {r.info.run_id: r for r in trial_runs(uri, "prune")}
     rows_pruned = {r.defence: r for r in report.load(uri, "prune")}
-    full = e2e_spec(world, "prune", space=space, search={"algorithm": "grid", "max_concurrent": 2})
+    full = e2e_spec(world, "prune", space=space, resources=half, search={"algorithm": "grid", "max_concurrent": 2})
     sweep.run(full, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lines.append)
     return uri, first, rows_pruned, {r.defence: r for r in report.load(uri, "prune")}, lines
 
@@ -147,6 +150,11 @@ def test_the_report_says_what_pruning_leaves_as_bounds(pruned_sweep, tmp_path):
     assert not any(tables.worst_cell(r, "steps").startswith("≤") for r in rows)
     cells = [tables.cell(t) for r in rows for t in r.trials if t.status == "pruned"]
     assert cells and all(c.startswith("> ") and c.endswith("(pruned)") for c in cells)
+    # the heatmap: a cell of pruned attacks only is unbroken up to where they stopped, not up to T
+    t = next(t for r in rows for t in r.trials if t.status == "pruned")
+    xs = figures._levels([t], "learning_rate")
+    assert figures._cell([t], "learning_rate", xs, 0, None, None, None, None, None, "steps") == \
+        (math.inf, f"> {t.spent['steps']:g}")
     # survival: a pruned trial is censored where it stopped, never an event
     for r in rows:
         assert all(t.outcome("steps").kind == "censored" for t in r.trials if t.status == "pruned")

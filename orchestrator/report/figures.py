@@ -31,7 +31,7 @@ from orchestrator.conditions.records import Records  # noqa: E402
 from orchestrator.report.conditions import trainability_unit  # noqa: E402
 from orchestrator.report.records import DefenceRow, Trial, varying  # noqa: E402
 from orchestrator.report.tables import order_key  # noqa: E402
-from trainables.names import UNITS  # noqa: E402
+from trainables.names import CENSORED, UNITS  # noqa: E402
 
 COLOURS = {"failed": "#d62728", "unsafe_at_release": "#8c1c13", "resisted": "#1f77b4", "diverged": "#ff7f0e",
            "degenerate": "#9467bd", "pruned": "#17becf", "error": "#7f7f7f", "running": "#7f7f7f"}
@@ -206,7 +206,8 @@ def heatmap(rows: list[DefenceRow], unit: str) -> tuple[Figure, str] | None:
             bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
             bar.minorticks_off()
     return fig, (f"Each cell: the cheapest successful attack ({unit}) among the trials with those attacker "
-                 "fields (other fields and seeds pooled); '> T' hatched: every such attack resisted up to T; "
+                 "fields (other fields and seeds pooled); '> T' hatched: every such attack resisted up to T (or, "
+                 "pruned, up to where it stopped); "
                  "'diverged'/'degenerate': the attacks there only failed; blank: no such attacker."
                  + (" Numeric fields with many values are binned." if _binned(xs, ys) else ""))
 
@@ -337,8 +338,9 @@ def _cell(trials, x, xs, xi, y, ys, yi, facet, mode, unit) -> tuple[float | None
     if not values:
         return None, "/".join(sorted({t.status for t in here}))
     best = min(values)
-    if math.isinf(best):
-        return best, f"> {max(t.max_steps for t in here)}" if unit == "steps" else "> T"
+    if math.isinf(best):  # every attack there resisted to its T or was pruned: unbroken up to where it stopped
+        stopped = [t.spent.get("steps", t.max_steps) for t in here if t.status in CENSORED]
+        return best, f"> {min(stopped):g}" if unit == "steps" and stopped else "> T"
     return best, f"{best:.3g}"
 
 
