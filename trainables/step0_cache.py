@@ -43,6 +43,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainables.cache import cache_root
+
 if TYPE_CHECKING:
     import torch
 
@@ -66,9 +68,8 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    """$ATTACK_SWEEP_CACHE/step0, else ~/.cache/attack-sweep/step0 (the rule of
-    orchestrator.toyworld.cache_root, which trainables may not import)."""
-    return Path(os.environ.get("ATTACK_SWEEP_CACHE") or Path.home() / ".cache" / "attack-sweep") / "step0"
+    """$ATTACK_SWEEP_CACHE/step0, else ~/.cache/attack-sweep/step0."""
+    return cache_root() / "step0"
 
 
 def why_not(cfg: AttackConfig) -> str | None:
