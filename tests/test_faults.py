@@ -382,14 +382,17 @@ def test_a_trial_recorded_twice_counts_once_in_the_report(tmp_path):
 def test_a_killed_driver_leaves_no_process_of_its_ray_behind(world, tmp_path):
     """`attack-sweep run` SIGKILLed while its local Ray runs a trial: within 30 s no process the
     run started (raylet, GCS, agents, trial workers) is left, and the sweep's lock is free."""
-    raw = resisting(world, "killed-driver", [1e-5, 2e-5], max_steps=200, eval_every=10)
+    # T long enough that a fast machine is still mid-trial when the test looks (it is killed there),
+    # and each evaluation sent to MLflow at once rather than in FLUSH_S batches
+    raw = resisting(world, "killed-driver", [1e-5, 2e-5], max_steps=2000, eval_every=10)
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(raw))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     log = (tmp_path / "driver.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--tracking-uri", uri,
                              "--storage-path", str(tmp_path / "ray"), "--out", str(tmp_path / "report")],
-                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "ATTACK_SWEEP_FLUSH_S": "0"})
     driver = psutil.Process(proc.pid)
     try:
         client, deadline = MlflowClient(uri), time.time() + 180
