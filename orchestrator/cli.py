@@ -68,6 +68,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  whole sweep: at most {n * t_max} steps, {n * t_max * max_batch} examples")
     for line in _conditions_lines(sp):
         print(f"  {line}")
+    if sp.conditioning:
+        c = sp.conditioning
+        what = f"the Hessian in {', '.join(c.parameters)}" if c.parameters else f"a {c.head} head on the final features"
+        print(f"  diagnostics: κ and RIR at release ({what}; {c.size} rows of {sp.data.attack.source} and of "
+              f"{sp.benign_answers.source}), by `attack-sweep diagnose` and after the attacks")
+    if sp.g_effect:
+        print(f"  diagnostics: G-effect of each attack's gradient at every evaluation point ({sp.g_effect.size} rows "
+              "per probe set)")
     for note in notes:
         print(f"  note: {note}")
     return 0
@@ -109,6 +117,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     _mlflow_link(args.tracking_uri, experiment_id)
     _open(args.out, sp.name)
     return rc
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Each defence's conditioning at release, recorded beside the sweep's trials, without attacking."""
+    from orchestrator import sweep
+    from orchestrator.conditions import records
+    from orchestrator.preflight import check_address, check_tracking
+    from orchestrator.report import diagnostics, load, render_text, wrap
+
+    check_tracking(args.tracking_uri)
+    check_address(args.address)
+    sp = _load(args)
+    if sp.conditioning is None:
+        print("conditioning: not in the spec, measured with its defaults (add conditioning: {...} to set them)")
+        sp = _load(args, [("conditioning", {})])
+    sweep.diagnose(sp, tracking_uri=args.tracking_uri, address=args.address)
+    found = records.load(args.tracking_uri, sp.name, curves=False).diagnostic
+    try:
+        rows = load(args.tracking_uri, sp.name, curves=False)
+    except LookupError:
+        rows = []
+    unit = args.unit or sp.search.unit
+    table = diagnostics.conditioning_table(rows, found, unit)
+    print(f"\n{wrap(diagnostics.CONDITIONING_LEGEND)}\n{render_text(*table)}")
+    if missing := [d.name for d in sp.defences if d.name not in found]:
+        print(f"error: no diagnostic of {', '.join(missing)}: its run ended in error (MLflow tag 'error' holds why); "
+              "rerun the same command to retry", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _mlflow_link(tracking_uri: str, experiment_id: str) -> None:
@@ -188,11 +225,11 @@ def _overrides(p: argparse.ArgumentParser) -> None:
                         "the Ray workers can see the models)")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, more: list[tuple[str, object]] | None = None):
     from orchestrator import spec as S
 
     pairs = [pair for path in getattr(args, "overlay", []) for pair in S.overlay(path)]
-    return S.load(args.spec, [*pairs, *args.set])
+    return S.load(args.spec, [*pairs, *args.set, *(more or [])])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -231,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 (default: local)")
         r.add_argument("--storage-path", help="Tune trial state (default .attack-sweep/ray_results)")
         r.set_defaults(fn=fn)
+
+    dg = sub.add_parser("diagnose", help="each defence's conditioning at release (κ, RIR), recorded in MLflow")
+    common(dg, True)
+    dg.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 (default: local)")
+    dg.set_defaults(fn=cmd_diagnose)
 
     rep = sub.add_parser("report", help="budget-to-failure report from MLflow")
     rep.add_argument("--experiment", required=True, help="sweep name")

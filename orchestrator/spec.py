@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.conditions.config import Conditions
 from orchestrator.space import SAMPLED, AttackerSpace, attackers
+from trainables.conditioning import Conditioning
 from trainables.config import Checkpoint, DataSource, DeepSpeed, Evaluation, EvaluatorConfig
 from trainables.names import Unit
 
@@ -132,6 +133,11 @@ class SweepSpec(Evaluation):
     conditions: Conditions | None = None
     """The immunisation conditions measured beside resistance: stability, trainability,
     generalisation (orchestrator/conditions); null: resistance only."""
+    conditioning: Conditioning | None = None
+    """The condition-number diagnostic of every defence at release (trainables/conditioning.py): κ of
+    the harmful task's (data.attack) and the benign task's (utility.data, else data.benign) Hessian in
+    a linear head on the frozen features, and RIR against the base. Measured by `attack-sweep
+    diagnose` and after the attacks by `run`; null: not measured."""
 
     @field_validator("defences")
     @classmethod
@@ -190,6 +196,10 @@ class SweepSpec(Evaluation):
             if self.search.num_samples != 1:
                 raise ValueError("search.num_samples must be 1 with search.algorithm=grid "
                                  "(add a seed dimension to repeat attackers)")
+        if self.g_effect is not None and self.distributed is not None:
+            raise ValueError("g_effect: the probe takes whole gradients in one process, which DeepSpeed / "
+                             "multi-worker trials do not have; set g_effect: null or resources.workers: 1 "
+                             "without deepspeed")
         if self.refine and self.distributed is not None:
             raise ValueError("refine needs snapshots of the training state, which DeepSpeed / multi-worker "
                              "trials do not take; set refine: 0")
@@ -226,6 +236,18 @@ class SweepSpec(Evaluation):
             if not [d for d in declared if not next(x for x in self.defences if x.name == d).base]:
                 raise ValueError("conditions.generalisation: no defence declares immunised_on (the harm domains "
                                  "its defender trained on); add immunised_on: [DOMAIN, ...] to a defence")
+        return self
+
+    @model_validator(mode="after")
+    def _conditioning_has_tasks(self) -> SweepSpec:
+        if self.conditioning is None:
+            return self
+        if self.benign_answers is None:
+            raise ValueError("conditioning: the benign task needs benign prompts with answers: set utility.data "
+                             "or data.benign (with a response_field)")
+        if self.data.attack.response_field is None:
+            raise ValueError("conditioning: the harmful task needs data.attack.response_field (the responses "
+                             "the head's features are read at)")
         return self
 
     @property

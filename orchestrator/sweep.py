@@ -56,7 +56,7 @@ from orchestrator.spec import DEFAULT_TRACKING_URI, Defence, SweepSpec, safe_nam
 from orchestrator.tracking import Tracker, callback, say
 from orchestrator.trial import DEFENCE, SAFE, WORKER_RETRIES, attack_config, attacker_of, run_trial
 from trainables.config import Evaluation, EvaluatorConfig
-from trainables.names import BUDGET_UNITS, SUCCESS, TERMINAL, Metric, Tag
+from trainables.names import BUDGET_UNITS, SUCCESS, TERMINAL, Kind, Metric, Tag
 
 # Fields added after the first records were written: at their defaults they stay out of every
 # digest, so trial keys, search keys and sweep runs recorded before them stay valid (setting
@@ -78,6 +78,8 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     ("defences", "*", "defender_data"): None,
     ("decide_early",): False,
     ("search", "prune"): False,
+    ("g_effect",): None,
+    ("conditioning",): None,
 }
 
 
@@ -117,7 +119,8 @@ def search_key(spec: SweepSpec) -> str:
     compute cap, other concurrency or other conditions (judged after the search) continues the
     same search."""
     dump = spec.model_dump(mode="json", exclude={
-        "resources": True, "conditions": True, "search": {"num_samples", "max_compute", "max_concurrent", "prune"},
+        "resources": True, "conditions": True, "conditioning": True,
+        "search": {"num_samples", "max_compute", "max_concurrent", "prune"},
         "defences": {"__all__": {"immunised_on", "defender_data"}}})
     return digest(stable(dump))[:16]
 
@@ -153,12 +156,27 @@ def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str 
         return _run(spec, tracking_uri, address, storage_path, echo)
 
 
-def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: str | None,
-         echo: Callable[[str], None]) -> str:
+def diagnose(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str | None = None,
+             echo: Callable[[str], None] = say) -> str:
+    """Measure each defence's conditioning diagnostic (spec.conditioning) that is not yet recorded,
+    under the sweep's run and lock, without attacking; returns the MLflow experiment id."""
+    from orchestrator.conditions import jobs
+
+    with sweep_lock(spec.name, tracking_uri):
+        tracker = _tracker(spec, tracking_uri, echo)
+        interrupted = True
+        try:
+            jobs.run(spec, tracker, echo, lambda: start_ray(address), kinds=(Kind.DIAGNOSTIC,))
+            interrupted = False
+        finally:
+            tracker.close(interrupted=interrupted)
+        return tracker.experiment_id
+
+
+def _tracker(spec: SweepSpec, tracking_uri: str, echo: Callable[[str], None]) -> Tracker:
+    """The sweep's records: its parent run (found again by the spec's digest), spec and provenance."""
     s = spec.search
     per_defence = s.num_samples if spec.adaptive else len(spec.attackers())
-    display = Display([d.name for d in spec.defences], per_defence, s.unit, echo, title=spec.name)
-    echo = display.echo  # in a terminal, lines print above the live display
     tracker = Tracker(tracking_uri, spec.name, spec_digest(spec), {
         "defences": ",".join(d.name for d in spec.defences), **rule_params(spec), "max_steps": spec.max_steps,
         "search": s.algorithm, "unit": s.unit, "num_trials": per_defence * len(spec.defences)}, echo=echo)
@@ -166,6 +184,16 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
         tracker.record_sweep(spec.model_dump(mode="json"), provenance.gather(), s.unit, varying_fields(spec))
     except Exception as err:  # noqa: BLE001 - provenance is worth a line, not the sweep
         echo(f"note: the spec and provenance were not recorded on the sweep run ({type(err).__name__}: {err})")
+    return tracker
+
+
+def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: str | None,
+         echo: Callable[[str], None]) -> str:
+    s = spec.search
+    per_defence = s.num_samples if spec.adaptive else len(spec.attackers())
+    display = Display([d.name for d in spec.defences], per_defence, s.unit, echo, title=spec.name)
+    echo = display.echo  # in a terminal, lines print above the live display
+    tracker = _tracker(spec, tracking_uri, echo)
     done = tracker.completed_keys(pruned_done=s.prune)
     cap = f", at most {s.max_compute:g} {s.unit} each" if s.max_compute else ""
     echo(f"sweep {spec.name!r}: {len(spec.defences)} defences x {per_defence} attackers "
@@ -181,7 +209,7 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
             raise KeyboardInterrupt
         if searches:
             _fit(spec, searches, tracker, address, storage_path, echo, display)
-        if spec.conditions:
+        if spec.conditions or spec.conditioning:
             from orchestrator.conditions import jobs
 
             jobs.run(spec, tracker, echo, lambda: start_ray(address))

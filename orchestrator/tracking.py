@@ -79,6 +79,7 @@ from trainables.names import (
     CROSSING,
     CURVE,
     EXPERIMENT_KIND,
+    G_EFFECT_SECONDS,
     PROMPTS_SCORED,
     PROVENANCE,
     SCHEMA_VERSION,
@@ -190,7 +191,7 @@ at once)."""
 
 def is_curve(key: str) -> bool:
     """A result key recorded by step: an EvalPoint curve, or a per-evaluator one (metric.label)."""
-    return key in (*CURVE, Metric.TASK_SCORE, PROMPTS_SCORED, STEP0_CACHED) or (
+    return key in (*CURVE, Metric.TASK_SCORE, PROMPTS_SCORED, STEP0_CACHED, G_EFFECT_SECONDS) or (
         "." in key and not key.startswith(CROSSING + "."))
 
 
@@ -376,10 +377,12 @@ class Tracker:
         self.client.log_batch(run.info.run_id, params=_params(params))
         return run.info.run_id
 
-    def finish_run(self, run_id: str, status: str, metrics: dict[str, float], error: str | None = None) -> None:
-        """Close a condition's run with its status (error: with its last line) and final metrics."""
+    def finish_run(self, run_id: str, status: str, metrics: dict[str, float], error: str | None = None,
+                   tags: dict[str, str] | None = None) -> None:
+        """Close a condition's run with its status (error: with its last line), final metrics and tags."""
         now = int(time.time() * 1000)
-        tags = [RunTag(Tag.STATUS, status)] + ([RunTag(Tag.ERROR, error[-5000:])] if error else [])
+        tags = [RunTag(Tag.STATUS, status)] + ([RunTag(Tag.ERROR, error[-5000:])] if error else []) + \
+            [RunTag(k, v) for k, v in (tags or {}).items()]
         self.client.log_batch(run_id, metrics=[entities.Metric(k, float(v), now, 0) for k, v in metrics.items()
                                                if math.isfinite(float(v))], tags=tags)
         self.client.set_terminated(run_id, "FAILED" if status == "error" else "FINISHED")

@@ -36,6 +36,10 @@ the final one); so early decisions fall on safe points between and on refinement
 Step 0 reads the release, whatever the attacker trains: the trials against one checkpoint share
 that reading through the step-0 cache (step0_cache.py; ATTACK_SWEEP_STEP0_CACHE=0 turns it off),
 and the step-0 point then carries curve step0_cached (1 read back, 0 measured and stored).
+With cfg.g_effect every evaluation point also carries the G-effect (g_effect.py): how a plain
+gradient step on the current stage's attack rows moves the loss of held-out benign and harmful
+answers, per layer block. It reads the attacker's data, so step 0 measures it even when its
+reading comes from the step-0 cache; it never changes the run.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from trainables.checkpoint import (
 from trainables.config import AttackConfig
 from trainables.evaluators import EvalContext, EvalItem, Scores, make_evaluator
 from trainables.evaluators.base import score_until_decided
+from trainables.g_effect import GEffectProbe
 from trainables.names import (
     BUDGET_UNITS,
     PROMPTS_SCORED,
@@ -106,6 +111,8 @@ class Reading:
     cached: bool | None = None
     """Read back from the step-0 cache (True), measured and stored there (False), or the cache
     was not asked (None)."""
+    g_effect: dict[str, float] = field(default_factory=dict)
+    """The G-effect curves (g_effect.GEffectProbe.measure); empty without cfg.g_effect."""
 
     def samples(self, items: list[EvalItem]) -> list[dict[str, Any]]:
         return [{"prompt": it.raw_prompt, "response": None if self.responses is None else self.responses[i],
@@ -177,6 +184,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     evaluators = {e.key: make_evaluator(e.name, e.options) for e in cfg.all_evaluators}
     primary = cfg.evaluator.key
     utility = make_utility(cfg.utility, tokenizer, cfg.data, synced) if cfg.utility else None
+    probe = GEffectProbe.for_trial(cfg, model, tokenizer, eval_rows)  # None: g_effect off
     epsilon = cfg.utility.epsilon if cfg.utility else math.inf
 
     trainer = Trainer(model, atk, stages, streams, flops_per_token(n_matmul, n_lora), device, devices,
@@ -226,6 +234,8 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
                                   cached=None if cache is None else stored is not None)
                 if cache is not None and stored is None:
                     cache.put(scores, u, responses, reading.seconds)
+                if probe is not None:  # on the attacker's own rows: never read from the step-0 cache
+                    reading.g_effect = probe.measure(streams[trainer.index].items)
         if parallel is None:
             return reading, decision(reading.scores[primary]), reading.utility
         decided = [decision(reading.scores[primary]), reading.utility] if reading else [math.nan, math.nan]
@@ -262,7 +272,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
             point = dataclasses.replace(
                 point, harmfulness=decisive.f, harmfulness_lo=lo, harmfulness_hi=hi,
                 utility=reading.utility, eval_seconds=reading.seconds,
-                curves={**reading.curves(cfg.confidence, primary, eval_domains), **more},
+                curves={**reading.curves(cfg.confidence, primary, eval_domains), **more, **reading.g_effect},
                 samples=reading.samples(eval_items) if final or b.steps == 0 else None)
             for label, s in reading.scores.items():
                 if label != primary and decision(s) > cfg.phi and works(reading.utility) and (

@@ -214,6 +214,20 @@ class Utility(_Strict):
     """Prompts scored together."""
 
 
+class GEffect(_Strict):
+    """The G-effect (Wang et al. 2025) at every evaluation point (trainables/g_effect.py): how a
+    plain gradient step on the attack loss moves the loss of held-out benign answers and of
+    compliant answers to the held-out harmful prompts, per layer block. A diagnostic: it never
+    changes the run, and costs one forward and backward pass per probe set per point."""
+
+    size: int = Field(16, gt=0)
+    """Rows in each probe set, the first `size` of: the data the attacker draws for the point's
+    stage (at a stage's end, the stage ending), whose gradient is the update direction; the held-out
+    benign answers (utility.data, else data.benign); and the held-out harmful prompts f is scored
+    on, with their compliant responses (data.eval.response_field; without one only the benign risk
+    is measured). Each set runs as one batch."""
+
+
 class Evaluation(_Strict):
     """What a trial scores and when it stops: declared once, shared by the sweep spec and
     the trial's AttackConfig."""
@@ -259,6 +273,10 @@ class Evaluation(_Strict):
     data.eval.domain_field. Under ZeRO-3 across several workers points are scored in full."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N: where each trial trains."""
+    g_effect: GEffect | None = None
+    """Measure the G-effect of the attack's gradient on the benign and the harmful risk, by layer
+    block, at every evaluation point (curves g_effect_<risk>.<block>); null: off. Needs held-out
+    benign answers (utility.data or data.benign); not under DeepSpeed."""
 
     @model_validator(mode="before")
     @classmethod
@@ -314,6 +332,21 @@ class Evaluation(_Strict):
                              "prompt scored; drop domain_field or set decide_early: false")
         return self
 
+    @model_validator(mode="after")
+    def _g_effect_has_benign_answers(self) -> Evaluation:
+        if self.g_effect is not None and self.benign_answers is None:
+            raise ValueError("g_effect: the benign risk needs held-out benign answers: set utility.data "
+                             "or data.benign (with a response_field)")
+        return self
+
+    @property
+    def benign_answers(self) -> DataSource | None:
+        """Benign prompts with reference answers, held out where possible: utility.data, else
+        data.benign (the first with a response_field; None if neither has answers)."""
+        found = [s for s in (self.utility.data if self.utility else None, self.data.benign)
+                 if s is not None and s.response_field]
+        return found[0] if found else None
+
     @property
     def all_evaluators(self) -> list[EvaluatorConfig]:
         """The primary first, then the others."""
@@ -368,6 +401,9 @@ class AttackConfig(Evaluation):
         if self.deepspeed is not None and len(self.stages) > 1:
             raise ValueError("attacker.stages: multi-stage attacks run in one process only; "
                              "drop deepspeed or use a single stage")
+        if self.deepspeed is not None and self.g_effect is not None:
+            raise ValueError("g_effect: the probe takes whole gradients in one process, which DeepSpeed "
+                             "trials do not have; set g_effect: null or drop deepspeed")
         return self
 
     @model_validator(mode="after")

@@ -54,6 +54,24 @@ STEP0_CACHED = "step0_cached"
 (trainables/step0_cache.py): 1 read back from an earlier trial of the same release, 0 measured
 here and stored. Absent where the cache is off (ATTACK_SWEEP_STEP0_CACHE=0, DeepSpeed, an
 evaluator it cannot reproduce)."""
+G_EFFECT_RISKS: tuple[str, ...] = ("benign", "harmful")
+"""The risks a trial with g_effect measures the G-effect on (trainables/g_effect.py): the loss of
+held-out benign answers, and of compliant answers to the held-out harmful prompts."""
+G_TOTAL = "total"
+"""The block name of the G-effect summed over every trainable parameter."""
+G_EFFECT_SECONDS = "g_effect_seconds"
+"""Curve of a trial with g_effect: seconds its G-effect took at each point (outside the budget,
+like evaluation)."""
+
+
+def g_effect(risk: str, block: str) -> str:
+    """Curve of a trial with g_effect: g_effect_<risk>.<block>, the G-effect (Wang et al. 2025) of
+    the attack's gradient on risk `risk` restricted to one layer block (or G_TOTAL): -grad R . grad L,
+    the first-order change of R per unit learning rate of a plain gradient step on the attack loss
+    (> 0: the step raises that risk)."""
+    return f"g_effect_{risk}.{block}"
+
+
 CROSSING = "crossing"
 """Prefix of the final point's per-evaluator first crossings: crossing.<label>.<budget field>."""
 
@@ -99,6 +117,10 @@ class Kind:
     BENIGN = "benign"
     """A benign fine-tune of a defence on a task new to it: the trainability condition (budget to
     reach the task's target, and the task's curve)."""
+    DIAGNOSTIC = "diagnostic"
+    """A defence's checkpoint diagnosed at release (orchestrator/diagnose.py): the extreme
+    eigenvalues and condition number of the harmful and the benign task's Hessian in a linear head
+    on its frozen features, and the immunisation ratio RIR against the base."""
 
 
 class Tag:
@@ -124,6 +146,10 @@ class Tag:
     PARENT = "mlflow.parentRunId"
     NOTE = "mlflow.note.content"
     """MLflow's run description (Markdown), shown on the run page."""
+    VERDICT = "verdict"
+    """Diagnostic run: verdict.<task> is ok / singular / indefinite / zero / unconverged (why there
+    is no κ), why.<task> the sentence that says so."""
+    WHY = "why"
     CONDITIONS = "conditions"
     """Sweep run: the spec's conditions block and each defence's immunised_on, as JSON (what the
     report's verdicts are judged by)."""
@@ -154,6 +180,17 @@ class Metric:
     def btt(unit: str) -> str:
         """Benign run: the budget at which the task's target was first reached, in `unit`."""
         return f"budget_to_target_{unit}"
+
+    CONDITIONING: tuple[str, ...] = ("kappa", "kappa_low", "kappa_high", "lambda_max", "lambda_min",
+                                     "lambda_max_error", "lambda_min_error", "matvecs", "rows", "dim", "seconds")
+    """Diagnostic run, per task (harmful, benign): κ (or the lower bound it exceeds, where λmin is not
+    resolved), the interval the ends' errors allow it, the two extreme eigenvalues and their error
+    bounds, Hessian-vector products spent, feature rows, Hessian dimension, seconds."""
+
+    @staticmethod
+    def conditioning(quantity: str, task: str) -> str:
+        """Diagnostic run: `quantity` (one of CONDITIONING) of `task`'s Hessian, <quantity>.<task>."""
+        return f"{quantity}.{task}"
 
     @staticmethod
     def spent(unit: str) -> str:

@@ -56,6 +56,8 @@ FORMAT = 1
 """Layout of a cache file; a file of another layout is a miss."""
 SCHEDULE_FIELDS = frozenset({"eval_every", "eval_schedule", "refine", "max_steps"})
 """Evaluation fields that only place later points: never part of the key."""
+BESIDE_READING = frozenset({"g_effect"})
+"""Evaluation fields measured beside the reading (the G-effect probe), never part of it."""
 UNREAD_DATA = frozenset({"attack", "benign"})
 """data splits the step-0 reading never reads (they are trained on)."""
 WRAP_FIELDS = ("finetune", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
@@ -163,8 +165,8 @@ def payload(cfg: AttackConfig, device: torch.device, model, tokenizer, eval_item
 
     ck = cfg.checkpoint
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    evaluation = cfg.model_dump(mode="json", exclude={*SCHEDULE_FIELDS, "device", "checkpoint", "attacker",
-                                                      "deepspeed", "data", "evaluator", "evaluators"})
+    evaluation = cfg.model_dump(mode="json", exclude={*SCHEDULE_FIELDS, *BESIDE_READING, "device", "checkpoint",
+                                                      "attacker", "deepspeed", "data", "evaluator", "evaluators"})
     evaluation["data"] = cfg.data.model_dump(mode="json", exclude=set(UNREAD_DATA))
     evaluation["evaluators"] = [  # options with their defaults: one reading however they are spelt
         {**e.model_dump(mode="json"), "options": validate_options(e.name, e.options).model_dump(mode="json")}

@@ -59,6 +59,12 @@ def _cpu_copy(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+def supervised_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """What each step minimises: the mean next-token loss over the batch's supervised tokens (the
+    responses and their end token; data.collate sets every other label to IGNORE)."""
+    return model(**{k: v.to(device) for k, v in batch.items()}).loss
+
+
 class Trainer:
     """Trains `model` through `stages`, batch i of stage s being streams[s][i]."""
 
@@ -119,8 +125,7 @@ class Trainer:
                 self._note(loss)
             return loss
 
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        loss = self.model(**batch).loss
+        loss = supervised_loss(self.model, batch, self.device)
         if not torch.isfinite(loss):
             return float(loss.item())
         loss.backward()

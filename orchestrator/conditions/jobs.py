@@ -1,6 +1,7 @@
-"""The conditions' own runs, after the attacks: each defence (the base included) measured at
-release (stability) and fine-tuned on a benign task (trainability), as Ray tasks, recorded in
-MLflow as runs of kind `release` and `benign` under the sweep run.
+"""The runs beside the attacks: each defence (the base included) measured at release (stability),
+fine-tuned on a benign task (trainability), and diagnosed (its conditioning: κ of the harmful and
+the benign task's Hessian, trainables/conditioning.py), as Ray tasks, recorded in MLflow as runs of
+kind `release`, `benign` and `diagnostic` under the sweep run.
 
     from orchestrator.conditions import jobs
     jobs.run(spec, tracker, echo)      # Ray already initialised by the sweep
@@ -30,6 +31,7 @@ from orchestrator.space import digest
 from orchestrator.spec import Defence, SweepSpec
 from orchestrator.tracking import Tracker
 from orchestrator.trial import last_line
+from trainables.conditioning import TASKS
 from trainables.config import AttackConfig, Data, EvaluatorConfig
 from trainables.names import BUDGET_UNITS, MEASURED, SUCCESS, TARGET_OUTCOME, Kind, Metric, Tag
 
@@ -79,16 +81,30 @@ def release_config(spec: SweepSpec, defence: Defence) -> dict[str, Any]:
             "lm_eval": s.lm_eval.model_dump(mode="json") if s.lm_eval else None, "device": spec.device}
 
 
-def jobs(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every condition run the spec asks for: (kind, defence, key, payload)."""
+def diagnostic_config(spec: SweepSpec, defence: Defence) -> dict[str, Any]:
+    """What decides a defence's conditioning diagnostic (trainables/conditioning.py)."""
+    return {"checkpoint": defence.checkpoint(), "data": spec.data.model_dump(mode="json"),
+            "benign": spec.benign_answers.model_dump(mode="json"),
+            "conditioning": spec.conditioning.model_dump(mode="json"), "device": spec.device}
+
+
+KINDS = (Kind.RELEASE, Kind.BENIGN, Kind.DIAGNOSTIC)
+
+
+def jobs(spec: SweepSpec, kinds: tuple[str, ...] = KINDS) -> list[dict[str, Any]]:
+    """Every run beside the attacks the spec asks for, of `kinds`: (kind, defence, key, payload)."""
     c = spec.conditions
     out = []
     for d in spec.defences:
-        if c and c.stability:
+        if spec.conditioning and Kind.DIAGNOSTIC in kinds:
+            payload = diagnostic_config(spec, d)
+            out.append({"kind": Kind.DIAGNOSTIC, "defence": d, "payload": payload,
+                        "key": digest({"kind": Kind.DIAGNOSTIC, **payload})})
+        if c and c.stability and Kind.RELEASE in kinds:
             payload = release_config(spec, d)
             out.append({"kind": Kind.RELEASE, "defence": d, "payload": payload,
                         "key": digest({"kind": Kind.RELEASE, **payload})})
-        if c and c.trainability:
+        if c and c.trainability and Kind.BENIGN in kinds:
             cfg = benign_config(spec, d)
             out.append({"kind": Kind.BENIGN, "defence": d, "payload": cfg.model_dump(mode="json"),
                         "key": digest({"kind": Kind.BENIGN, **cfg.model_dump(mode="json")})})
@@ -102,6 +118,15 @@ def _measure(kind: str, payload: dict[str, Any], threads: int) -> dict[str, Any]
 
     torch.set_num_threads(threads)
     try:
+        if kind == Kind.DIAGNOSTIC:
+            from trainables import conditioning
+            from trainables.config import Checkpoint, DataSource
+
+            metrics, tags = conditioning.records(conditioning.measure(
+                Checkpoint.model_validate(payload["checkpoint"]), Data.model_validate(payload["data"]),
+                DataSource.model_validate(payload["benign"]),
+                conditioning.Conditioning.model_validate(payload["conditioning"]), payload["device"]))
+            return {"metrics": metrics, "tags": tags}
         if kind == Kind.RELEASE:
             from trainables.capability import LmEval
             from trainables.config import Checkpoint, Utility
@@ -122,17 +147,18 @@ def _measure(kind: str, payload: dict[str, Any], threads: int) -> dict[str, Any]
         return {"error": last_line(text) or type(err).__name__, "traceback": text[-20_000:]}
 
 
-def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ray: Callable[[], None]) -> None:
-    """Measure what is missing, one Ray task per run, as resources allow; record each as it ends.
-    `start_ray()` connects to Ray (only called when something is left to measure)."""
-    if not spec.conditions:
-        return
-    tracker.set_sweep_tag(Tag.CONDITIONS, json.dumps(settings(spec), sort_keys=True))
-    asked = jobs(spec)
+def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ray: Callable[[], None],
+        kinds: tuple[str, ...] = KINDS) -> None:
+    """Measure what is missing of `kinds`, one Ray task per run, as resources allow; record each as
+    it ends. `start_ray()` connects to Ray (only called when something is left to measure)."""
+    if spec.conditions:
+        tracker.set_sweep_tag(Tag.CONDITIONS, json.dumps(settings(spec), sort_keys=True))
+    asked = jobs(spec, kinds)
     done = {kind: tracker.completed_keys(kind) for kind in {j["kind"] for j in asked}}
     todo = [j for j in asked if j["key"] not in done[j["kind"]]]
     if asked and not todo:
-        echo("conditions: every release and benign run already recorded")
+        echo(f"conditions: every {' and '.join(k for k in KINDS if any(j['kind'] == k for j in asked))} run already "
+             "recorded")
     if not todo:
         return
     import ray
@@ -163,6 +189,11 @@ def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ra
 
 def _params(j: dict[str, Any]) -> dict[str, Any]:
     p = j["payload"]
+    if j["kind"] == Kind.DIAGNOSTIC:
+        c = p["conditioning"]
+        return {"head": c["head"], "parameters": ",".join(c["parameters"] or []) or None, "size": c["size"],
+                "rtol": c["rtol"], "harmful_task": p["data"]["attack"]["source"],
+                "benign_task": p["benign"]["source"]}
     if j["kind"] == Kind.RELEASE:
         out = {"utility_score": (p["utility"] or {}).get("score")}
         if p["lm_eval"]:
@@ -181,6 +212,11 @@ def _record(tracker: Tracker, j: dict[str, Any], run_id: str, out: dict[str, Any
         tracker.log_error(run_id, out["traceback"])
         tracker.finish_run(run_id, "error", {}, out["error"])
         return f"{name}: error: {out['error']} (rerun the sweep to retry it)"
+    if j["kind"] == Kind.DIAGNOSTIC:
+        tracker.finish_run(run_id, MEASURED, out["metrics"], tags=out["tags"])
+        return f"{name}: " + ", ".join(
+            f"κ {task} {out['metrics'][Metric.conditioning('kappa', task)]:.3g}" if out["tags"][f"{Tag.VERDICT}.{task}"]
+            == "ok" else f"{task} {out['tags'][f'{Tag.VERDICT}.{task}']}" for task in TASKS)
     if j["kind"] == Kind.RELEASE:
         tracker.finish_run(run_id, MEASURED, out["metrics"])
         return f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out["metrics"].items())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
 
-from trainables.names import CONDITION_STATUSES, UNITS, Kind, Metric, Tag
+from trainables.names import CONDITION_STATUSES, MEASURED, UNITS, Kind, Metric, Tag
 
 
 @dataclass
@@ -36,11 +36,30 @@ class Benign:
 
 
 @dataclass
+class Diagnostic:
+    """A defence's conditioning at release: per task (harmful, benign) the Metric.CONDITIONING
+    figures and the verdict (ok, or why there is no κ)."""
+
+    defence: str
+    figures: dict[str, dict[str, float]]
+    """task -> quantity -> value."""
+    verdict: dict[str, str]
+    why: dict[str, str]
+    params: dict[str, str]
+    """head, parameters, size, ...: what was measured."""
+
+    def kappa(self) -> dict[str, float]:
+        """κ per task where it is measured (verdict ok)."""
+        return {t: f["kappa"] for t, f in self.figures.items() if self.verdict.get(t) == "ok" and "kappa" in f}
+
+
+@dataclass
 class Records:
     settings: dict
     """{"conditions": the spec's block, "unit": ..., "immunised_on": {defence: [domain, ...]}}."""
     release: dict[str, Release] = field(default_factory=dict)
     benign: dict[str, Benign] = field(default_factory=dict)
+    diagnostic: dict[str, Diagnostic] = field(default_factory=dict)
 
     @property
     def asked(self) -> dict:
@@ -51,8 +70,8 @@ class Records:
 
 
 def load(tracking_uri: str, experiment: str, curves: bool = True) -> Records:
-    """The latest sweep run's settings and each defence's latest finished condition runs (empty
-    Records when the sweep asked for no condition)."""
+    """The latest sweep run's settings and each defence's latest finished condition and diagnostic
+    runs (empty Records when the sweep asked for neither)."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -60,9 +79,10 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> Records:
     sweeps = client.search_runs([exp.experiment_id], f"tags.{Tag.KIND} = '{Kind.SWEEP}'",
                                 order_by=["attributes.start_time DESC"], max_results=1000)
     tagged = [r for r in sweeps if Tag.CONDITIONS in r.data.tags]
+    out = Records(json.loads(tagged[0].data.tags[Tag.CONDITIONS]) if tagged else {})
+    out.diagnostic = diagnostics(client, exp.experiment_id)
     if not tagged:
-        return Records({})
-    out = Records(json.loads(tagged[0].data.tags[Tag.CONDITIONS]))
+        return out
     for kind in (Kind.RELEASE, Kind.BENIGN):
         runs = client.search_runs([exp.experiment_id], f"tags.{Tag.KIND} = '{kind}'",
                                   order_by=["attributes.start_time DESC"], max_results=50_000)
@@ -83,3 +103,27 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> Records:
                                      for p in client.get_metric_history(run.info.run_id, Metric.TASK_SCORE))
                 out.benign[defence] = b
     return out
+
+
+def diagnostics(client: MlflowClient, experiment_id: str) -> dict[str, Diagnostic]:
+    """Each defence's latest finished diagnostic run."""
+    out: dict[str, Diagnostic] = {}
+    runs = client.search_runs([experiment_id], f"tags.{Tag.KIND} = '{Kind.DIAGNOSTIC}'",
+                              order_by=["attributes.start_time DESC"], max_results=50_000)
+    for run in runs:
+        tags, defence = run.data.tags, run.data.tags.get(Tag.DEFENCE, "")
+        if Tag.SUPERSEDED in tags or tags.get(Tag.STATUS) != MEASURED or defence in out:
+            continue
+        figures: dict[str, dict[str, float]] = {}
+        for name, value in run.data.metrics.items():
+            quantity, _, task = name.partition(".")
+            if quantity in Metric.CONDITIONING and task:
+                figures.setdefault(task, {})[quantity] = value
+        out[defence] = Diagnostic(defence, figures, _by_task(tags, Tag.VERDICT), _by_task(tags, Tag.WHY),
+                                  dict(run.data.params))
+    return out
+
+
+def _by_task(tags: dict[str, str], name: str) -> dict[str, str]:
+    """Tags <name>.<task> as {task: value}."""
+    return {k.removeprefix(f"{name}."): v for k, v in tags.items() if k.startswith(f"{name}.")}

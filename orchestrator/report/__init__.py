@@ -17,6 +17,7 @@ the adversary's progress: the best budget-to-failure found so far against the co
     tables.py   the tables, as text (terminal, Markdown, HTML) and as numbers (CSV)
     figures.py  survival, harmfulness, heatmap, convergence and trainability figures (PNG)
     conditions.py the immunisation conditions as tables, and per defence at a glance (badges)
+    diagnostics.py the conditioning at release (κ, RIR) and the attacks' G-effect, as tables
     html.py     report.html, self-contained
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from orchestrator.conditions import verdicts as V
 from orchestrator.conditions.records import Records
 from orchestrator.report import conditions as C
+from orchestrator.report import diagnostics as G
 from orchestrator.report.records import DefenceRow, Progress, Trial, load
 from orchestrator.report.tables import (
     LEGEND,
@@ -55,8 +57,9 @@ __all__ = ["UNITS", "DefenceRow", "Progress", "Trial", "attacker_table", "csv_ta
 
 FILES = ("report.csv", "trials.csv", "evaluators.csv", "progress.csv", "survival.csv", "paired.csv", "report.md",
          "report.html")
-CONDITION_FILES = ("verdicts.csv", "transfer.csv")
-"""Written when the sweep asked for conditions."""
+CONDITION_FILES = ("verdicts.csv", "transfer.csv", "conditioning.csv")
+"""Written when the sweep asked for conditions (the verdicts, the transfer matrix) or measured its
+defences' conditioning (conditioning.csv)."""
 
 
 def files(out_dir: Path) -> list[Path]:
@@ -84,9 +87,11 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
         judged = V.judge(rows, conditions, unit)
         tables_out["verdicts.csv"] = C.verdict_csv(judged)
         tables_out["transfer.csv"] = C.transfer_csv(rows)
-    else:
-        for name in CONDITION_FILES:  # a folder reused for a sweep without conditions keeps no stale verdicts
-            (out_dir / name).unlink(missing_ok=True)
+    for name in CONDITION_FILES:  # a folder reused for a sweep without conditions keeps no stale verdicts
+        (out_dir / name).unlink(missing_ok=True)
+    diagnosed = conditions.diagnostic if conditions is not None else {}
+    if diagnosed:
+        tables_out["conditioning.csv"] = G.conditioning_csv(rows, diagnosed)
     tables_out["paired.csv"] = C.paired_csv(rows, unit)
     for name, (h, b) in tables_out.items():
         with open(out_dir / name, "w", newline="") as fh:
@@ -109,6 +114,12 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
             sections.append((f"Attack transfer against {defence}: mean f per held-out domain at each attack's end",
                              "Rows: the domain the attacker trained on; columns: the domain of the held-out "
                              "prompts. Not a verdict: it shows where attacks carry over.", tab, "heat"))
+    if diagnosed:
+        sections.append((f"Conditioning at release, beside the worst case ({unit})", G.CONDITIONING_LEGEND,
+                         G.conditioning_table(rows, diagnosed, unit)))
+    g_effect = G.g_effect_table(rows)
+    if g_effect[1]:
+        sections.append(("G-effect of the attacks' gradients, per defence", G.G_EFFECT_LEGEND, g_effect))
     paired = C.paired_table(rows, unit)
     if paired[1]:
         sections.append((f"Paired with the base ({unit}): each attacker against each defence and the base", "",

@@ -10,6 +10,8 @@ into MLflow as an artifact and into a paper, with no script or network needed to
     convergence  the adversary's best budget-to-failure against the compute it had spent, per defence
     trainability the benign fine-tune's task score against budget, a line per defence, the target and
                  each first reach marked (only when the sweep asked for the trainability condition)
+    g_effect     the total G-effect of each attack's gradient against step, on the benign and on the
+                 harmful risk, a line per attack coloured by defence (only for trials with g_effect)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from orchestrator.conditions.records import Records  # noqa: E402
 from orchestrator.report.conditions import trainability_unit  # noqa: E402
 from orchestrator.report.records import DefenceRow, Trial, varying  # noqa: E402
 from orchestrator.report.tables import order_key  # noqa: E402
-from trainables.names import CENSORED, UNITS  # noqa: E402
+from trainables.names import CENSORED, G_EFFECT_RISKS, UNITS  # noqa: E402
 
 COLOURS = {"failed": "#d62728", "unsafe_at_release": "#8c1c13", "resisted": "#1f77b4", "diverged": "#ff7f0e",
            "degenerate": "#9467bd", "pruned": "#17becf", "error": "#7f7f7f", "running": "#7f7f7f"}
@@ -66,6 +68,7 @@ def draw(rows: list[DefenceRow], unit: str, out_dir: Path, conditions: Records |
         ("heatmap", f"Worst case ({unit}) over attacker fields", lambda: heatmap(rows, unit)),
         ("convergence", f"The adversary's convergence ({unit})", lambda: convergence(rows, unit)),
     ]
+    makers.append(("g_effect", "G-effect of the attacks' gradients against step", lambda: g_effect(rows)))
     if conditions is not None and conditions.asked.get("trainability"):
         t_unit = trainability_unit(conditions, unit)
         makers.append((f"trainability-{t_unit}", "Trainability: the benign fine-tune against budget",
@@ -151,6 +154,37 @@ def harmfulness(rows: list[DefenceRow]) -> tuple[Figure, str] | None:
     return fig, ("Each line is one attack, stopped at its first crossing of φ (X) or at its horizon. Lines end "
                  "where the attack ended, so an average over attacks would fall as successes leave: read each "
                  "line on its own.")
+
+
+def g_effect(rows: list[DefenceRow]) -> tuple[Figure, str] | None:
+    risks = [k for k in G_EFFECT_RISKS if any(t.g_curves.get(k) for r in rows for t in r.trials)]
+    if not risks:
+        return None
+    fig, axes = plt.subplots(1, len(risks), figsize=(5.4 * len(risks), 3.8), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, risk in zip(axes[0], risks, strict=True):
+        values = []
+        for k, r in enumerate(rows):
+            label = f"{r.defence}{' (base)' if r.is_base else ''}"
+            for t in r.trials:
+                if curve := t.g_curves.get(risk):
+                    steps, g = zip(*curve, strict=True)
+                    ax.plot(steps, g, color=colours[k % len(colours)], lw=1.2, alpha=0.6, label=label)
+                    values += [abs(v) for v in g if math.isfinite(v) and v != 0]
+                    label = None
+        ax.axhline(0, color="black", lw=0.8)
+        if values:  # G spans orders of magnitude between defences (a rescaled model's gradients are c-fold smaller)
+            ax.set_yscale("symlog", linthresh=max(min(values), max(values) * 1e-6))
+        ax.set_title(f"{risk} risk: " + ("> 0 the step costs capability" if risk == "benign" else
+                                         "< 0 the step learns harmful answers"), fontsize=10)
+        ax.set_xlabel("attack step")
+        ax.set_ylabel("G-effect (-∇R·∇L)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig, ("One line per attack (a trial with g_effect), by defence: the first-order change of each risk per "
+                 "unit learning rate of a plain gradient step on the attack's data, at every evaluation point. "
+                 "Symmetric-log scale; the table below gives the medians and the layer block that carries it.")
 
 
 def heatmap(rows: list[DefenceRow], unit: str) -> tuple[Figure, str] | None:

@@ -21,6 +21,8 @@ from orchestrator.tracking import kept_first
 from trainables.names import (
     CENSORED,
     FAILED_ATTACK,
+    G_EFFECT_RISKS,
+    G_TOTAL,
     LOSS_EXPLODED,
     SCHEMA_VERSION,
     STATUSES,
@@ -30,6 +32,7 @@ from trainables.names import (
     Kind,
     Metric,
     Tag,
+    g_effect,
     per_domain,
 )
 
@@ -63,6 +66,10 @@ class Trial:
     run_id: str = ""
     curve: list[tuple[int, float]] = field(default_factory=list)
     """Harmfulness (primary evaluator) by step, refinement points included; loaded on request."""
+    g_effect: dict[str, dict[str, float]] = field(default_factory=dict)
+    """With g_effect: risk -> layer block (and names.G_TOTAL) -> the G-effect at its final point."""
+    g_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """With g_effect: risk -> the total G-effect by step; loaded with the curves."""
     by_domain: dict[str, float] = field(default_factory=dict)
     """At its final point (its crossing, or where it stopped): the primary f on the held-out prompts
     of each harm domain (data.eval.domain_field), where the eval split names domains."""
@@ -311,8 +318,14 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> list[Defenc
             evaluators=tuple((params.get("evaluators") or params.get("evaluator") or "").split(",")),
             by_domain={k.split(".", 1)[1]: v for k, v in metrics.items()
                        if k.startswith(per_domain("harmfulness", ""))})
+        for risk in G_EFFECT_RISKS:
+            prefix = g_effect(risk, "")
+            if found := {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}:
+                trial.g_effect[risk] = found
         if curves:
             trial.curve = sorted((p.step, p.value) for p in client.get_metric_history(run.info.run_id, "harmfulness"))
+            trial.g_curves = {risk: sorted((p.step, p.value) for p in client.get_metric_history(
+                run.info.run_id, g_effect(risk, G_TOTAL))) for risk in trial.g_effect}
         rows.setdefault(trial.defence, DefenceRow(trial.defence, trial.is_base)).trials.append(trial)
     return sorted(rows.values(), key=lambda r: (not r.is_base, r.defence))
 
