@@ -98,14 +98,16 @@ def extremes(hvp: Callable[[np.ndarray], np.ndarray], dim: int, rtol: float = 1e
         ends = [End(0.0, 0.0, 1, True), End(0.0, 0.0, 0, True)]
         return Extremes(ends[0], ends[1], dim, time.perf_counter() - t0)
     top = _end(hvp, dim, "LA", rtol, max_matvecs)
-    bottom = _end(hvp, dim, "SA", rtol, max_matvecs)
+    bottom = _end(hvp, dim, "SA", rtol, max_matvecs, scale=abs(top.value) if math.isfinite(top.value) else 1.0)
     scale = max(abs(top.value), abs(bottom.value))
     # an end at (near) zero is judged against the spectrum's scale: relative to itself it never converges
     top, bottom = (e if e.converged else _judged(e, rtol, scale) for e in (top, bottom))
     return Extremes(top, bottom, dim, time.perf_counter() - t0)
 
 
-def _end(hvp: Callable[[np.ndarray], np.ndarray], dim: int, which: str, rtol: float, max_matvecs: int) -> End:
+def _end(hvp: Callable[[np.ndarray], np.ndarray], dim: int, which: str, rtol: float, max_matvecs: int,
+         scale: float = 1.0) -> End:
+    """One end by ARPACK, else LOBPCG (whose tolerance is absolute: `scale` makes it relative)."""
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     count = 0
@@ -123,8 +125,12 @@ def _end(hvp: Callable[[np.ndarray], np.ndarray], dim: int, which: str, rtol: fl
                                 maxiter=max(1, max_matvecs // ncv))
     except ArpackNoConvergence as err:  # the budget ran out: keep what it had, if anything
         values, vectors = err.eigenvalues, err.eigenvectors
-    if len(values) == 0:  # ARPACK keeps no estimate: LOBPCG's, after as many products again
-        values, vectors = _lobpcg(counted, dim, which == "LA", start, rtol / 100, max_matvecs)
+    if len(values) == 0:  # ARPACK keeps no estimate: LOBPCG's, after as many products again, its
+        # tolerance (absolute) first against the spectrum's scale, then against the end it found
+        values, vectors = _lobpcg(counted, dim, which == "LA", start, rtol / 100 * scale, max_matvecs // 2)
+        if len(values) and math.isfinite(values[0]) and values[0] != 0:
+            values, vectors = _lobpcg(counted, dim, which == "LA", vectors[:, 0], rtol / 100 * abs(values[0]),
+                                      max_matvecs // 2)
     v = vectors[:, 0] / np.linalg.norm(vectors[:, 0])
     value = float(values[0])
     error = float(np.linalg.norm(counted(v) - value * v))

@@ -47,6 +47,7 @@ class Diagnostic:
     why: dict[str, str]
     params: dict[str, str]
     """head, parameters, size, ...: what was measured."""
+    is_base: bool = False
 
     def kappa(self) -> dict[str, float]:
         """κ per task where it is measured (verdict ok)."""
@@ -120,7 +121,7 @@ def diagnostics(client: MlflowClient, experiment_id: str) -> dict[str, Diagnosti
             if quantity in Metric.CONDITIONING and task:
                 figures.setdefault(task, {})[quantity] = value
         out[defence] = Diagnostic(defence, figures, _by_task(tags, Tag.VERDICT), _by_task(tags, Tag.WHY),
-                                  dict(run.data.params))
+                                  dict(run.data.params), tags.get(Tag.BASE) == "true")
     return out
 
 

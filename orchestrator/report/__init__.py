@@ -91,7 +91,7 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
         (out_dir / name).unlink(missing_ok=True)
     diagnosed = conditions.diagnostic if conditions is not None else {}
     if diagnosed:
-        tables_out["conditioning.csv"] = G.conditioning_csv(rows, diagnosed)
+        tables_out["conditioning.csv"] = G.conditioning_csv(diagnosed)
     tables_out["paired.csv"] = C.paired_csv(rows, unit)
     for name, (h, b) in tables_out.items():
         with open(out_dir / name, "w", newline="") as fh:

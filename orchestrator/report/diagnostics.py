@@ -53,8 +53,8 @@ def kappa_cell(d: Diagnostic | None, task: str) -> str:
 
 def conditioning_table(rows: list[DefenceRow], diagnostics: dict[str, Diagnostic], unit: str) -> Table:
     """One row per defence: κ per task, λmax against the base's, RIR, the worst case beside them."""
-    base = next((r.defence for r in rows if r.is_base), None) or next(
-        (d for d in diagnostics if d == "base"), None)
+    base = next((d.defence for d in diagnostics.values() if d.is_base), None) or next(
+        (r.defence for r in rows if r.is_base), None)
     ref = diagnostics.get(base) if base else None
     body = []
     names = [r.defence for r in rows] + sorted(set(diagnostics) - {r.defence for r in rows})
@@ -80,12 +80,11 @@ def conditioning_table(rows: list[DefenceRow], diagnostics: dict[str, Diagnostic
             f"worst case ({unit})", "note"], body
 
 
-def conditioning_csv(rows: list[DefenceRow], diagnostics: dict[str, Diagnostic]) -> Table:
+def conditioning_csv(diagnostics: dict[str, Diagnostic]) -> Table:
     """The same as numbers: every figure of every task, verdicts, RIR."""
     from trainables.names import Metric
 
-    base = next((r.defence for r in rows if r.is_base), "base")
-    ref = diagnostics.get(base)
+    ref = next((d for d in diagnostics.values() if d.is_base), None)
     header = ["defence", *(f"{q}_{t}" for t in TASKS for q in Metric.CONDITIONING), *(f"verdict_{t}" for t in TASKS),
               "rir"]
     body = []
