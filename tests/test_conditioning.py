@@ -176,6 +176,18 @@ def test_a_parameter_subset_of_the_model_matches_its_full_hessian_and_is_not_psd
         _model_loss(model, batch, ["nothing.*"])
 
 
+def test_a_hessian_too_large_for_lanczos_is_refused_in_one_line(world, monkeypatch):
+    import trainables.conditioning as C
+
+    model = load_model(Checkpoint(model=str(world / "base")), torch.device("cpu")).eval()
+    batch, _ = toy_batch(world, "attack.jsonl", 4)
+    monkeypatch.setattr(C, "MAX_DIM", 100)
+    with pytest.raises(ValueError, match=r"conditioning.parameters: 128 parameters match, more than 100"):
+        _model_loss(model, batch, ["model.norm.weight", "model.layers.1.post_attention_layernorm.*"])
+    with pytest.raises(ValueError, match="conditioning.head cross_entropy: .* lower conditioning.size"):
+        _head_loss(model, batch, "cross_entropy")
+
+
 def test_measure_on_the_toy_world_sees_the_rescaled_defence_as_the_base(world):
     """The rescaled defence divides the features by c = 30: every eigenvalue falls 900-fold, κ does
     not move, RIR is 1. What it does to an attacker (Adam's steps are ~lr whatever the weight's

@@ -46,6 +46,8 @@ from trainables.hessian import Extremes
 
 TASKS: tuple[str, ...] = ("harmful", "benign")
 Verdict = Literal["ok", "singular", "indefinite", "zero", "unconverged"]
+MAX_DIM = 20_000_000
+"""Largest Hessian measured: Lanczos keeps ~64 vectors of its dimension (float64), 10 GB here."""
 ZERO = 1e-10
 """An eigenvalue below ZERO x the spectrum's scale cannot be told from 0 by float64 products."""
 
@@ -149,6 +151,9 @@ def features(model, batch: dict) -> tuple[Any, Any]:
     import torch
 
     head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError("conditioning: the model has no output head (get_output_embeddings() is None) whose "
+                         "features could be read; use conditioning.parameters instead")
     seen = []
     hook = head.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
     try:
@@ -176,6 +181,9 @@ def _head_loss(model, batch: dict, head: str):
     if k < 2:
         raise ValueError("conditioning.head cross_entropy: the task's responses hold a single token; "
                          "use head: least_squares")
+    if (k - 1) * d > MAX_DIM:
+        raise ValueError(f"conditioning.head cross_entropy: {k} labels x {d} features is more than {MAX_DIM:,} "
+                         "parameters; lower conditioning.size or use head: least_squares")
     rows = model.get_output_embeddings().weight.detach()[labels].double()     # the model's own head
     # orthonormal basis of the sum-zero subspace of R^k: the directions that change probabilities
     basis = torch.linalg.qr(torch.eye(k, dtype=phi.dtype, device=phi.device) - 1.0 / k)[0][:, : k - 1]
@@ -201,6 +209,9 @@ def _model_loss(model, batch: dict, patterns: list[str]):
                          f"{next(iter(dict(model.named_parameters())))!r}")
     params = dict(model.named_parameters())
     shapes = [params[n].shape for n in names]
+    if (n := sum(params[name].numel() for name in names)) > MAX_DIM:
+        raise ValueError(f"conditioning.parameters: {n:,} parameters match, more than {MAX_DIM:,} (Lanczos keeps ~64 "
+                         "vectors that long); name fewer, e.g. one layer's")
     x0 = torch.cat([params[n].detach().reshape(-1) for n in names])
     sizes = [math.prod(s) for s in shapes]
     positions = int((batch["labels"][:, 1:] != -100).sum())

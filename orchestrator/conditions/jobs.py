@@ -154,10 +154,11 @@ def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ra
     if spec.conditions:
         tracker.set_sweep_tag(Tag.CONDITIONS, json.dumps(settings(spec), sort_keys=True))
     asked = jobs(spec, kinds)
+    head = "diagnostics" if all(j["kind"] == Kind.DIAGNOSTIC for j in asked) else "conditions"
     done = {kind: tracker.completed_keys(kind) for kind in {j["kind"] for j in asked}}
     todo = [j for j in asked if j["key"] not in done[j["kind"]]]
     if asked and not todo:
-        echo(f"conditions: every {' and '.join(k for k in KINDS if any(j['kind'] == k for j in asked))} run already "
+        echo(f"{head}: every {' and '.join(k for k in KINDS if any(j['kind'] == k for j in asked))} run already "
              "recorded")
     if not todo:
         return
@@ -168,7 +169,7 @@ def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ra
     start_ray()
     r = spec.resources
     task = ray.remote(_measure).options(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=WORKER_RETRIES)
-    echo(f"conditions: {len(todo)} runs ({', '.join(sorted({j['kind'] for j in todo}))}) on "
+    echo(f"{head}: {len(todo)} runs ({', '.join(sorted({j['kind'] for j in todo}))}) on "
          f"{len({j['defence'].name for j in todo})} defences")
     pending = {}
     for j in todo:
@@ -180,7 +181,7 @@ def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ra
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             j, run_id = pending.pop(ready[0])
-            echo(f"conditions: {_record(tracker, j, run_id, ray.get(ready[0]), spec.search.unit)}")
+            echo(f"{head}: {_record(tracker, j, run_id, ray.get(ready[0]), spec.search.unit)}")
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
