@@ -28,7 +28,8 @@ G_EFFECT_LEGEND = (
     "unit learning rate of a plain gradient step on the attack loss (> 0 raises R). Benign R: loss of held-out "
     "benign answers (the attack costs capability when > 0); harmful R: loss of compliant answers to held-out "
     "harmful prompts (the attack learns them when < 0). Medians over the defence's trials, at step 0 and at each "
-    "trial's last point; the block is the layer block carrying the largest share of the harmful G-effect there. "
+    "trial's last point; the block is the layer block carrying the largest share of the harmful G-effect there "
+    "(of the benign one where the eval split has no responses, so only the benign risk is measured). "
     "It uses the raw gradient, not Adam's step: it predicts SGD's effect, and only to first order.")
 
 
@@ -112,13 +113,14 @@ def g_effect_table(rows: list[DefenceRow]) -> Table:
             first = _median([t.g_curves[risk][0][1] for t in measured if t.g_curves.get(risk)])
             last = _median([t.g_effect.get(risk, {}).get(G_TOTAL) for t in measured])
             cells += [_g(first), _g(last)]
-        blocks = {b for t in measured for b in t.g_effect.get("harmful", {}) if b != G_TOTAL}
-        share = {b: _median([t.g_effect["harmful"].get(b) for t in measured if "harmful" in t.g_effect])
-                 for b in blocks}
+        # the block that carries the harmful G-effect (the benign one's where only it was measured)
+        risk = next(k for k in reversed(G_EFFECT_RISKS) if any(k in t.g_effect for t in measured))
+        blocks = {b for t in measured for b in t.g_effect.get(risk, {}) if b != G_TOTAL}
+        share = {b: _median([t.g_effect[risk].get(b) for t in measured if risk in t.g_effect]) for b in blocks}
         total = sum(abs(v) for v in share.values() if math.isfinite(v))
         top = max(share, key=lambda b: abs(share[b]) if math.isfinite(share[b]) else -1) if share else None
-        where = f"{top} ({abs(share[top]) / total:.0%})" if top and total > 0 else "-"
+        where = f"{risk}: {top} ({abs(share[top]) / total:.0%})" if top and total > 0 else "-"
         body.append([r.defence + (" (base)" if r.is_base and r.defence != "base" else ""), str(len(measured)),
                      *cells, where])
     return ["defence", "trials", "benign at step 0", "benign at the end", "harmful at step 0", "harmful at the end",
-            "block of the harmful G-effect at the end"], body
+            "block that carries it at the end"], body

@@ -165,16 +165,25 @@ def g_effect(rows: list[DefenceRow]) -> tuple[Figure, str] | None:
     for ax, risk in zip(axes[0], risks, strict=True):
         values = []
         for k, r in enumerate(rows):
-            label = f"{r.defence}{' (base)' if r.is_base else ''}"
+            label = f"{r.defence}{' (base)' if r.is_base and r.defence != 'base' else ''}"
             for t in r.trials:
                 if curve := t.g_curves.get(risk):
                     steps, g = zip(*curve, strict=True)
                     ax.plot(steps, g, color=colours[k % len(colours)], lw=1.2, alpha=0.6, label=label)
-                    values += [abs(v) for v in g if math.isfinite(v) and v != 0]
+                    values += [v for v in g if math.isfinite(v)]
                     label = None
         ax.axhline(0, color="black", lw=0.8)
-        if values:  # G spans orders of magnitude between defences (a rescaled model's gradients are c-fold smaller)
-            ax.set_yscale("symlog", linthresh=max(min(values), max(values) * 1e-6))
+        if magnitudes := [abs(v) for v in values if v != 0]:
+            # G spans orders of magnitude across defences and steps: linear within the smallest tenth of
+            # the magnitudes, logarithmic beyond, and only the signs that occur
+            near = float(np.percentile(magnitudes, 10))
+            ax.set_yscale("symlog", linthresh=near)
+            top, bottom = max(values), min(values)
+            ax.set_ylim(bottom * 1.5 if bottom < 0 else -near, top * 1.5 if top > 0 else near)
+            # ticks at 0 and whole decades clear of the linear band (its edges' labels would collide with 0)
+            lo, hi = math.floor(math.log10(near)) + 1, math.ceil(math.log10(max(magnitudes)))
+            decades = range(lo, hi + 1, max(1, math.ceil((hi - lo + 1) / 5)))
+            ax.set_yticks([0.0, *(10.0**k for k in decades if top > 0), *(-(10.0**k) for k in decades if bottom < 0)])
         ax.set_title(f"{risk} risk: " + ("> 0 the step costs capability" if risk == "benign" else
                                          "< 0 the step learns harmful answers"), fontsize=10)
         ax.set_xlabel("attack step")
