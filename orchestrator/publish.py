@@ -9,6 +9,7 @@ On the sweep run (names in trainables.names.Summary):
                median_btf_<unit>.<defence> (censoring-aware; only where finite) in every budget
                unit; n_<status>.<defence> for every status; n_trials. Logged at step = n_trials,
                so that a sweep resumed with more attackers plots its worst case against trials.
+               With diagnostics: kappa_<task>.<defence> and rir.<defence> (conditioning at release).
   description  a Markdown table: per defence its worst case, the attack that reached it (its
                run's name), the median, the verdict and the counts; and where the rest is.
   artifacts    report/: what `attack-sweep report` writes (report.html, report.md, the CSVs,
@@ -33,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.conditions import verdicts as V
 from orchestrator.report.tables import median_cell, worst_cell
 from orchestrator.tracking import say, ui_path
+from trainables.conditioning import TASKS, rir
 from trainables.names import STATUSES, Kind, Summary, Tag
 
 
@@ -70,10 +72,12 @@ def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str) 
     metrics += [entities.Metric(Summary.count(s, row.defence), row.count(s), now, n) for row in rows for s in STATUSES]
     judged = V.judge(rows, cond, unit) if cond.asked else []
     metrics += [entities.Metric(name, value, now, n) for name, value in _condition_metrics(judged, unit)]
+    metrics += [entities.Metric(name, value, now, n) for name, value in _diagnostic_metrics(cond.diagnostic)]
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(parent_run_id, metrics=metrics[i:i + 1000])
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    client.set_tag(parent_run_id, Tag.NOTE, description(client, experiment_id, experiment, rows, unit, judged))
+    client.set_tag(parent_run_id, Tag.NOTE, description(client, experiment_id, experiment, rows, unit, judged,
+                                                         cond.diagnostic))
     if rows:
         with tempfile.TemporaryDirectory(prefix="attack-sweep-report-") as tmp:
             report.write(rows, experiment, Path(tmp), unit, conditions=cond)
@@ -81,7 +85,7 @@ def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str) 
 
 
 def description(client: MlflowClient, experiment_id: str, experiment: str, rows: list, unit: str,
-                judged: list | None = None) -> str:
+                judged: list | None = None, diagnostic: dict | None = None) -> str:
     """The sweep run's description, in Markdown: each defence's worst case and median in a line
     each, the four conditions' verdicts when the sweep judged them, where the trials and the report
     are, then the summary table."""
@@ -93,6 +97,7 @@ def description(client: MlflowClient, experiment_id: str, experiment: str, rows:
              + " · ".join(f"**{row.defence} {worst_cell(row, unit)}**" for row in rows) + "  ",
              f"Median ({unit}): " + " · ".join(f"{row.defence} {median_cell(row, unit)}" for row in rows) + "  ",
              *_conditions_line(judged or []),
+             *_conditioning_line(diagnostic or {}),
              f"Trial runs, cheapest attack first: [the saved view]({ui_path(experiment_id)}); the whole "
              "report: Artifacts, report/report.html.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -163,3 +168,28 @@ def _conditions_line(judged: list) -> list[str]:
         parts.append(f"**{v.defence}** " + " / ".join(getattr(v, c).verdict for c in V.Verdict.CONDITIONS)
                      + (f" ({passed} of {judged})" if judged else ""))
     return ["**Conditions** (resistance / stability / trainability / generalisation): " + " · ".join(parts) + "  "]
+
+
+def _diagnostic_metrics(diagnostic: dict) -> list[tuple[str, float]]:
+    """Per defence: kappa_<task> where measured, and rir against the base's (names.Summary.condition)."""
+    base = next((d for d in diagnostic.values() if d.is_base), None)
+    out = []
+    for d in diagnostic.values():
+        out += [(Summary.condition(f"kappa_{task}", d.defence), k) for task, k in d.kappa().items()]
+        if base is not None and math.isfinite(ratio := rir(d.kappa(), base.kappa())):
+            out.append((Summary.condition("rir", d.defence), ratio))
+    return out
+
+
+def _conditioning_line(diagnostic: dict) -> list[str]:
+    """'**Conditioning** (RIR vs the base; κ harmful / benign): deep 2.22 (6.3e+05 / 8.67e+04) · ...'."""
+    base = next((d for d in diagnostic.values() if d.is_base), None)
+    if base is None:
+        return []
+    parts = []
+    for d in diagnostic.values():
+        k, ratio = d.kappa(), rir(d.kappa(), base.kappa())
+        kappas = " / ".join(f"{k[t]:.3g}" if t in k else d.verdict.get(t, "-") for t in TASKS)
+        parts.append(f"**{d.defence}** " + ("reference" if d.is_base else f"{ratio:.3g}" if math.isfinite(ratio)
+                                             else "-") + f" ({kappas})")
+    return ["**Conditioning** (RIR vs the base; κ harmful / benign): " + " · ".join(parts) + "  "]

@@ -82,6 +82,14 @@ def test_run_records_each_defences_conditioning_and_the_report_shows_it(swept):
     assert "## Conditioning at release" in md and "RIR ≈ 1 with λmax moved" in md
     assert "## G-effect of the attacks' gradients" in md
     assert (tmp / "report" / "figures" / "g_effect.png").stat().st_size > 10_000
+    # the sweep run shows the same at a glance: RIR and κ as metrics, a line of its description
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("diagnosed")
+    (sweep_run,) = client.search_runs([exp.experiment_id], f"tags.{Tag.KIND} = '{Kind.SWEEP}'")
+    assert sweep_run.data.metrics["rir.rescaled"] == pytest.approx(1.0, rel=1e-3)
+    assert sweep_run.data.metrics["kappa_harmful.base"] == pytest.approx(
+        runs["base"].data.metrics[Metric.conditioning("kappa", "harmful")])
+    assert "**Conditioning** (RIR vs the base" in sweep_run.data.tags[Tag.NOTE]
     html = (tmp / "report" / "report.html").read_text()
     assert "G-effect of the attacks&#x27; gradients against step" in html and "κ harmful" in html
 
