@@ -276,4 +276,11 @@ def test_smoke_sweep_records_budget_to_failure_on_the_aligned_model(smoke_world,
     # fine-tune too short to learn the task (its held-out loss starts near 6.5 nats per token)
     assert "conditions: release · aligned: utility" in out and "lm_eval.smollm2_benign/acc_norm" in out
     assert "conditions: benign · aligned: target not reached after 2 steps" in out
+    # the conditioning diagnostic on SmolLM2's real shape (576 features, ChatML), recorded and reported
+    from orchestrator.conditions import records
+
+    (diag,) = records.load(uri, "smollm2-smoke").diagnostic.values()
+    assert diag.defence == "aligned" and diag.is_base and diag.figures["harmful"]["dim"] == 576
+    assert set(diag.verdict) == {"harmful", "benign"} and "conditions: diagnostic · aligned:" in out
+    assert (tmp_path / "report" / "conditioning.csv").is_file()
     assert (tmp_path / "report" / "report.csv").is_file()
