@@ -102,25 +102,33 @@ def _median(values: list[float]) -> float:
 
 
 def g_effect_table(rows: list[DefenceRow]) -> Table:
-    """One row per defence whose trials measured the G-effect."""
+    """One row per defence whose trials measured the G-effect, and per fine-tuning mode where the
+    trials vary it (LoRA's G-effect is over its adapters, full fine-tuning's over every weight:
+    their medians would mix two different sums)."""
+    modes = {t.params.get("finetune") for r in rows for t in r.trials if t.g_effect}
     body = []
     for r in rows:
-        measured = [t for t in r.trials if t.g_effect]
-        if not measured:
-            continue
-        cells = []
-        for risk in G_EFFECT_RISKS:
-            first = _median([t.g_curves[risk][0][1] for t in measured if t.g_curves.get(risk)])
-            last = _median([t.g_effect.get(risk, {}).get(G_TOTAL) for t in measured])
-            cells += [_g(first), _g(last)]
-        # the block that carries the harmful G-effect (the benign one's where only it was measured)
-        risk = next(k for k in reversed(G_EFFECT_RISKS) if any(k in t.g_effect for t in measured))
-        blocks = {b for t in measured for b in t.g_effect.get(risk, {}) if b != G_TOTAL}
-        share = {b: _median([t.g_effect[risk].get(b) for t in measured if risk in t.g_effect]) for b in blocks}
-        total = sum(abs(v) for v in share.values() if math.isfinite(v))
-        top = max(share, key=lambda b: abs(share[b]) if math.isfinite(share[b]) else -1) if share else None
-        where = f"{risk}: {top} ({abs(share[top]) / total:.0%})" if top and total > 0 else "-"
-        body.append([r.defence + (" (base)" if r.is_base and r.defence != "base" else ""), str(len(measured)),
-                     *cells, where])
+        label = r.defence + (" (base)" if r.is_base and r.defence != "base" else "")
+        for mode in sorted(modes, key=str):
+            measured = [t for t in r.trials if t.g_effect and t.params.get("finetune") == mode]
+            if measured:
+                body.append([label + (f" · {mode}" if len(modes) > 1 else ""), str(len(measured)),
+                             *_g_effect_cells(measured)])
     return ["defence", "trials", "benign at step 0", "benign at the end", "harmful at step 0", "harmful at the end",
             "block that carries it at the end"], body
+
+
+def _g_effect_cells(measured: list) -> list[str]:
+    """Medians of the totals at step 0 and at the end per risk, and the block that carries the harmful
+    G-effect at the end (the benign one's where only it was measured), with its share."""
+    cells = []
+    for risk in G_EFFECT_RISKS:
+        first = _median([t.g_curves[risk][0][1] for t in measured if t.g_curves.get(risk)])
+        last = _median([t.g_effect.get(risk, {}).get(G_TOTAL) for t in measured])
+        cells += [_g(first), _g(last)]
+    risk = next(k for k in reversed(G_EFFECT_RISKS) if any(k in t.g_effect for t in measured))
+    blocks = {b for t in measured for b in t.g_effect.get(risk, {}) if b != G_TOTAL}
+    share = {b: _median([t.g_effect[risk].get(b) for t in measured if risk in t.g_effect]) for b in blocks}
+    total = sum(abs(v) for v in share.values() if math.isfinite(v))
+    top = max(share, key=lambda b: abs(share[b]) if math.isfinite(share[b]) else -1) if share else None
+    return [*cells, f"{risk}: {top} ({abs(share[top]) / total:.0%})" if top and total > 0 else "-"]
