@@ -32,9 +32,10 @@ from mlflow import entities
 from mlflow.tracking import MlflowClient
 
 from orchestrator.conditions import verdicts as V
+from orchestrator.conditions.records import rirs
 from orchestrator.report.tables import median_cell, worst_cell
 from orchestrator.tracking import say, ui_path
-from trainables.conditioning import TASKS, rir
+from trainables.conditioning import TASKS
 from trainables.names import STATUSES, Kind, Summary, Tag
 
 
@@ -172,23 +173,23 @@ def _conditions_line(judged: list) -> list[str]:
 
 def _diagnostic_metrics(diagnostic: dict) -> list[tuple[str, float]]:
     """Per defence: kappa_<task> where measured, and rir against the base's (names.Summary.condition)."""
-    base = next((d for d in diagnostic.values() if d.is_base), None)
+    ratios = rirs(diagnostic)
     out = []
     for d in diagnostic.values():
         out += [(Summary.condition(f"kappa_{task}", d.defence), k) for task, k in d.kappa().items()]
-        if base is not None and math.isfinite(ratio := rir(d.kappa(), base.kappa())):
+        if math.isfinite(ratio := ratios.get(d.defence, math.nan)):
             out.append((Summary.condition("rir", d.defence), ratio))
     return out
 
 
 def _conditioning_line(diagnostic: dict) -> list[str]:
     """'**Conditioning** (RIR vs the base; κ harmful / benign): deep 2.22 (6.3e+05 / 8.67e+04) · ...'."""
-    base = next((d for d in diagnostic.values() if d.is_base), None)
-    if base is None:
+    ratios = rirs(diagnostic)
+    if not ratios:
         return []
     parts = []
     for d in diagnostic.values():
-        k, ratio = d.kappa(), rir(d.kappa(), base.kappa())
+        k, ratio = d.kappa(), ratios[d.defence]
         kappas = " / ".join(f"{k[t]:.3g}" if t in k else d.verdict.get(t, "-") for t in TASKS)
         parts.append(f"**{d.defence}** " + ("reference" if d.is_base else f"{ratio:.3g}" if math.isfinite(ratio)
                                              else "-") + f" ({kappas})")

@@ -132,13 +132,7 @@ def attack_loop(loop_config: dict[str, Any], report: Callable[[dict], None] | No
     def on_eval(point) -> None:
         result = point.as_dict()
         report({**result, Metric.OBJECTIVE: objective(result, unit, penalty, t_max),
-                DEFENCE: loop_config["defence"], SAFE: point.status == "running" and safe(cfg, point)})
+                DEFENCE: loop_config["defence"], SAFE: point.status == "running" and point.safe})
 
     run_attack(cfg, on_eval=on_eval)
 
-
-def safe(cfg: AttackConfig, point) -> bool:
-    """The evaluation did not cross phi (as the loop decides: f, or with crossing: lower_bound the
-    lower end of its interval); False where f was not measured."""
-    value = point.harmfulness_lo if cfg.crossing == "lower_bound" else point.harmfulness
-    return value is not None and not math.isnan(value) and value <= cfg.phi

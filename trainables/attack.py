@@ -271,6 +271,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
                 more[STEP0_CACHED] = float(reading.cached)
             point = dataclasses.replace(
                 point, harmfulness=decisive.f, harmfulness_lo=lo, harmfulness_hi=hi,
+                safe=not decision(decisive) > cfg.phi,
                 utility=reading.utility, eval_seconds=reading.seconds,
                 curves={**reading.curves(cfg.confidence, primary, eval_domains), **more, **reading.g_effect},
                 samples=reading.samples(eval_items) if final or b.steps == 0 else None)

@@ -103,6 +103,9 @@ class EvalPoint:
     world_size: int = 1
     """Devices the trial trains on, the factor on accelerator_seconds: DeepSpeed's world size
     (its data-parallel processes), else 1 for the single-process loop."""
+    safe: bool = False
+    """The loop's crossing decision here: f (with crossing: lower_bound its interval's lower end)
+    did not exceed phi. False where f was not scored, and at a crossing."""
     harmfulness_lo: float = math.nan
     harmfulness_hi: float = math.nan
     """The primary f's binomial (Wilson) interval at the spec's confidence; nan when f is not a

@@ -43,6 +43,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainables.hessian import Extremes
+from trainables.names import Metric, Tag
 
 TASKS: tuple[str, ...] = ("harmful", "benign")
 Verdict = Literal["ok", "singular", "indefinite", "zero", "unconverged"]
@@ -121,6 +122,7 @@ def measure(checkpoint, data, benign_source, cfg: Conditioning, device: str = "c
 
     from trainables import data as D
     from trainables.checkpoint import load_model, load_tokenizer, resolve_device
+    from trainables.hessian import extremes, hvp_of
 
     dev = resolve_device(device)
     tokenizer = load_tokenizer(checkpoint)
@@ -137,8 +139,6 @@ def measure(checkpoint, data, benign_source, cfg: Conditioning, device: str = "c
         with torch.random.fork_rng(devices=[]):
             loss, x0, positions = (_model_loss(model, batch, cfg.parameters) if cfg.parameters
                                    else _head_loss(model, batch, cfg.head))
-            from trainables.hessian import extremes, hvp_of
-
             ends = extremes(hvp_of(loss, x0), x0.numel(), cfg.rtol, cfg.max_matvecs)
         out[task] = {"ends": ends, "kappa": Kappa.of(ends), "rows": positions,
                      "seconds": time.perf_counter() - t0}
@@ -225,8 +225,6 @@ def _model_loss(model, batch: dict, patterns: list[str]):
 
 def records(measured: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
     """`measure`'s result as a diagnostic run's metrics and tags (names.Metric.conditioning, Tag.VERDICT)."""
-    from trainables.names import Metric, Tag
-
     metrics, tags = {}, {}
     for task, r in measured.items():
         ends, kappa = r["ends"], r["kappa"]

@@ -215,9 +215,9 @@ def _record(tracker: Tracker, j: dict[str, Any], run_id: str, out: dict[str, Any
         return f"{name}: error: {out['error']} (rerun the sweep to retry it)"
     if j["kind"] == Kind.DIAGNOSTIC:
         tracker.finish_run(run_id, MEASURED, out["metrics"], tags=out["tags"])
-        return f"{name}: " + ", ".join(
-            f"κ {task} {out['metrics'][Metric.conditioning('kappa', task)]:.3g}" if out["tags"][f"{Tag.VERDICT}.{task}"]
-            == "ok" else f"{task} {out['tags'][f'{Tag.VERDICT}.{task}']}" for task in TASKS)
+        verdicts = {task: out["tags"][f"{Tag.VERDICT}.{task}"] for task in TASKS}
+        return f"{name}: " + ", ".join(f"κ {task} {out['metrics'][Metric.conditioning('kappa', task)]:.3g}"
+                                       if v == "ok" else f"{task} {v}" for task, v in verdicts.items())
     if j["kind"] == Kind.RELEASE:
         tracker.finish_run(run_id, MEASURED, out["metrics"])
         return f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out["metrics"].items())

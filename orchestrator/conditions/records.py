@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
 
+from trainables.conditioning import rir
 from trainables.names import CONDITION_STATUSES, MEASURED, UNITS, Kind, Metric, Tag
 
 
@@ -123,6 +124,15 @@ def diagnostics(client: MlflowClient, experiment_id: str) -> dict[str, Diagnosti
         out[defence] = Diagnostic(defence, figures, _by_task(tags, Tag.VERDICT), _by_task(tags, Tag.WHY),
                                   dict(run.data.params), tags.get(Tag.BASE) == "true")
     return out
+
+
+def rirs(diagnostics: dict[str, Diagnostic]) -> dict[str, float]:
+    """Each diagnosed defence's RIR against the base's diagnostic (trainables.conditioning.rir: nan
+    where a κ is missing; the base's own is 1); empty without a diagnostic of the base."""
+    base = next((d for d in diagnostics.values() if d.is_base), None)
+    if base is None:
+        return {}
+    return {name: rir(d.kappa(), base.kappa()) for name, d in diagnostics.items()}
 
 
 def _by_task(tags: dict[str, str], name: str) -> dict[str, str]:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 import statistics
 
-from orchestrator.conditions.records import Diagnostic
+from orchestrator.conditions.records import Diagnostic, rirs
 from orchestrator.report.records import DefenceRow
 from orchestrator.report.tables import Table, worst_cell
-from trainables.conditioning import TASKS, rir
-from trainables.names import G_EFFECT_RISKS, G_TOTAL
+from trainables.conditioning import TASKS
+from trainables.names import G_EFFECT_RISKS, G_TOTAL, Metric
 
 CONDITIONING_LEGEND = (
     "Conditioning at release (Zheng, Bai, Bullins & Yeh, ICML 2025): κ = λmax/λmin of each task's Hessian in a "
@@ -54,45 +54,40 @@ def kappa_cell(d: Diagnostic | None, task: str) -> str:
 
 def conditioning_table(rows: list[DefenceRow], diagnostics: dict[str, Diagnostic], unit: str) -> Table:
     """One row per defence: κ per task, λmax against the base's, RIR, the worst case beside them."""
-    base = next((d.defence for d in diagnostics.values() if d.is_base), None) or next(
-        (r.defence for r in rows if r.is_base), None)
-    ref = diagnostics.get(base) if base else None
-    body = []
-    names = [r.defence for r in rows] + sorted(set(diagnostics) - {r.defence for r in rows})
+    ref = next((d for d in diagnostics.values() if d.is_base), None)
+    ratios = rirs(diagnostics)
     by_name = {r.defence: r for r in rows}
-    for name in names:
-        d = diagnostics.get(name)
-        scale = []
-        for task in TASKS:
-            mine, theirs = (x.figures.get(task, {}).get("lambda_max") if x else None for x in (d, ref))
-            scale.append(_g(mine / theirs) + "x" if mine and theirs else "-")
-        ratio = math.nan if d is None or ref is None else rir(d.kappa(), ref.kappa())
-        is_base = name == base
+    body = []
+    for name in [*by_name, *sorted(set(diagnostics) - set(by_name))]:
+        d, row = diagnostics.get(name), by_name.get(name)
+        scale = [_lambda_ratio(d, ref, task) for task in TASKS]
+        ratio, is_base = ratios.get(name, math.nan), d is not None and d.is_base
         note = "; ".join(f"{t}: {w}" for t, w in (d.why.items() if d else []) if d.verdict.get(t) != "ok")
         if math.isfinite(ratio) and abs(ratio - 1) < 0.05 and not is_base and any(
-                s != "-" and not 0.5 <= float(s[:-1]) <= 2 for s in scale):
+                math.isfinite(x) and not 0.5 <= x <= 2 for x in scale):
             note = "; ".join(filter(None, [note, "RIR ≈ 1 with λmax moved: a uniform rescaling, which κ cannot see"]))
-        row = by_name.get(name)
         body.append([name + (" (base)" if is_base and name != "base" else ""),
-                     *(kappa_cell(d, t) for t in TASKS), *scale,
-                     "1 (reference)" if is_base and d else _g(ratio) if d else "not measured",
+                     *(kappa_cell(d, t) for t in TASKS), *(_g(x) + "x" if math.isfinite(x) else "-" for x in scale),
+                     "1 (reference)" if is_base else _g(ratio) if d else "not measured",
                      worst_cell(row, unit) if row else "-", note or ("" if d else "no diagnostic run")])
     return ["defence", "κ harmful", "κ benign", "λmax harmful / base", "λmax benign / base", "RIR",
             f"worst case ({unit})", "note"], body
 
 
+def _lambda_ratio(d: Diagnostic | None, ref: Diagnostic | None, task: str) -> float:
+    """λmax of `task`'s Hessian over the base's (nan where either is missing)."""
+    mine, theirs = (x.figures.get(task, {}).get("lambda_max") if x else None for x in (d, ref))
+    return mine / theirs if mine and theirs else math.nan
+
+
 def conditioning_csv(diagnostics: dict[str, Diagnostic]) -> Table:
     """The same as numbers: every figure of every task, verdicts, RIR."""
-    from trainables.names import Metric
-
-    ref = next((d for d in diagnostics.values() if d.is_base), None)
+    ratios = rirs(diagnostics)
     header = ["defence", *(f"{q}_{t}" for t in TASKS for q in Metric.CONDITIONING), *(f"verdict_{t}" for t in TASKS),
               "rir"]
-    body = []
-    for name, d in diagnostics.items():
-        ratio = rir(d.kappa(), ref.kappa()) if ref else math.nan
-        body.append([name, *(d.figures.get(t, {}).get(q, "") for t in TASKS for q in Metric.CONDITIONING),
-                     *(d.verdict.get(t, "") for t in TASKS), "" if math.isnan(ratio) else ratio])
+    body = [[name, *(d.figures.get(t, {}).get(q, "") for t in TASKS for q in Metric.CONDITIONING),
+             *(d.verdict.get(t, "") for t in TASKS), "" if math.isnan(r := ratios.get(name, math.nan)) else r]
+            for name, d in diagnostics.items()]
     return header, body
 
 
