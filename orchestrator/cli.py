@@ -109,12 +109,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_tracking(args.tracking_uri)
     check_address(args.address)
     sp = _load(args)
+    out_dir, unit = _out_dir(args.out, sp.name), args.unit or sp.search.unit
+    if rc := _refuse_out(out_dir):  # before the sweep, not after hours of it
+        return rc
     for note in check(sp, checkpoints=not args.skip_checkpoint_checks):
         print(f"note: {note}")
-    experiment_id = sweep.run(sp, tracking_uri=args.tracking_uri, address=args.address,
-                              storage_path=args.storage_path)
-    rc = _report(args.tracking_uri, sp.name, args.out, args.unit or sp.search.unit, fail_on_errors=True)
-    _mlflow_link(args.tracking_uri, experiment_id)
+    # the report publish writes on the sweep run is the one printed and kept in out_dir, unless
+    # --unit asks for another unit than the search's (the sweep run's report is in the search's)
+    same = unit == sp.search.unit
+    swept = sweep.run(sp, tracking_uri=args.tracking_uri, address=args.address, storage_path=args.storage_path,
+                      report_dir=out_dir if same else None)
+    if swept.published is not None and same:
+        rc = _show(swept.published.rows, swept.published.text, args.tracking_uri, sp.name, out_dir,
+                   fail_on_errors=True)
+    else:
+        rc = _report(args.tracking_uri, sp.name, args.out, unit, fail_on_errors=True)
+    if swept.errored:
+        print(f"error: {len(swept.errored)} run(s) beside the attacks ended in error: {', '.join(swept.errored)} "
+              "(MLflow tag 'error' holds why); rerun the same command to retry them", file=sys.stderr)
+        rc = rc or 1
+    _mlflow_link(args.tracking_uri, swept.experiment_id)
     _open(args.out, sp.name)
     return rc
 
@@ -170,23 +184,38 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
             fail_on_errors: bool = False) -> int:
-    """Print and write the report; with fail_on_errors, 1 when trials ended in error (a Ray
-    job whose trials crashed must not read SUCCEEDED)."""
+    """Read the records, write the report and print it (_show)."""
+    from orchestrator import report
+    from orchestrator.conditions import records as conditions
+
+    out_dir = _out_dir(out, experiment)
+    if rc := _refuse_out(out_dir):
+        return rc
+    rows = report.load(tracking_uri, experiment)
+    text = report.write(rows, experiment, out_dir, unit=unit,
+                        conditions=conditions.load(tracking_uri, experiment)) if rows else ""
+    return _show(rows, text, tracking_uri, experiment, out_dir, fail_on_errors)
+
+
+def _refuse_out(out_dir: Path) -> int:
+    """2 (after one line) when the report's folder is a file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"error: --out {out_dir}: is a file; give a folder", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _show(rows: list, text: str, tracking_uri: str, experiment: str, out_dir: Path,
+          fail_on_errors: bool = False) -> int:
+    """Print the report written into out_dir; with fail_on_errors, 1 when trials ended in error
+    (a Ray job whose trials crashed must not read SUCCEEDED)."""
     from orchestrator import report
 
-    rows = report.load(tracking_uri, experiment)
     if not rows:
         print(f"error: --experiment {experiment!r} has no finished trials in {tracking_uri} (yet); check the "
               "name (it is the spec's name) and --tracking-uri", file=sys.stderr)
         return 1
-    out_dir = _out_dir(out, experiment)
-    if out_dir.exists() and not out_dir.is_dir():
-        print(f"error: --out {out_dir}: is a file; give a folder", file=sys.stderr)
-        return 2
-    print()
-    from orchestrator.conditions import records as conditions
-
-    print(report.write(rows, experiment, out_dir, unit=unit, conditions=conditions.load(tracking_uri, experiment)))
+    print(f"\n{text}")
     written = [p.name for p in report.files(out_dir) if p.parent == out_dir and p.name != "report.html"]
     print(f"\nwritten to {out_dir}/: {', '.join(written)}, figures/*.png")
     errors = sum(row.count("error") for row in rows)

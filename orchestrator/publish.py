@@ -13,7 +13,8 @@ On the sweep run (names in trainables.names.Summary):
   description  a Markdown table: per defence its worst case, the attack that reached it (its
                run's name), the median, the verdict and the counts; and where the rest is.
   artifacts    report/: what `attack-sweep report` writes (report.html, report.md, the CSVs,
-               figures/*.png).
+               figures/*.png), written once: `attack-sweep run` passes its report folder, and
+               prints the text publish returns.
 
 The numbers are the report's (orchestrator/report), over every trial of the experiment, as the
 report counts them. A failure here never costs the sweep: it is one printed line, and
@@ -22,10 +23,12 @@ report counts them. A failure here never costs the sweep: it is one printed line
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow import entities
@@ -39,26 +42,34 @@ from trainables.conditioning import TASKS
 from trainables.names import STATUSES, Kind, Summary, Tag
 
 
+@dataclass(frozen=True)
+class Published:
+    """What publish read and wrote: every defence's row (report.DefenceRow; empty while no trial
+    has finished) and the report as text for a terminal ('' without rows)."""
+
+    rows: list
+    text: str
+
+
 def publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str = "steps",
-            echo: Callable[[str], None] = say) -> bool:
-    """Write the summary, the description and the report onto the sweep run; False (after one
-    printed line) when that failed."""
+            echo: Callable[[str], None] = say, out_dir: Path | None = None) -> Published | None:
+    """Write the summary, the description and the report onto the sweep run, the report written
+    into `out_dir` (a temporary folder if None) and logged from there; None (after one printed
+    line) when that failed."""
     try:
-        _publish(tracking_uri, experiment, parent_run_id, unit)
-        return True
+        return _publish(tracking_uri, experiment, parent_run_id, unit, out_dir)
     except Exception as err:  # noqa: BLE001 - the trials are recorded; the summary is a convenience
         text = " ".join(f"{type(err).__name__}: {err}".split())[:300]
         echo(f"note: the sweep's summary was not written to its MLflow run ({text}); the trial records are "
              f"complete: `attack-sweep report --experiment {experiment}` reads them")
-        return False
+        return None
 
 
-def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str) -> None:
+def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str, out_dir: Path | None) -> Published:
     from orchestrator import report
-
-    client = MlflowClient(tracking_uri)
     from orchestrator.conditions import records as conditions
 
+    client = MlflowClient(tracking_uri)
     rows = report.load(tracking_uri, experiment)
     cond = conditions.load(tracking_uri, experiment)
     n = sum(len(row.trials) for row in rows)
@@ -79,10 +90,14 @@ def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str) 
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     client.set_tag(parent_run_id, Tag.NOTE, description(client, experiment_id, experiment, rows, unit, judged,
                                                          cond.diagnostic))
-    if rows:
-        with tempfile.TemporaryDirectory(prefix="attack-sweep-report-") as tmp:
-            report.write(rows, experiment, Path(tmp), unit, conditions=cond)
-            client.log_artifacts(parent_run_id, tmp, "report")
+    if not rows:
+        return Published(rows, "")
+    with contextlib.ExitStack() as stack:
+        folder = out_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="attack-sweep-report-")))
+        text = report.write(rows, experiment, folder, unit, conditions=cond)
+        for path in report.files(folder):  # what write wrote, never whatever else the folder holds
+            client.log_artifact(parent_run_id, str(path), "report" + ("" if path.parent == folder else "/figures"))
+    return Published(rows, text)
 
 
 def description(client: MlflowClient, experiment_id: str, experiment: str, rows: list, unit: str,

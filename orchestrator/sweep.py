@@ -2,7 +2,8 @@
 in MLflow.
 
     from orchestrator import spec, sweep
-    sweep.run(spec.load("search_spaces/quickstart.yaml"), tracking_uri="sqlite:///mlflow.db")
+    swept = sweep.run(spec.load("search_spaces/quickstart.yaml"), tracking_uri="sqlite:///mlflow.db")
+    swept.experiment_id, swept.published.text, swept.errored
 
 Each defence gets its own search, and the searches run side by side in one Tune run (so every
 slot stays busy): grid/random hand Tune a precomputed list of attackers (the same for every
@@ -50,7 +51,7 @@ from orchestrator import provenance
 from orchestrator.adversary import Progress
 from orchestrator.attackers import attacker_params, label, run_name
 from orchestrator.progress import Display, feed
-from orchestrator.publish import publish
+from orchestrator.publish import Published, publish
 from orchestrator.space import attacker_id, digest, encode, searched
 from orchestrator.spec import DEFAULT_TRACKING_URI, Defence, SweepSpec, safe_name
 from orchestrator.tracking import Tracker, callback, say
@@ -147,13 +148,26 @@ def varying_fields(spec: SweepSpec) -> list[str]:
     return list(searched(spec.space))
 
 
+@dataclass(frozen=True)
+class Swept:
+    """What a sweep that ran to its end leaves: its MLflow experiment, what publish wrote (None
+    when that failed: the records are complete, `attack-sweep report` reads them) and the runs
+    beside the attacks (condition and diagnostic runs) that ended in error this time."""
+
+    experiment_id: str
+    published: Published | None
+    errored: list[str]
+
+
 def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str | None = None,
-        storage_path: str | None = None, echo: Callable[[str], None] = say) -> str:
-    """Run the sweep's pending trials, defence by defence; returns the MLflow experiment id.
-    Raises SweepLocked, before touching MLflow or Ray, while another run of this sweep against
-    the same tracking store holds its lock on this machine."""
+        storage_path: str | None = None, echo: Callable[[str], None] = say,
+        report_dir: Path | None = None) -> Swept:
+    """Run the sweep's pending trials against every defence, then what it asks beside them, and
+    publish its summary and report on the sweep run (the report written into `report_dir`, else
+    a temporary folder). Raises SweepLocked, before touching MLflow or Ray, while another run of
+    this sweep against the same tracking store holds its lock on this machine."""
     with sweep_lock(spec.name, tracking_uri):
-        return _run(spec, tracking_uri, address, storage_path, echo)
+        return _run(spec, tracking_uri, address, storage_path, echo, report_dir)
 
 
 def diagnose(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str | None = None,
@@ -188,7 +202,7 @@ def _tracker(spec: SweepSpec, tracking_uri: str, echo: Callable[[str], None]) ->
 
 
 def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: str | None,
-         echo: Callable[[str], None]) -> str:
+         echo: Callable[[str], None], report_dir: Path | None) -> Swept:
     s = spec.search
     per_defence = s.num_samples if spec.adaptive else len(spec.attackers())
     display = Display([d.name for d in spec.defences], per_defence, s.unit, echo, title=spec.name)
@@ -209,10 +223,11 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
             raise KeyboardInterrupt
         if searches:
             _fit(spec, searches, tracker, address, storage_path, echo, display)
+        errored = []
         if spec.conditions or spec.conditioning:
             from orchestrator.conditions import jobs
 
-            jobs.run(spec, tracker, echo, lambda: start_ray(address))
+            errored = jobs.run(spec, tracker, echo, lambda: start_ray(address))
         interrupted = False
     finally:
         display.stop()
@@ -221,8 +236,8 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
             signal.signal(signal.SIGINT, previous)
     # after the sweep ran to its end (a resumed one too), not after a Ctrl-C: whoever stops a sweep
     # wants their prompt back, and the next run that ends writes the summary of every record
-    publish(tracking_uri, spec.name, tracker.parent_id, s.unit, echo=echo)
-    return tracker.experiment_id
+    published = publish(tracking_uri, spec.name, tracker.parent_id, s.unit, echo=echo, out_dir=report_dir)
+    return Swept(tracker.experiment_id, published, errored)
 
 
 class SweepLocked(LookupError):

@@ -260,6 +260,8 @@ CASES = [
     Case("address-refused", lambda c: ["--address", "ray://127.0.0.1:9"], ("--address", "127.0.0.1:9"),
          command="run"),
     Case("address-malformed", lambda c: ["--address", "myhead"], ("--address", "myhead"), command="run"),
+    Case("out-is-a-file", lambda c: (c.tmp / "report.txt").write_text("x") and ["--out", str(c.tmp / "report.txt")],
+         ("--out", "is a file", "give a folder"), command="run"),
     # --- the environment ------------------------------------------------------------------
     Case("cache-is-a-file", _cache_is_a_file, ("defences.0.model", "cache-file", "ATTACK_SWEEP_CACHE")),
     # --- the same problems met by `run`: caught before Ray starts, no MLflow run left open ----------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -39,9 +40,25 @@ def swept(world, ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("diagnosed")
     uri = f"sqlite:///{tmp}/mlflow.db"
     spec = spec_file(tmp, world, "diagnosed", conditioning={"size": 48}, g_effect={"size": 8})
+    (tmp / "report").mkdir()
+    (tmp / "report" / "notes.txt").write_text("the user's own file, never uploaded")
     rc = cli.main(["run", spec, "--tracking-uri", uri, "--out", str(tmp / "report")])
     assert rc == 0
     return uri, tmp
+
+
+def test_run_writes_its_report_once_the_same_in_its_folder_and_on_the_sweep_run(swept):
+    uri, tmp = swept
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("diagnosed")
+    (sweep_run,) = client.search_runs([exp.experiment_id], f"tags.{Tag.KIND} = '{Kind.SWEEP}'")
+    run_id = sweep_run.info.run_id
+    logged = {a.path for a in client.list_artifacts(run_id, "report") if not a.is_dir}
+    logged |= {a.path for a in client.list_artifacts(run_id, "report/figures")}
+    local = {str(p.relative_to(tmp)) for p in (tmp / "report").rglob("*") if p.is_file()}
+    assert logged == local - {"report/notes.txt"}      # what the report wrote, nothing else the folder holds
+    for name in ("report/report.html", "report/report.csv", "report/figures/g_effect.png"):
+        assert (tmp / name).read_bytes() == Path(client.download_artifacts(run_id, name)).read_bytes()
 
 
 def test_run_records_the_g_effect_at_every_evaluation_point(swept):
@@ -119,6 +136,16 @@ def test_diagnose_that_cannot_measure_says_why_and_fails(world, ray_local, tmp_p
     assert "conditioning.parameters: no parameter name matches" in captured.out
     assert "error" in captured.err and "rerun" in captured.err
     assert {r.data.tags[Tag.STATUS] for r in diagnostic_runs(uri, "diagnose-bad")} == {"error"}
+
+
+def test_run_fails_when_a_run_beside_the_attacks_ended_in_error(world, ray_local, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = spec_file(tmp_path, world, "run-bad-diagnostic", defences=("base",),
+                     conditioning={"parameters": ["no.such.*"]})
+    assert cli.main(["run", spec, "--tracking-uri", uri, "--out", str(tmp_path / "report")]) == 1
+    err = capsys.readouterr().err
+    assert "1 run(s) beside the attacks ended in error: diagnostic · base" in err and "rerun" in err
+    assert (tmp_path / "report" / "report.html").exists()   # the attacks' report is still written
 
 
 @pytest.mark.parametrize("over, message", [

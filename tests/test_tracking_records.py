@@ -156,7 +156,7 @@ def test_a_resumed_sweep_writes_its_records_and_summary_again(e2e_sweep):
 def test_a_summary_that_cannot_be_written_costs_one_line_not_the_sweep(e2e_sweep):
     _, uri, _, _ = e2e_sweep
     lines: list[str] = []
-    assert publish.publish(uri, "no-such-sweep", "0" * 32, "steps", echo=lines.append) is False
+    assert publish.publish(uri, "no-such-sweep", "0" * 32, "steps", echo=lines.append) is None
     assert len(lines) == 1 and lines[0].startswith("note: the sweep's summary was not written")
     assert "attack-sweep report --experiment no-such-sweep" in lines[0]
 

@@ -148,9 +148,10 @@ def _measure(kind: str, payload: dict[str, Any], threads: int) -> dict[str, Any]
 
 
 def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ray: Callable[[], None],
-        kinds: tuple[str, ...] = KINDS) -> None:
+        kinds: tuple[str, ...] = KINDS) -> list[str]:
     """Measure what is missing of `kinds`, one Ray task per run, as resources allow; record each as
-    it ends. `start_ray()` connects to Ray (only called when something is left to measure)."""
+    it ends; return the names of the runs that ended in error ('benign · rescaled'). `start_ray()`
+    connects to Ray (only called when something is left to measure)."""
     if spec.conditions:
         tracker.set_sweep_tag(Tag.CONDITIONS, json.dumps(settings(spec), sort_keys=True))
     asked = jobs(spec, kinds)
@@ -161,7 +162,7 @@ def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ra
         echo(f"{head}: every {' and '.join(k for k in KINDS if any(j['kind'] == k for j in asked))} run already "
              "recorded")
     if not todo:
-        return
+        return []
     import ray
 
     from orchestrator.sweep import WORKER_RETRIES
@@ -171,7 +172,7 @@ def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ra
     task = ray.remote(_measure).options(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=WORKER_RETRIES)
     echo(f"{head}: {len(todo)} runs ({', '.join(sorted({j['kind'] for j in todo}))}) on "
          f"{len({j['defence'].name for j in todo})} defences")
-    pending = {}
+    pending, errored = {}, []
     for j in todo:
         d = j["defence"]
         run_id = tracker.start_run(j["kind"], j["key"], d.name, d.base, f"{j['kind']} · {d.name}",
@@ -181,11 +182,15 @@ def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ra
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             j, run_id = pending.pop(ready[0])
-            echo(f"{head}: {_record(tracker, j, run_id, ray.get(ready[0]), spec.search.unit)}")
+            out = ray.get(ready[0])
+            echo(f"{head}: {_record(tracker, j, run_id, out, spec.search.unit)}")
+            if "error" in out:
+                errored.append(f"{j['kind']} · {j['defence'].name}")
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
         raise
+    return errored
 
 
 def _params(j: dict[str, Any]) -> dict[str, Any]:
