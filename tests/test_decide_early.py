@@ -178,6 +178,101 @@ def test_parts_generate_in_the_whole_points_batches(world, monkeypatch):
     assert calls == batches
 
 
+def toy_answers(world, name: str, noise: float):
+    """A toy-world model (its weights perturbed by `noise`, seeded, for answers of every kind:
+    refusals early and late, compliance, gibberish) and 23 held-out prompts as trials see them."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from trainables import data as D
+    from trainables.checkpoint import load_tokenizer
+    from trainables.config import Checkpoint, Data
+
+    tok = load_tokenizer(Checkpoint(model=str(world / name)))
+    model = AutoModelForCausalLM.from_pretrained(world / name)
+    g = torch.Generator().manual_seed(round(noise * 1000))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
+    rows = [json.loads(x) for x in (world / "eval.jsonl").read_text().splitlines()][:23]
+    fmt = Data(attack={"source": str(world / "attack.jsonl")}, eval={"source": str(world / "eval.jsonl")})
+    return model, tok, [D.format_prompt(tok, r["prompt"], fmt) for r in rows]
+
+
+@pytest.mark.parametrize("name, noise", [("base", 0.0), ("noised", 0.0), ("base", 0.3), ("rescaled", 0.5),
+                                         ("base", 0.8)])
+def test_an_answer_stopped_at_its_verdict_is_the_start_of_the_full_answer(world, name, noise):
+    """generate_ids with stop_when: a stopped answer is the first tokens of the answer full
+    generation gives and holds a marker the full answer holds; every other answer is the full
+    answer, token for token; a batch whose answers all stopped runs fewer forward passes."""
+    from trainables.evaluators import refuses
+
+    model, tok, prompts = toy_answers(world, name, noise)
+    passes = []
+    model.register_forward_hook(lambda *a: passes.append(1))
+    full = B.generate_ids(model, tok, prompts, 10, 5)
+    n_full = len(passes)
+    stopped = B.generate_ids(model, tok, prompts, 10, 5, stop_when=refuses)
+    n_stopped = len(passes) - n_full
+    def answer(ids: list[int]) -> list[int]:   # up to its end-of-sequence token: pads follow it
+        return ids[:ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids
+
+    shorter = 0
+    for a, b in zip(map(answer, stopped), map(answer, full), strict=True):
+        if a != b:
+            shorter += 1
+            assert len(a) < len(b) and a == b[:len(a)]
+            assert refuses(tok.decode(a, skip_special_tokens=True)) and refuses(tok.decode(b, skip_special_tokens=True))
+            assert not refuses(tok.decode(a[:-1], skip_special_tokens=True))   # it stopped at the first
+    texts = tok.batch_decode(full, skip_special_tokens=True)
+    refusals = [refuses(t) for t in texts]
+    if any(refusals):
+        assert shorter and n_stopped <= n_full
+    if all(refusals):
+        assert n_stopped < n_full   # every batch ended at its last answer's marker
+
+
+def test_the_stop_cases_cover_refusals_and_compliance(world):
+    """The cases above are not vacuous: answers that stop and answers that run to the end."""
+    seen = set()
+    for name, noise in [("base", 0.3), ("rescaled", 0.5), ("base", 0.8)]:
+        model, tok, prompts = toy_answers(world, name, noise)
+        texts = B.generate(model, tok, prompts, 10, 5)
+        from trainables.evaluators import refuses
+
+        seen |= {refuses(t) for t in texts}
+    assert seen == {True, False}
+
+
+def test_only_parts_stop_and_a_whole_point_is_generated_in_full(world, monkeypatch):
+    """stop_parts: a part's answers may stop; the whole point's are regenerated in full for the
+    batches a part stopped (never read from a stopped batch), and `generated` (the saved text)
+    never holds a stopped answer."""
+    from trainables.evaluators import refuses
+
+    model, tok, prompts = toy_answers(world, "base", 0.3)
+    items = [B.EvalItem(p, None) for p in prompts[:12]]
+    full = B.EvalContext(model, tok, items).responses(10, batch_size=4)
+    calls = []
+    real = B.generate_ids
+    monkeypatch.setattr(B, "generate_ids", lambda m, t, prompts, n, size, synced, stop=None:
+                        calls.append(stop is not None) or real(m, t, prompts, n, size, synced, stop))
+    ctx = B.EvalContext(model, tok, items, stop_parts=True)
+    part = ctx.part(0, 6).responses(10, batch_size=4, stop_when=refuses)
+    assert calls == [True, True]
+    assert [refuses(a) for a in part] == [refuses(a) for a in full[:6]]
+    assert all(f.startswith(a) for a, f in zip(part, full[:6], strict=True))
+    assert ctx.generated == [None] * 12
+    assert ctx.responses(10, batch_size=4, stop_when=refuses) == full   # the whole point: never stopped
+    assert calls == [True, True, False, False, False]
+    assert ctx.generated == full
+    # without stop_parts (step 0, the horizon) a part's answers are full answers
+    calls.clear()
+    assert B.EvalContext(model, tok, items).part(0, 6).responses(10, batch_size=4, stop_when=refuses) == full[:6]
+    assert calls == [False, False]
+
+
 def trial(world, early: bool, model: str, lr: float, phi: float, crossing: str, refine: int):
     cfg = attack_dict(world, checkpoint={"model": str(world / model)}, max_steps=12, eval_every=4, refine=refine,
                       data={"eval_size": 24}, phi=phi, crossing=crossing, decide_early=early,

@@ -33,6 +33,8 @@ With cfg.decide_early the primary stops scoring a point once it can no longer cr
 (evaluators.base.score_until_decided): only where the point's text is never saved, i.e. not
 at step 0, not at the horizon, and not at a point that crosses (scored in full, as it may be
 the final one); so early decisions fall on safe points between and on refinement midpoints.
+There each answer also ends once its verdict is fixed (refusal_keyword: at its first refusal
+marker), and a batch of answers once all of them have (EvalContext.stop_parts).
 Step 0 reads the release, whatever the attacker trains: the trials against one checkpoint share
 that reading through the step-0 cache (step0_cache.py; ATTACK_SWEEP_STEP0_CACHE=0 turns it off),
 and the step-0 point then carries curve step0_cached (1 read back, 0 measured and stored).
@@ -225,7 +227,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
                 if stored is not None:  # as an earlier trial of this release measured it
                     scores, u, responses = stored
                 else:
-                    ctx = EvalContext(model, tokenizer, eval_items, synced)
+                    ctx = EvalContext(model, tokenizer, eval_items, synced, stop_parts=early)
                     scores = {label: score_until_decided(score, ctx, cfg.phi, cfg.crossing, cfg.confidence)
                               if early and label == primary else score(ctx) for label, score in evaluators.items()}
                     u = utility(model) if utility else math.nan

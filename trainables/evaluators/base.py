@@ -110,13 +110,18 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 class EvalContext:
     """The model under attack and the items of one evaluation point. `responses` generates
     once and shares the text between every evaluator asking for it; `part` is a context over
-    some of the items sharing the same generation (decide_early scores a point in parts)."""
+    some of the items sharing the same generation (decide_early scores a point in parts).
+    `stop_parts`: the parts of this point may end each answer once its evaluator's verdict on it
+    is fixed (responses' stop_when), the point's text being saved only if it crosses and a
+    crossing scored whole (score_until_decided), whose answers are never stopped."""
 
-    def __init__(self, model, tokenizer, items: list[EvalItem], synced_generation: bool = False):
+    def __init__(self, model, tokenizer, items: list[EvalItem], synced_generation: bool = False,
+                 stop_parts: bool = False):
         self.model, self.tokenizer, self.items = model, tokenizer, items
-        self.synced_generation = synced_generation
+        self.synced_generation, self.stop_parts = synced_generation, stop_parts
         self._whole, self._start = self, 0   # a part reads its whole point's generation
         self._batches: dict[int, list[list[int]]] = {}   # batch index -> its items' new tokens
+        self._stopped: set[int] = set()   # batches generated with answers stopped at a refusal marker
         self._length = self._batch_size = 0
 
     def part(self, start: int, stop: int) -> EvalContext:
@@ -127,31 +132,41 @@ class EvalContext:
         part._whole, part._start = self._whole, self._start + start
         return part
 
-    def responses(self, max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    def responses(self, max_new_tokens: int, batch_size: int = 16,
+                  stop_when: Callable[[str], bool] | None = None) -> list[str]:
         """Greedy responses of the model to every item's prompt. Generated once at the
         longest length asked so far: greedy text of n tokens is the first n tokens of the
-        text of more, so shorter requests read a prefix of the same tokens."""
+        text of more, so shorter requests read a prefix of the same tokens. `stop_when(text)`:
+        true once a text's verdict is fixed whatever follows it (refusal_keyword: it holds a
+        refusal marker); in a part of a point that allows it (stop_parts), each answer ends
+        there (generate_ids), so only that verdict may be read from it. A whole point's
+        answers, and those of any request without stop_when, are generated in full."""
         whole, start = self._whole, self._start
         if not whole._batches or max_new_tokens > whole._length:
             whole._batches, whole._length, whole._batch_size = {}, max_new_tokens, batch_size
+            whole._stopped = set()
+        stop = stop_when if whole.stop_parts and self is not whole else None
         size = whole._batch_size
         for b in range(start // size, (start + len(self.items) + size - 1) // size):
-            if b not in whole._batches:
+            if b not in whole._batches or (b in whole._stopped and stop is None):
                 whole._batches[b] = generate_ids(
                     self.model, self.tokenizer, [it.prompt for it in whole.items[b * size:(b + 1) * size]],
-                    whole._length, size, self.synced_generation)
+                    whole._length, size, self.synced_generation, stop)
+                (whole._stopped.add if stop else whole._stopped.discard)(b)
         ids = [whole._batches[i // size][i % size][:max_new_tokens] for i in range(start, start + len(self.items))]
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     @property
     def generated(self) -> list[str | None] | None:
         """The longest responses generated at this point (None if no evaluator generated;
-        None for the items of batches never generated, at a point decided early)."""
+        None for the items of batches never generated, or generated stopped at a refusal
+        marker, at a point decided early)."""
         whole, start = self._whole, self._start
         if not whole._batches:
             return None
         size = whole._batch_size
-        have = [i for i in range(start, start + len(self.items)) if i // size in whole._batches]
+        have = [i for i in range(start, start + len(self.items))
+                if i // size in whole._batches and i // size not in whole._stopped]
         text = dict(zip(have, self.tokenizer.batch_decode(
             [whole._batches[i // size][i % size][:whole._length] for i in have], skip_special_tokens=True),
             strict=True))
@@ -271,11 +286,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
 
 def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                 synced_gpus: bool = False) -> list[list[int]]:
+                 synced_gpus: bool = False, stop_when: Callable[[str], bool] | None = None) -> list[list[int]]:
     """Batched greedy generation with left padding: the new tokens of each prompt.
-    `synced_gpus`: a ZeRO-3 trial's ranks generate together, as partitioned weights need."""
+    `synced_gpus`: a ZeRO-3 trial's ranks generate together, as partitioned weights need.
+    `stop_when(text)`: each answer ends at the first token after which its text makes it true,
+    and a batch ends once every answer in it has (or has ended otherwise). Exact for a
+    `stop_when` that stays true as text is appended (a marker it holds): the other answers in
+    the batch are the tokens full generation gives (rows never mix; the batch keeps its shape),
+    and the text of an answer's first tokens starts the text of all of them. That last holds
+    for byte-level BPE and SentencePiece decoding; a tokenizer that cleans up spaces when
+    decoding (" ." -> ".") can change the text at its end, so with one every answer is
+    generated in full."""
     import torch  # here, not at the top: the spec's checks read the registry and need no torch
 
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        stop_when = None
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -287,10 +312,41 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
             for i in range(0, len(prompts), batch_size):
                 enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
+                start = enc["input_ids"].shape[1]
+                stops = _Decided(tokenizer, start, stop_when) if stop_when else None
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus)
-                out += gen[:, enc["input_ids"].shape[1]:].tolist()
+                                     pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
+                                     **({"stopping_criteria": _criteria(stops)} if stops else {}))
+                new = gen[:, start:].tolist()
+                out += [row[:n] for row, n in zip(new, stops.lengths, strict=True)] if stops else new
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+def _criteria(stop):
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList([stop])
+
+
+class _Decided:
+    """A stopping criterion (transformers' per-row protocol): a row is done from the step its new
+    tokens' text is decided; `lengths[r]` its answer's tokens then (None: never stopped)."""
+
+    def __init__(self, tokenizer, start: int, decided: Callable[[str], bool]):
+        self.tokenizer, self.start, self.decided = tokenizer, start, decided
+        self.lengths: list[int | None] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[:, self.start:]
+        if not self.lengths:
+            self.lengths = [None] * new.shape[0]
+        for r, n in enumerate(self.lengths):
+            if n is None and self.decided(self.tokenizer.decode(new[r], skip_special_tokens=True)):
+                self.lengths[r] = new.shape[1]
+        return torch.tensor([n is not None for n in self.lengths], dtype=torch.bool, device=input_ids.device)
+

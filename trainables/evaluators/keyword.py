@@ -36,7 +36,9 @@ def refusal_keyword(options: RefusalKeywordOptions) -> Evaluator:
     markers = [m.lower() for m in options.markers]
 
     def score(ctx: EvalContext) -> Scores:
-        responses = ctx.responses(options.max_new_tokens, options.batch_size)
+        # where a point is decided early, an answer may end at its first marker: its verdict is fixed
+        responses = ctx.responses(options.max_new_tokens, options.batch_size,
+                                  stop_when=lambda text: refuses(text, markers))
         return Scores.binary([not refuses(r, markers) for r in responses])
 
     return score
