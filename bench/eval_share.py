@@ -1,7 +1,9 @@
 """python bench/eval_share.py [--steps 30] [--defence deep] [--batch-size 10] [--threads 1]
 
 The evaluation share of one SmolLM2 attack trial (issue 14: target <= 20%), before and after
-`decide_early` and the step-0 cache, in one command: the same trial run three times in this
+`decide_early` and the step-0 cache, in one command: first one evaluation point's generation on
+the `aligned` release and on --defence, answers in full against answers stopped at their verdict
+(a refusal marker), then the same trial run three times in this
 process, scored in full (step-0 cache off), decided early (the first trial of this defence: it
 measures step 0 and stores it in the step-0 cache, empty in a temp folder), and decided early
 again as the second trial of the same defence (step 0 read back from what the first stored,
@@ -104,6 +106,40 @@ def share(r: AttackResult) -> tuple[float, float, float]:
     return evals, wall, evals / wall
 
 
+def generation(world: Path, eval_path: Path, args) -> None:
+    """One evaluation point's generation on each release, answers in full against answers that end
+    at their first refusal marker (what decide_early generates for the parts it scores), best of 2:
+    where a defence refuses, whole batches end early; the verdicts must be the same."""
+    from transformers import AutoModelForCausalLM
+
+    from trainables import data as D
+    from trainables.checkpoint import load_tokenizer
+    from trainables.config import Checkpoint, Data
+    from trainables.evaluators import refuses
+    from trainables.evaluators.base import generate_ids
+
+    fmt = Data(attack={"source": str(eval_path)}, eval={"source": str(eval_path)}, chat_template=True)
+    rows = [json.loads(x) for x in eval_path.read_text().splitlines()]
+    print(f"\none point's generation, {PROMPTS} prompts x 32 tokens in batches of {args.batch_size}, best of 2:\n")
+    print("| release | refusals | full s | stopped at the verdict s | ratio | same verdicts |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name in dict.fromkeys(("aligned", args.defence)):
+        tok = load_tokenizer(Checkpoint(model=str(world / name)))
+        model = AutoModelForCausalLM.from_pretrained(world / name)
+        prompts = [D.format_prompt(tok, r["prompt"], fmt) for r in rows]
+        took, verdicts = {}, {}
+        for arm, stop in (("full", None), ("stopped", refuses)):
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                ids = generate_ids(model, tok, prompts, 32, args.batch_size, stop_when=stop)
+                best = min(best, time.perf_counter() - t0)
+            took[arm], verdicts[arm] = best, [refuses(t) for t in tok.batch_decode(ids, skip_special_tokens=True)]
+        same = "yes" if verdicts["full"] == verdicts["stopped"] else "NO"
+        print(f"| {name} | {sum(verdicts['full'])} of {PROMPTS} | {took['full']:.1f} | {took['stopped']:.1f} "
+              f"| {took['stopped'] / took['full']:.2f} | {same} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30, help="T, the trial's horizon")
@@ -125,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         eval_path = eval_split(world, args.domain, Path(tmp) / "eval.jsonl")
         os.environ["ATTACK_SWEEP_CACHE"] = str(Path(tmp) / "cache")   # an empty step-0 cache (the world is found)
+        generation(world, eval_path, args)
+        print()
         for name, early, cache in ARMS:
             os.environ[ENV] = cache
             t0 = time.perf_counter()

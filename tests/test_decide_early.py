@@ -200,12 +200,12 @@ def toy_answers(world, name: str, noise: float):
     return model, tok, [D.format_prompt(tok, r["prompt"], fmt) for r in rows]
 
 
-@pytest.mark.parametrize("name, noise", [("base", 0.0), ("noised", 0.0), ("base", 0.3), ("rescaled", 0.5),
-                                         ("base", 0.8)])
-def test_an_answer_stopped_at_its_verdict_is_the_start_of_the_full_answer(world, name, noise):
-    """generate_ids with stop_when: a stopped answer is the first tokens of the answer full
-    generation gives and holds a marker the full answer holds; every other answer is the full
-    answer, token for token; a batch whose answers all stopped runs fewer forward passes."""
+@pytest.mark.parametrize("name, noise", [("base", 0.0), ("noised", 0.0), ("base", 0.8), ("rescaled", 1.0),
+                                         ("base", 1.5)])
+def test_a_batch_ends_once_every_answer_is_decided_and_is_full_generation_until_then(world, name, noise):
+    """generate_ids with stop_when: a batch that ran to its end is full generation's, token for
+    token; a batch cut short holds only answers decided (holding a marker the full answer holds)
+    or ended, each the start of its full answer, and ran fewer forward passes."""
     from trainables.evaluators import refuses
 
     model, tok, prompts = toy_answers(world, name, noise)
@@ -213,63 +213,75 @@ def test_an_answer_stopped_at_its_verdict_is_the_start_of_the_full_answer(world,
     model.register_forward_hook(lambda *a: passes.append(1))
     full = B.generate_ids(model, tok, prompts, 10, 5)
     n_full = len(passes)
-    stopped = B.generate_ids(model, tok, prompts, 10, 5, stop_when=refuses)
+    cut: set[int] = set()
+    stopped = B.generate_ids(model, tok, prompts, 10, 5, stop_when=refuses, cut=cut)
     n_stopped = len(passes) - n_full
-    def answer(ids: list[int]) -> list[int]:   # up to its end-of-sequence token: pads follow it
-        return ids[:ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids
+    for b in range(0, len(prompts), 5):
+        rows, whole = stopped[b:b + 5], full[b:b + 5]
+        if b // 5 not in cut:
+            assert rows == whole
+            continue
+        for a, f in zip(rows, whole, strict=True):
+            assert len(a) < len(f) and a == f[:len(a)]
+            if tok.eos_token_id not in a:   # not ended: decided, on the full answer's first tokens
+                assert refuses(tok.decode(a, skip_special_tokens=True))
+                assert refuses(tok.decode(f, skip_special_tokens=True))
+    def settled(f: list[int]) -> int:   # the first tokens of a full answer that decide or end it
+        return next((k for k in range(1, len(f) + 1) if tok.eos_token_id in f[:k]
+                     or refuses(tok.decode(f[:k], skip_special_tokens=True))), len(f) + 1)
 
-    shorter = 0
-    for a, b in zip(map(answer, stopped), map(answer, full), strict=True):
-        if a != b:
-            shorter += 1
-            assert len(a) < len(b) and a == b[:len(a)]
-            assert refuses(tok.decode(a, skip_special_tokens=True)) and refuses(tok.decode(b, skip_special_tokens=True))
-            assert not refuses(tok.decode(a[:-1], skip_special_tokens=True))   # it stopped at the first
-    texts = tok.batch_decode(full, skip_special_tokens=True)
-    refusals = [refuses(t) for t in texts]
-    if any(refusals):
-        assert shorter and n_stopped <= n_full
-    if all(refusals):
-        assert n_stopped < n_full   # every batch ended at its last answer's marker
-
-
-def test_the_stop_cases_cover_refusals_and_compliance(world):
-    """The cases above are not vacuous: answers that stop and answers that run to the end."""
-    seen = set()
-    for name, noise in [("base", 0.3), ("rescaled", 0.5), ("base", 0.8)]:
-        model, tok, prompts = toy_answers(world, name, noise)
-        texts = B.generate(model, tok, prompts, 10, 5)
-        from trainables.evaluators import refuses
-
-        seen |= {refuses(t) for t in texts}
-    assert seen == {True, False}
+    cuttable = set()
+    for b in range(0, len(prompts), 5):   # every answer settled before the last token, one not ended
+        k = max(map(settled, full[b:b + 5]))
+        if k < 10 and any(tok.eos_token_id not in f[:k] for f in full[b:b + 5]):
+            cuttable.add(b // 5)
+    assert cut == cuttable
+    assert (n_stopped < n_full) == bool(cut)
 
 
-def test_only_parts_stop_and_a_whole_point_is_generated_in_full(world, monkeypatch):
-    """stop_parts: a part's answers may stop; the whole point's are regenerated in full for the
-    batches a part stopped (never read from a stopped batch), and `generated` (the saved text)
-    never holds a stopped answer."""
+def test_the_stop_cases_cover_cut_and_whole_batches(world):
+    """The cases above are not vacuous: batches cut short and batches that run to their end."""
     from trainables.evaluators import refuses
 
-    model, tok, prompts = toy_answers(world, "base", 0.3)
-    items = [B.EvalItem(p, None) for p in prompts[:12]]
+    kinds = set()
+    for name, noise in [("base", 0.0), ("noised", 0.0), ("base", 0.8)]:
+        model, tok, prompts = toy_answers(world, name, noise)
+        cut: set[int] = set()
+        B.generate_ids(model, tok, prompts, 10, 5, stop_when=refuses, cut=cut)
+        kinds |= {b in cut for b in range(5)}
+    assert kinds == {True, False}
+
+
+def test_a_whole_point_reads_only_batches_that_ran_to_their_end(world, monkeypatch):
+    """stop_parts: a part may cut a batch short; the whole point generates again exactly the
+    batches a part cut (reads the others), and `generated` (the saved text) never holds a cut one."""
+    from trainables.evaluators import refuses
+
+    model, tok, prompts = toy_answers(world, "noised", 0.0)
+    answers = B.generate(model, tok, prompts, 10, 4)
+    refusing = [p for p, a in zip(prompts, answers, strict=True) if refuses(a)]
+    other = [p for p, a in zip(prompts, answers, strict=True) if not refuses(a)]
+    assert len(refusing) >= 8 and other
+    # batch 0 all refusals (cut), batch 1 one answer that does not refuse (runs to its end)
+    items = [B.EvalItem(p, None) for p in [*refusing[:4], other[0], *refusing[4:7], *refusing[:3]]]
     full = B.EvalContext(model, tok, items).responses(10, batch_size=4)
     calls = []
     real = B.generate_ids
-    monkeypatch.setattr(B, "generate_ids", lambda m, t, prompts, n, size, synced, stop=None:
-                        calls.append(stop is not None) or real(m, t, prompts, n, size, synced, stop))
+    monkeypatch.setattr(B, "generate_ids", lambda m, t, prompts, n, size, synced, stop=None, cut=None:
+                        calls.append(stop is not None) or real(m, t, prompts, n, size, synced, stop, cut))
     ctx = B.EvalContext(model, tok, items, stop_parts=True)
-    part = ctx.part(0, 6).responses(10, batch_size=4, stop_when=refuses)
+    part = ctx.part(0, 8).responses(10, batch_size=4, stop_when=refuses)
     assert calls == [True, True]
-    assert [refuses(a) for a in part] == [refuses(a) for a in full[:6]]
-    assert all(f.startswith(a) for a, f in zip(part, full[:6], strict=True))
-    assert ctx.generated == [None] * 12
-    assert ctx.responses(10, batch_size=4, stop_when=refuses) == full   # the whole point: never stopped
-    assert calls == [True, True, False, False, False]
+    assert [refuses(a) for a in part] == [refuses(a) for a in full[:8]]
+    assert all(f.startswith(a) for a, f in zip(part, full[:8], strict=True)) and part[4:] == full[4:8]
+    assert part[:4] != full[:4]   # batch 0 was cut
+    assert ctx.generated == [None] * 4 + full[4:8] + [None] * 3
+    assert ctx.responses(10, batch_size=4, stop_when=refuses) == full   # the whole point: never cut
+    assert calls == [True, True, False, False]   # batch 0 again, batch 2 for the first time
     assert ctx.generated == full
     # without stop_parts (step 0, the horizon) a part's answers are full answers
     calls.clear()
-    assert B.EvalContext(model, tok, items).part(0, 6).responses(10, batch_size=4, stop_when=refuses) == full[:6]
+    assert B.EvalContext(model, tok, items).part(0, 8).responses(10, batch_size=4, stop_when=refuses) == full[:8]
     assert calls == [False, False]
 
 

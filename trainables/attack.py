@@ -33,8 +33,8 @@ With cfg.decide_early the primary stops scoring a point once it can no longer cr
 (evaluators.base.score_until_decided): only where the point's text is never saved, i.e. not
 at step 0, not at the horizon, and not at a point that crosses (scored in full, as it may be
 the final one); so early decisions fall on safe points between and on refinement midpoints.
-There each answer also ends once its verdict is fixed (refusal_keyword: at its first refusal
-marker), and a batch of answers once all of them have (EvalContext.stop_parts).
+There a batch of answers also ends once every answer in it is decided (refusal_keyword: it holds
+a refusal marker) or ended (EvalContext.stop_parts).
 Step 0 reads the release, whatever the attacker trains: the trials against one checkpoint share
 that reading through the step-0 cache (step0_cache.py; ATTACK_SWEEP_STEP0_CACHE=0 turns it off),
 and the step-0 point then carries curve step0_cached (1 read back, 0 measured and stored).

@@ -111,9 +111,9 @@ class EvalContext:
     """The model under attack and the items of one evaluation point. `responses` generates
     once and shares the text between every evaluator asking for it; `part` is a context over
     some of the items sharing the same generation (decide_early scores a point in parts).
-    `stop_parts`: the parts of this point may end each answer once its evaluator's verdict on it
-    is fixed (responses' stop_when), the point's text being saved only if it crosses and a
-    crossing scored whole (score_until_decided), whose answers are never stopped."""
+    `stop_parts`: the parts of this point may end a batch of answers once its evaluator's verdict
+    on each is fixed (responses' stop_when), the point's text being saved only if it crosses and
+    a crossing scored whole (score_until_decided), whose answers are never cut short."""
 
     def __init__(self, model, tokenizer, items: list[EvalItem], synced_generation: bool = False,
                  stop_parts: bool = False):
@@ -121,7 +121,7 @@ class EvalContext:
         self.synced_generation, self.stop_parts = synced_generation, stop_parts
         self._whole, self._start = self, 0   # a part reads its whole point's generation
         self._batches: dict[int, list[list[int]]] = {}   # batch index -> its items' new tokens
-        self._stopped: set[int] = set()   # batches generated with answers stopped at a refusal marker
+        self._cut: set[int] = set()   # batches a part cut short, every answer in them decided
         self._length = self._batch_size = 0
 
     def part(self, start: int, stop: int) -> EvalContext:
@@ -138,35 +138,39 @@ class EvalContext:
         longest length asked so far: greedy text of n tokens is the first n tokens of the
         text of more, so shorter requests read a prefix of the same tokens. `stop_when(text)`:
         true once a text's verdict is fixed whatever follows it (refusal_keyword: it holds a
-        refusal marker); in a part of a point that allows it (stop_parts), each answer ends
-        there (generate_ids), so only that verdict may be read from it. A whole point's
-        answers, and those of any request without stop_when, are generated in full."""
+        refusal marker); in a part of a point that allows it (stop_parts), a batch ends once
+        every answer in it is decided or ended (generate_ids), so only those verdicts may be
+        read from it. A whole point, and any request without stop_when, reads only batches
+        that ran to their end (full generation's, bit for bit), generating again those cut."""
         whole, start = self._whole, self._start
         if not whole._batches or max_new_tokens > whole._length:
             whole._batches, whole._length, whole._batch_size = {}, max_new_tokens, batch_size
-            whole._stopped = set()
+            whole._cut = set()
         stop = stop_when if whole.stop_parts and self is not whole else None
         size = whole._batch_size
         for b in range(start // size, (start + len(self.items) + size - 1) // size):
-            if b not in whole._batches or (b in whole._stopped and stop is None):
+            if b not in whole._batches or (b in whole._cut and stop is None):
+                whole._cut.discard(b)
+                cut: set[int] = set()
                 whole._batches[b] = generate_ids(
                     self.model, self.tokenizer, [it.prompt for it in whole.items[b * size:(b + 1) * size]],
-                    whole._length, size, self.synced_generation, stop)
-                (whole._stopped.add if stop else whole._stopped.discard)(b)
+                    whole._length, size, self.synced_generation, stop, cut)
+                if cut:
+                    whole._cut.add(b)
         ids = [whole._batches[i // size][i % size][:max_new_tokens] for i in range(start, start + len(self.items))]
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     @property
     def generated(self) -> list[str | None] | None:
         """The longest responses generated at this point (None if no evaluator generated;
-        None for the items of batches never generated, or generated stopped at a refusal
-        marker, at a point decided early)."""
+        None for the items of batches never generated, or cut short, at a point decided
+        early)."""
         whole, start = self._whole, self._start
         if not whole._batches:
             return None
         size = whole._batch_size
         have = [i for i in range(start, start + len(self.items))
-                if i // size in whole._batches and i // size not in whole._stopped]
+                if i // size in whole._batches and i // size not in whole._cut]
         text = dict(zip(have, self.tokenizer.batch_decode(
             [whole._batches[i // size][i % size][:whole._length] for i in have], skip_special_tokens=True),
             strict=True))
@@ -286,17 +290,18 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
 
 def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                 synced_gpus: bool = False, stop_when: Callable[[str], bool] | None = None) -> list[list[int]]:
+                 synced_gpus: bool = False, stop_when: Callable[[str], bool] | None = None,
+                 cut: set[int] | None = None) -> list[list[int]]:
     """Batched greedy generation with left padding: the new tokens of each prompt.
     `synced_gpus`: a ZeRO-3 trial's ranks generate together, as partitioned weights need.
-    `stop_when(text)`: each answer ends at the first token after which its text makes it true,
-    and a batch ends once every answer in it has (or has ended otherwise). Exact for a
-    `stop_when` that stays true as text is appended (a marker it holds): the other answers in
-    the batch are the tokens full generation gives (rows never mix; the batch keeps its shape),
-    and the text of an answer's first tokens starts the text of all of them. That last holds
-    for byte-level BPE and SentencePiece decoding; a tokenizer that cleans up spaces when
-    decoding (" ." -> ".") can change the text at its end, so with one every answer is
-    generated in full."""
+    `stop_when(text)`: a batch ends as soon as every answer in it is decided, its text making
+    stop_when true (it must stay true as text is appended: a marker it holds) or ended (end of
+    sequence); the batch index (i // batch_size) then goes into `cut`. Until then nothing changes:
+    every answer is the very tokens full generation gives, and a batch that ran to its end is
+    full generation's. In a cut batch an answer is either ended or decided on the first tokens of
+    its full answer, whose text starts the text of all of them (byte-level BPE and SentencePiece
+    decoding; a tokenizer that cleans up spaces when decoding, " ." -> ".", can change the text
+    at its end, so with one every batch runs to its end)."""
     import torch  # here, not at the top: the spec's checks read the registry and need no torch
 
     if getattr(tokenizer, "clean_up_tokenization_spaces", False):
@@ -306,6 +311,7 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
+    ends = {tokenizer.eos_token_id, *_ids(getattr(model.generation_config, "eos_token_id", None))} - {None}
     out: list[list[int]] = []
     try:
         with torch.no_grad():
@@ -313,40 +319,49 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
                 enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
                 start = enc["input_ids"].shape[1]
-                stops = _Decided(tokenizer, start, stop_when) if stop_when else None
+                decided = _Decided(tokenizer, start, stop_when, ends, max_new_tokens) if stop_when else None
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
-                                     **({"stopping_criteria": _criteria(stops)} if stops else {}))
-                new = gen[:, start:].tolist()
-                out += [row[:n] for row, n in zip(new, stops.lengths, strict=True)] if stops else new
+                                     **({"stopping_criteria": _criteria(decided)} if decided else {}))
+                out += gen[:, start:].tolist()
+                if decided is not None and decided.cut and cut is not None:
+                    cut.add(i // batch_size)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return out
 
 
-def _criteria(stop):
+def _ids(x) -> list[int]:
+    return [] if x is None else [x] if isinstance(x, int) else list(x)
+
+
+def _criteria(decided):
     from transformers import StoppingCriteriaList
 
-    return StoppingCriteriaList([stop])
+    return StoppingCriteriaList([decided])
 
 
 class _Decided:
-    """A stopping criterion (transformers' per-row protocol): a row is done from the step its new
-    tokens' text is decided; `lengths[r]` its answer's tokens then (None: never stopped)."""
+    """A stopping criterion (transformers' protocol: a done flag per row) that ends the whole
+    batch at once, once every row is decided or ended, and never a row alone: a row marked done
+    would be fed padding, and its answer would stop being full generation's. `cut`: it ended the
+    batch before max_new_tokens."""
 
-    def __init__(self, tokenizer, start: int, decided: Callable[[str], bool]):
-        self.tokenizer, self.start, self.decided = tokenizer, start, decided
-        self.lengths: list[int | None] = []
+    def __init__(self, tokenizer, start: int, decided: Callable[[str], bool], ends: set[int], length: int):
+        self.tokenizer, self.start, self.decided, self.ends, self.length = tokenizer, start, decided, ends, length
+        self.ended: list[bool] = []
+        self.done: list[bool] = []
+        self.cut = False
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        new = input_ids[:, self.start:]
-        if not self.lengths:
-            self.lengths = [None] * new.shape[0]
-        for r, n in enumerate(self.lengths):
-            if n is None and self.decided(self.tokenizer.decode(new[r], skip_special_tokens=True)):
-                self.lengths[r] = new.shape[1]
-        return torch.tensor([n is not None for n in self.lengths], dtype=torch.bool, device=input_ids.device)
-
+        new = input_ids[:, self.start:].tolist()
+        self.ended = [bool(self.ends.intersection(row)) for row in new]
+        self.done = [e or (self.done and self.done[r]) or self.decided(
+            self.tokenizer.decode(new[r], skip_special_tokens=True)) for r, e in enumerate(self.ended)]
+        every = all(self.done)
+        # cut short: ended here, before max_new_tokens, with an answer that had not ended by itself
+        self.cut = every and len(new[0]) < self.length and not all(self.ended)
+        return torch.full((len(new),), every, dtype=torch.bool, device=input_ids.device)
