@@ -142,11 +142,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     check_tracking(args.tracking_uri)
     check_address(args.address)
-    sp = _load(args)
+    sp, defaults = _load(args), None
     if sp.conditioning is None:
         print("conditioning: not in the spec, measured with its defaults (add conditioning: {...} to set them)")
-        sp = _load(args, [("conditioning", {})])
-    sweep.diagnose(sp, tracking_uri=args.tracking_uri, address=args.address)
+        defaults = _load(args, [("conditioning", {})]).conditioning   # the spec's checks of the block
+    sweep.diagnose(sp, tracking_uri=args.tracking_uri, address=args.address, conditioning=defaults)
     found = records.load(args.tracking_uri, sp.name, curves=False).diagnostic
     try:
         rows = load(args.tracking_uri, sp.name, curves=False)

@@ -56,6 +56,7 @@ from orchestrator.space import attacker_id, digest, encode, searched
 from orchestrator.spec import DEFAULT_TRACKING_URI, Defence, SweepSpec, safe_name
 from orchestrator.tracking import Tracker, callback, say
 from orchestrator.trial import DEFENCE, SAFE, WORKER_RETRIES, attack_config, attacker_of, run_trial
+from trainables.conditioning import Conditioning
 from trainables.config import Evaluation, EvaluatorConfig
 from trainables.names import BUDGET_UNITS, SUCCESS, TERMINAL, Kind, Metric, Tag
 
@@ -171,16 +172,20 @@ def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str 
 
 
 def diagnose(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str | None = None,
-             echo: Callable[[str], None] = say) -> str:
-    """Measure each defence's conditioning diagnostic (spec.conditioning) that is not yet recorded,
-    under the sweep's run and lock, without attacking; returns the MLflow experiment id."""
+             echo: Callable[[str], None] = say, conditioning: Conditioning | None = None) -> str:
+    """Measure each defence's conditioning diagnostic (spec.conditioning, else `conditioning`: a
+    spec without the block is still the sweep `run` records, under the same sweep run) that is
+    not yet recorded, under the sweep's run and lock, without attacking; returns the MLflow
+    experiment id."""
     from orchestrator.conditions import jobs
 
+    measured = spec if spec.conditioning or conditioning is None else \
+        spec.model_copy(update={"conditioning": conditioning})
     with sweep_lock(spec.name, tracking_uri):
         tracker = _tracker(spec, tracking_uri, echo)
         interrupted = True
         try:
-            jobs.run(spec, tracker, echo, lambda: start_ray(address), kinds=(Kind.DIAGNOSTIC,))
+            jobs.run(measured, tracker, echo, lambda: start_ray(address), kinds=(Kind.DIAGNOSTIC,))
             interrupted = False
         finally:
             tracker.close(interrupted=interrupted)

@@ -14,7 +14,8 @@ import yaml
 from conftest import sweep_dict
 from mlflow.tracking import MlflowClient
 
-from orchestrator import cli
+from orchestrator import cli, sweep
+from orchestrator import spec as S
 from orchestrator.conditions import records
 from trainables.names import G_EFFECT_SECONDS, G_TOTAL, Kind, Metric, Tag, g_effect
 
@@ -118,6 +119,11 @@ def test_diagnose_measures_once_and_again_when_its_settings_change(world, ray_lo
     out = capsys.readouterr().out
     assert "measured with its defaults" in out and "κ harmful" in out
     assert len(diagnostic_runs(uri, "diagnose-only")) == 2
+    # under the sweep run `run` of the same spec records: the spec's digest, not one with the block
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("diagnose-only")
+    (sweep_run,) = client.search_runs([exp.experiment_id], f"tags.{Tag.KIND} = '{Kind.SWEEP}'")
+    assert sweep_run.data.tags[Tag.SPEC_DIGEST] == sweep.spec_digest(S.load(spec))
     assert cli.main(["diagnose", spec, "--tracking-uri", uri]) == 0
     assert "already recorded" in capsys.readouterr().out
     assert len(diagnostic_runs(uri, "diagnose-only")) == 2            # nothing measured twice
