@@ -8,7 +8,7 @@ a fresh subprocess, as a user starts it, best of N:
               the error path, which must answer before anything heavy is imported
   report      `attack-sweep report` on the one-trial store the sweeps below wrote
   fixed cost  a one-trial `attack-sweep run` (quickstart narrowed to the base defence, one
-              attacker, T=5, conditions=null; a fresh temporary directory and sqlite store, as a
+              attacker, T=5, no conditions or diagnostics; a fresh temporary directory and sqlite store, as a
               first run pays) minus its trial's own attack loop (the trial run's wall_seconds at
               its last step, from MLflow): imports, MLflow store, Ray and Tune start, the trial's
               actor, checkpoint load, the summary and the report
@@ -60,9 +60,11 @@ ONE_TRIAL = [
     "space.finetune=full",
     "space.attack_domain=null",
     "conditions=null",
+    "conditioning=null",   # the quickstart's diagnostics: a Ray task of their own after the trial
+    "g_effect=null",
     f"max_steps={STEPS}",
 ]
-CLI = "import sys; from orchestrator.cli import main; sys.exit(main())"
+CLI = "from orchestrator.cli import entry; entry()"
 """What the `attack-sweep` console script runs (`python -c` so that the tree on PYTHONPATH is used)."""
 
 

@@ -95,3 +95,19 @@ def test_trainables_imports_lazily(tmp_path):
 
     with pytest.raises(AttributeError):
         trainables.no_such_name  # noqa: B018 - the module's __getattr__ must refuse unknown names
+
+
+@pytest.mark.parametrize("args, code", [(["validate", str(QUICKSTART)], 0), (["validate", "/no/such.yaml"], 2)])
+def test_the_console_script_exits_as_main_says_after_every_atexit_handler(tmp_path, args, code):
+    """entry() (the `attack-sweep` script) leaves with main's exit code, after the atexit handlers
+    a normal exit runs (Ray's shutdown is one), and with everything printed flushed."""
+    marker = tmp_path / "atexit-ran"
+    script = ("import atexit, pathlib, sys; from orchestrator.cli import entry\n"
+              f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+              "sys.argv = ['attack-sweep', *sys.argv[1:]]\nentry()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr
+    assert marker.read_text() == "yes"
+    assert (proc.stdout.startswith("spec OK") if code == 0 else "no/such.yaml" in proc.stderr)
