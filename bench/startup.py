@@ -64,8 +64,9 @@ ONE_TRIAL = [
     "g_effect=null",
     f"max_steps={STEPS}",
 ]
-CLI = "from orchestrator.cli import entry; entry()"
-"""What the `attack-sweep` console script runs (`python -c` so that the tree on PYTHONPATH is used)."""
+CLI = "import sys, orchestrator.cli as c; c.entry() if hasattr(c, 'entry') else sys.exit(c.main())"
+"""What the `attack-sweep` console script runs (`python -c` so that the tree on PYTHONPATH is used;
+trees before orchestrator.cli.entry ran main)."""
 
 
 @dataclass
@@ -114,9 +115,13 @@ def one_trial_run(tree: Tree, work: Path) -> tuple[str, list[str]]:
     """A fresh folder and store, and the `attack-sweep run` arguments of the one-trial sweep."""
     work.mkdir(parents=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    args = ["run", str(tree.path / "orchestrator" / "quickstart.yaml"), "--tracking-uri", uri]
-    for item in ONE_TRIAL:
-        args += ["--set", item]
+    spec = tree.path / "orchestrator" / "quickstart.yaml"
+    args = ["run", str(spec), "--tracking-uri", uri]
+    keys = {line.split(":")[0] for line in spec.read_text().splitlines()}
+    for item in ONE_TRIAL:   # a key an older tree's quickstart lacks is not there to switch off
+        key = item.split("=")[0]
+        if not item.endswith("=null") or "." in key or key in keys:
+            args += ["--set", item]
     return uri, args
 
 
