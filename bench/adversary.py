@@ -76,7 +76,8 @@ def run_one(algorithm: str, seed: int, trials: int, uri: str, storage: str, worl
             max_steps: int | None) -> str:
     search, space = spaces(trials, world)[algorithm]
     name = f"bench-{algorithm.replace('+', '-')}-{seed}"
-    sets = [f"name={name}", f"search={search | {'seed': seed, 'max_concurrent': 1}}", "conditions=null",
+    sets = [f"name={name}", f"search={search | {'seed': seed, 'max_concurrent': 1}}",
+            "conditions=null", "conditioning=null", "g_effect=null",   # the attacks alone
             *([f"max_steps={max_steps}"] if max_steps else [])]
     if world == "smollm2":  # the example's space, its searched dimensions as `space` says
         spec = S.load(SMOLLM2, [*sets, *(f"space.{k}={v}" for k, v in space.items())])

@@ -34,7 +34,8 @@ QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
 
 def arm(concurrent: int, attackers: int, steps: int, work: Path, tag: str) -> float:
     spec = S.load(QUICKSTART, [f"name=concurrency-{tag}", "phi=1", "space.dataset_size=32", f"max_steps={steps}",
-                               "space.finetune=full", "space.attack_domain=null", "conditions=null",
+                               "space.finetune=full", "space.attack_domain=null",
+                               "conditions=null", "conditioning=null", "g_effect=null",   # the attacks alone
                                f"search={{algorithm: grid, max_concurrent: {concurrent}}}",
                                f"space.learning_rate={{grid: {[1e-4, 3e-4, 1e-3, 3e-3][:attackers]}}}"])
     start = time.perf_counter()

@@ -68,6 +68,8 @@ def one_trial_overrides(max_steps: int) -> list[str]:
         "space.finetune=full",
         "space.attack_domain=null",   # attackers of every domain, one trial
         "conditions=null",            # the attacks alone: what this bench measures
+        "conditioning=null",
+        "g_effect=null",
         f"max_steps={max_steps}",
     ]
 
