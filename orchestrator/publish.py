@@ -96,7 +96,7 @@ def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str, 
         folder = out_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="attack-sweep-report-")))
         text = report.write(rows, experiment, folder, unit, conditions=cond)
         for path in report.files(folder):  # what write wrote, never whatever else the folder holds
-            client.log_artifact(parent_run_id, str(path), "report" + ("" if path.parent == folder else "/figures"))
+            client.log_artifact(parent_run_id, str(path), (Path("report") / path.relative_to(folder).parent).as_posix())
     return Published(rows, text)
 
 
