@@ -2,8 +2,8 @@
 
 The evaluation share of one SmolLM2 attack trial (issue 14: target <= 20%), before and after
 `decide_early` and the step-0 cache, in one command: first one evaluation point's generation on
-the `aligned` release and on --defence, answers in full against answers stopped at their verdict
-(a refusal marker), then the same trial run three times in this
+the `aligned` release and on --defence, answers in full against batches cut once every answer in
+them holds a refusal marker (or ended), then the same trial run three times in this
 process, scored in full (step-0 cache off), decided early (the first trial of this defence: it
 measures step 0 and stores it in the step-0 cache, empty in a temp folder), and decided early
 again as the second trial of the same defence (step 0 read back from what the first stored,
@@ -107,9 +107,10 @@ def share(r: AttackResult) -> tuple[float, float, float]:
 
 
 def generation(world: Path, eval_path: Path, args) -> None:
-    """One evaluation point's generation on each release, answers in full against answers that end
-    at their first refusal marker (what decide_early generates for the parts it scores), best of 2:
-    where a defence refuses, whole batches end early; the verdicts must be the same."""
+    """One evaluation point's generation on each release, answers in full against batches cut once
+    every answer in them holds a refusal marker or ended (what decide_early generates for the parts
+    it scores), best of 2: where a defence refuses throughout, batches end early; the verdicts must
+    be the same."""
     from transformers import AutoModelForCausalLM
 
     from trainables import data as D
@@ -121,7 +122,7 @@ def generation(world: Path, eval_path: Path, args) -> None:
     fmt = Data(attack={"source": str(eval_path)}, eval={"source": str(eval_path)}, chat_template=True)
     rows = [json.loads(x) for x in eval_path.read_text().splitlines()]
     print(f"\none point's generation, {PROMPTS} prompts x 32 tokens in batches of {args.batch_size}, best of 2:\n")
-    print("| release | refusals | full s | stopped at the verdict s | ratio | same verdicts |")
+    print("| release | refusals | full s | batches cut when decided s | ratio | same verdicts |")
     print("|---|---:|---:|---:|---:|---|")
     for name in dict.fromkeys(("aligned", args.defence)):
         tok = load_tokenizer(Checkpoint(model=str(world / name)))
