@@ -16,7 +16,11 @@ float is accepted as f without per-prompt verdicts):
         return score
 
 An evaluator may be called on part of a point's items (`EvalContext.part`, what decide_early
-does): it must score each item on its own, as every registered one does.
+does): it must score each item on its own, as every registered one does. One whose verdict on an
+answer can be fixed before the answer ends may say when, `ctx.responses(n, stop_when=decided)`
+with `decided(text)` staying true as text is appended (refusal_keyword: the text holds a refusal
+marker): in those parts a batch of answers then ends once every answer in it is decided, and only
+verdicts `decided` fixes may be read from its answers.
 """
 
 from __future__ import annotations
