@@ -239,6 +239,21 @@ def test_a_batch_ends_once_every_answer_is_decided_and_is_full_generation_until_
     assert (n_stopped < n_full) == bool(cut)
 
 
+def test_a_cut_is_read_from_the_answers_even_where_generate_copies_the_criterion(world, monkeypatch):
+    """A transformers that deep-copies its stopping criteria (some versions did) still gets each
+    batch's cut right: it is read from the answers, not from the criterion's state."""
+    import copy
+
+    from trainables.evaluators import refuses
+
+    model, tok, prompts = toy_answers(world, "base", 0.0)   # every answer refuses early
+    real = B._criteria
+    monkeypatch.setattr(B, "_criteria", lambda d: real(copy.deepcopy(d)))
+    cut: set[int] = set()
+    stopped = B.generate_ids(model, tok, prompts, 10, 5, stop_when=refuses, cut=cut)
+    assert cut == set(range(5)) and all(len(a) < 10 for a in stopped)
+
+
 def test_the_stop_cases_cover_cut_and_whole_batches(world):
     """The cases above are not vacuous: batches cut short and batches that run to their end."""
     from trainables.evaluators import refuses

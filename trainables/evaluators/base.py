@@ -323,12 +323,16 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
                 enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
                 start = enc["input_ids"].shape[1]
-                decided = _Decided(tokenizer, start, stop_when, ends, max_new_tokens) if stop_when else None
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
-                                     **({"stopping_criteria": _criteria(decided)} if decided else {}))
-                out += gen[:, start:].tolist()
-                if decided is not None and decided.cut and cut is not None:
+                                     **({"stopping_criteria": _criteria(_Decided(tokenizer, start, stop_when, ends))}
+                                        if stop_when else {}))
+                new = gen[:, start:].tolist()
+                out += new
+                # read from the answers, not from the criterion (generate may hold a copy of it): a
+                # batch that ended before max_new_tokens with an answer that had not ended itself
+                if stop_when and cut is not None and len(new[0]) < max_new_tokens and \
+                        not all(ends.intersection(row) for row in new):
                     cut.add(i // batch_size)
     finally:
         tokenizer.padding_side = side
@@ -349,23 +353,16 @@ def _criteria(decided):
 class _Decided:
     """A stopping criterion (transformers' protocol: a done flag per row) that ends the whole
     batch at once, once every row is decided or ended, and never a row alone: a row marked done
-    would be fed padding, and its answer would stop being full generation's. `cut`: it ended the
-    batch before max_new_tokens."""
+    would be fed padding, and its answer would stop being full generation's."""
 
-    def __init__(self, tokenizer, start: int, decided: Callable[[str], bool], ends: set[int], length: int):
-        self.tokenizer, self.start, self.decided, self.ends, self.length = tokenizer, start, decided, ends, length
-        self.ended: list[bool] = []
-        self.done: list[bool] = []
-        self.cut = False
+    def __init__(self, tokenizer, start: int, decided: Callable[[str], bool], ends: set[int]):
+        self.tokenizer, self.start, self.decided, self.ends = tokenizer, start, decided, ends
+        self.done: list[bool] = []   # decided stays decided: a marker stays in text appended to
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         new = input_ids[:, self.start:].tolist()
-        self.ended = [bool(self.ends.intersection(row)) for row in new]
-        self.done = [e or (self.done and self.done[r]) or self.decided(
-            self.tokenizer.decode(new[r], skip_special_tokens=True)) for r, e in enumerate(self.ended)]
-        every = all(self.done)
-        # cut short: ended here, before max_new_tokens, with an answer that had not ended by itself
-        self.cut = every and len(new[0]) < self.length and not all(self.ended)
-        return torch.full((len(new),), every, dtype=torch.bool, device=input_ids.device)
+        self.done = [(self.done and self.done[r]) or bool(self.ends.intersection(row))
+                     or self.decided(self.tokenizer.decode(row, skip_special_tokens=True)) for r, row in enumerate(new)]
+        return torch.full((len(new),), all(self.done), dtype=torch.bool, device=input_ids.device)
