@@ -315,7 +315,8 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    ends = {tokenizer.eos_token_id, *_ids(getattr(model.generation_config, "eos_token_id", None))} - {None}
+    ends = {tokenizer.eos_token_id, *_ids(getattr(model.generation_config, "eos_token_id", None))} - {None} \
+        if stop_when else set()   # what ends an answer by itself; read only where batches may be cut
     out: list[list[int]] = []
     try:
         with torch.no_grad():
