@@ -48,6 +48,26 @@ def test_lanczos_ends_match_the_dense_spectrum_of_a_psd_matrix(n):
     assert kappa.value == pytest.approx(true, rel=1e-3)
 
 
+def test_an_end_that_runs_out_of_products_is_unconverged_and_gives_no_kappa():
+    """κ = 100 exactly (eigenvalues 1 ... 0.01), but 70 products per end cannot pin λmin = 0.01 in
+    dimension 600: the residual |Hv - λv| of the end found exceeds rtol·λ, so the end is reported
+    unconverged, its error still bounding the truth, and κ is withheld rather than read off it."""
+    n = 600
+    h = random_psd(n, cond=100.0, seed=n)
+    ends = extremes(lambda v: h @ v, n, max_matvecs=70)
+    top, bottom = dense_ends(h)
+    assert (top, bottom) == (pytest.approx(1.0), pytest.approx(0.01))
+    assert ends.top.converged and ends.top.value == pytest.approx(1.0, rel=1e-4)
+    assert not ends.bottom.converged and not ends.converged
+    assert ends.bottom.error > 1e-4 * ends.bottom.value                    # why: the residual is too large
+    assert abs(ends.bottom.value - bottom) <= ends.bottom.error            # and still bounds the distance
+    assert abs(ends.bottom.value - bottom) > 1e-4 * bottom                 # premise: the value is off
+    k = Kappa.of(ends)
+    assert k.verdict == "unconverged" and math.isnan(k.value) and "did not reach rtol" in k.why
+    # the same operator with the default budget converges to κ = 100
+    assert Kappa.of(extremes(lambda v: h @ v, n)).value == pytest.approx(100.0, rel=1e-3)
+
+
 def test_an_indefinite_matrix_reports_both_ends_and_no_kappa():
     n = 200
     q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((n, n)))

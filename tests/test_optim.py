@@ -1,5 +1,6 @@
 """Optimizers, learning-rate schedules and the budget's units."""
 
+import math
 import sys
 import time
 
@@ -27,6 +28,54 @@ def test_every_optimizer_builds_and_steps(name):
         opt.step()
         opt.zero_grad()
     assert all(not torch.equal(a, b) for a, b in zip(before, layer.parameters(), strict=True))
+
+
+def _updates(name: str, steps: int, lr: float = 0.1, wd: float = 0.0, w0: float = 0.0) -> list[float]:
+    """The change of one weight at each of `steps` steps on the linear loss g·w with g = 1 (a
+    constant gradient), from w0: what the optimizer's rule alone makes of it."""
+    w = torch.nn.Parameter(torch.tensor([w0], dtype=torch.float64))
+    opt = build_optimizer([w], Attacker(optimizer=name, learning_rate=lr, weight_decay=wd))
+    out = []
+    for _ in range(steps):
+        before = float(w.detach())
+        opt.zero_grad()
+        w.sum().backward()
+        opt.step()
+        out.append(float(w.detach()) - before)
+    return out
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("sgd", [-0.1, -0.1, -0.1]),
+    # heavy ball, momentum 0.9: buffer 1, 1.9, 2.71 (b <- 0.9 b + g)
+    ("sgd_momentum", [-0.1, -0.19, -0.271]),
+    # Nesterov: the step is g + 0.9 b with b as above: 1.9, 2.71, 3.439
+    ("sgd_nesterov", [-0.19, -0.271, -0.3439]),
+    # Adam / AdamW with a constant gradient: m_hat = v_hat = 1, so each step is lr / (1 + 1e-8)
+    ("adam", [-0.1 / (1 + 1e-8)] * 3),
+    ("adamw", [-0.1 / (1 + 1e-8)] * 3),
+    # Adagrad: the sum of squares grows 1, 2, 3: steps lr / (sqrt(k) + 1e-10)
+    ("adagrad", [-0.1 / (1 + 1e-10), -0.1 / (math.sqrt(2) + 1e-10), -0.1 / (math.sqrt(3) + 1e-10)]),
+    # Adadelta (rho 0.9, eps 1e-6): v = 0.1 g^2; delta = sqrt(u + eps) / sqrt(v + eps) g; u <- 0.9 u + 0.1 delta^2
+    ("adadelta", None),
+])
+def test_each_optimizer_follows_its_update_rule(name, expect):
+    if expect is None:  # Adadelta's recursion, by hand
+        expect, v, u = [], 0.0, 0.0
+        for _ in range(3):
+            v = 0.9 * v + 0.1
+            delta = math.sqrt(u + 1e-6) / math.sqrt(v + 1e-6)
+            u = 0.9 * u + 0.1 * delta**2
+            expect.append(-0.1 * delta)
+    assert _updates(name, 3) == pytest.approx(expect, rel=1e-9, abs=1e-15)
+
+
+def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw():
+    """From w = 1 with g = 1 and weight decay 0.5 at lr 0.1: Adam adds 0.5 w to the gradient (its
+    normalised step is still lr), AdamW shrinks w by lr * 0.5 * w first, then takes the step lr."""
+    assert _updates("adam", 1, wd=0.5, w0=1.0) == pytest.approx([-0.1 / (1 + 1e-8 / 1.5)])
+    assert _updates("adamw", 1, wd=0.5, w0=1.0) == pytest.approx([-0.1 * 0.5 - 0.1 / (1 + 1e-8)])
+    assert _updates("sgd", 1, wd=0.5, w0=1.0) == pytest.approx([-0.1 * 1.5])
 
 
 def test_schedule_free_evaluates_at_its_average_and_trains_on():
