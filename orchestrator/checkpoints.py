@@ -35,6 +35,7 @@ from orchestrator.spec import Defence, SpecError, SweepSpec
 # the file each kind of checkpoint must hold: how a hub id is probed, and a local folder recognised
 _MARKER = {"model": "config.json", "adapter": "adapter_config.json", "tokenizer": "tokenizer_config.json"}
 SKIP_HINT = "or pass --skip-checkpoint-checks if only the Ray workers can see it"
+CONFIG_FIX = "fix its config.json, or re-save the model with save_pretrained"
 
 
 def check(spec: SweepSpec) -> list[str]:
@@ -82,7 +83,7 @@ def locate(value: str, kind: str, where: str, revision: str | None) -> str | Non
         return str(path)
     if value.startswith(("/", "./", "../", "~")) or value.count("/") > 1 or "\\" in value:
         raise SpecError(f"spec error: {where}: no such path {value!r} (relative paths are read next to the "
-                        f"spec, then in the current directory)")
+                        f"spec, then in the current directory); fix the path, {SKIP_HINT}")
     why = _hub_problem(value, _MARKER[kind], revision)
     if why is None:
         return None
@@ -172,10 +173,10 @@ def _config(d: Defence, model_dir: str | None, where: str):
             raise SpecError(f"spec error: {where}.trust_remote_code: {d.model!r} ships its own model code; "
                             "set trust_remote_code: true only if you trust its author") from None
         raise SpecError(f"spec error: {where}.model: cannot read the config of {d.model!r}: "
-                        f"{_first_line(err)}") from None
+                        f"{_first_line(err).rstrip('.')}; {CONFIG_FIX}") from None
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise SpecError(f"spec error: {where}.model: cannot read the config of {d.model!r}: "
-                        f"{_first_line(err)}") from None
+                        f"{_first_line(err).rstrip('.')}; {CONFIG_FIX}") from None
 
 
 def _check_weights(folder: Path, where: str) -> None:
@@ -241,7 +242,8 @@ def _adapter(value: str, folder: str | None, where: str) -> None:
     try:
         PeftConfig.from_pretrained(folder or value)
     except Exception as err:  # noqa: BLE001 - peft raises several kinds; the message is what matters
-        raise SpecError(f"spec error: {where}: cannot read the PEFT adapter {value!r}: {_first_line(err)}") from None
+        raise SpecError(f"spec error: {where}: cannot read the PEFT adapter {value!r}: {_first_line(err)}; give "
+                        "the folder the adapter was saved to (save_pretrained)") from None
     if folder is not None:
         for file in Path(folder).glob("*.safetensors"):
             if problem := safetensors_problem(file):
@@ -289,7 +291,8 @@ def _lora(d: Defence, config, targets: list, where: str) -> None:
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=d.trust_remote_code)
         except Exception as err:  # noqa: BLE001
             raise SpecError(f"spec error: {where}.model: {d.model!r} is not a causal language model "
-                            f"transformers can build ({_first_line(err)})") from None
+                            f"transformers can build ({_first_line(err)}); give a checkpoint "
+                            "AutoModelForCausalLM loads") from None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -298,8 +301,8 @@ def _lora(d: Defence, config, targets: list, where: str) -> None:
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                             if isinstance(m, torch.nn.Linear)} - {""})
             raise SpecError(f"spec error: space.lora_target_modules: {target!r} does not fit {where} "
-                            f"({d.model!r}): {_first_line(err)[:200]}; its linear layers are "
-                            f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}, or use all-linear") from None
+                            f"({d.model!r}): {_first_line(err)[:200].rstrip('.')}; name some of its linear layers ("
+                            f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}) or use all-linear") from None
 
 
 def _first_line(err: BaseException) -> str:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from orchestrator.spec import SpecError, SweepSpec, evaluator_places
 from trainables import data as D
+from trainables.config import AttackConfig, explain, field_at
 from trainables.optim import missing_dependency
 
 
@@ -54,10 +55,11 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
         prompts[split], rows = [str(r[src.prompt_field]) for r in loaded], len(loaded)
         if need > rows:
             raise SpecError(f"spec error: {'space.dataset_size' if split == 'attack' else 'space.stages'}"
-                            f": {need} exceeds the {rows} rows of data.{split}; lower it")
+                            f": {need} exceeds the {rows} rows of data.{split}; lower it to at most {rows}")
     if shared := D.shared_prompts(prompts.get("eval", []), prompts.get("attack", [])):
         raise SpecError(f"spec error: data.eval: {len(shared)} held-out prompt(s) also in data.attack "
-                        f"(first: {shared[0][:80]!r}); evaluate on prompts the attacker never trains on")
+                        f"(first: {shared[0][:80]!r}); remove them from data.eval: evaluate on prompts the "
+                        "attacker never trains on")
     notes += _check_defender_data(spec, prompts)
     notes += _check_utility(spec, prompts)
     notes += _check_conditions(spec, prompts)
@@ -83,10 +85,11 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
             except ValidationError as err:
                 first = err.errors()[0]
                 where = ".".join(str(p) for p in first["loc"]) or "attacker"
-                raise SpecError(f"spec error: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+                raise SpecError(f"spec error: {where}: {explain(first, field_at(AttackConfig, first['loc']))}") \
+                    from None
     if spec.evaluator.name == "nll" and not spec.data.eval.response_field:
-        raise SpecError("spec error: data.eval.response_field: the nll evaluator needs "
-                        "reference responses")
+        raise SpecError("spec error: data.eval.response_field: the nll evaluator needs reference responses; "
+                        "set data.eval.response_field to the field that holds them, or use another evaluator")
     if checkpoints:
         from orchestrator import checkpoints as C
 
@@ -167,7 +170,8 @@ def _check_utility(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:
     for split in ("attack", "eval", "benign"):
         if shared := D.shared_prompts(mine, prompts.get(split, [])):
             raise SpecError(f"spec error: utility.data: {len(shared)} prompt(s) also in data.{split} (first: "
-                            f"{shared[0][:80]!r}); utility must be scored on held-out benign prompts")
+                            f"{shared[0][:80]!r}); remove them from utility.data: utility must be scored on "
+                            "held-out benign prompts")
     return []
 
 
@@ -175,7 +179,8 @@ def _read(src, where: str) -> tuple[list[dict] | None, str]:
     """A split's rows, from a local file or, where the hub can be reached, a hub dataset; else
     (None, a note saying it was not checked). A bad local split is a SpecError."""
     if _missing_local_path(src.source):
-        raise SpecError(f"spec error: {where}.source: no such file {src.source!r}")
+        raise SpecError(f"spec error: {where}.source: no such file {src.source!r}; fix the path (a relative one "
+                        "is read next to the spec, then in the current directory)")
     if not Path(src.source).expanduser().exists():
         from orchestrator.checkpoints import hub_offline
 
@@ -249,7 +254,7 @@ def _check_domains(spec: SweepSpec) -> list[str]:
                             f"{', '.join(sorted(known['attack']))})")
         if (need := space["dataset_size"].largest()) > sizes[d]:
             raise SpecError(f"spec error: space.dataset_size: {need} exceeds the {sizes[d]} rows of domain {d!r} "
-                            "in data.attack; lower it")
+                            f"in data.attack; lower it to at most {sizes[d]}")
     for defence in spec.defences:
         for d in defence.immunised_on or []:
             if d not in known["attack"]:
@@ -293,7 +298,8 @@ def _check_conditions(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[st
     train, held = _rows(t.data, "conditions.trainability.data"), _rows(t.eval, "conditions.trainability.eval")
     if train is not None and t.attacker.dataset_size > len(train):
         raise SpecError(f"spec error: conditions.trainability.attacker.dataset_size: {t.attacker.dataset_size} "
-                        f"exceeds the {len(train)} rows of conditions.trainability.data; lower it")
+                        f"exceeds the {len(train)} rows of conditions.trainability.data; lower it to at most "
+                        f"{len(train)}")
     if held is not None and t.target_loss is not None and any(r.get(t.eval.response_field) is None for r in held):
         raise SpecError("spec error: conditions.trainability.eval.response_field: target_loss needs a reference "
                         "answer in every held-out row")

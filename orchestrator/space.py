@@ -32,7 +32,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from trainables.config import Attacker
+from trainables.config import Attacker, explain
 
 DomainKind = Literal["constant", "grid", "choice", "uniform", "loguniform", "randint"]
 SAMPLED = ("choice", "uniform", "loguniform", "randint")
@@ -66,8 +66,7 @@ def _dim_parser(name: str, info: FieldInfo):
         try:
             return scalar.validate_python(value)
         except ValidationError as err:
-            msg = err.errors()[0]["msg"]
-            raise ValueError(f"{where}{msg} (got {value!r})") from None
+            raise ValueError(f"{where}{explain(err.errors()[0], info)}") from None
 
     def parse(raw: Any) -> Dim:
         if isinstance(raw, Dim):
@@ -76,17 +75,22 @@ def _dim_parser(name: str, info: FieldInfo):
             return Dim("constant", (check(raw, ""),))
         kinds = ", ".join(k for k in DomainKind.__args__ if k != "constant")
         if len(raw) != 1 or next(iter(raw)) not in DomainKind.__args__[1:]:
+            fix = "keep one KIND" if len(raw) > 1 else \
+                f"replace {next(iter(raw))!r} with one of them" if raw else "name one KIND"
             raise ValueError(f"expected a constant or a one-key mapping {{KIND: ...}} with KIND "
-                             f"one of: {kinds} (got {raw!r})")
+                             f"one of: {kinds} (got {raw!r}); {fix}")
         kind, args = next(iter(raw.items()))
         if not isinstance(args, list) or not args:
-            raise ValueError(f"{kind}: expected a non-empty list (got {args!r})")
+            raise ValueError(f"{kind}: expected a non-empty list (got {args!r}); list the values, "
+                             f"e.g. {{{kind}: [A, B]}}")
         values = tuple(check(v, f"{kind}[{i}]: ") for i, v in enumerate(args))
         if kind in ("uniform", "loguniform", "randint"):
             if len(values) != 2 or not values[0] < values[1]:
-                raise ValueError(f"{kind}: expected [low, high] with low < high (got {args!r})")
+                fix = "swap them" if len(values) == 2 and values[0] > values[1] else \
+                    "give two bounds, the lower first (a constant for one value)"
+                raise ValueError(f"{kind}: expected [low, high] with low < high (got {args!r}); {fix}")
             if not all(isinstance(v, (int, float)) for v in values):
-                raise ValueError(f"{kind} needs numbers (got {args!r})")
+                raise ValueError(f"{kind} needs numbers (got {args!r}); use {{choice: [...]}} for other values")
         return Dim(kind, values)
 
     return parse

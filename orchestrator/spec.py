@@ -9,6 +9,7 @@ Errors come out one per line, each naming the field and what it accepts:
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.conditions.config import Conditions
 from orchestrator.space import SAMPLED, AttackerSpace, attackers
 from trainables.conditioning import Conditioning
-from trainables.config import Checkpoint, DataSource, DeepSpeed, Evaluation, EvaluatorConfig
+from trainables.config import Checkpoint, DataSource, DeepSpeed, Evaluation, EvaluatorConfig, explain, field_at
 from trainables.names import Unit
 
 
@@ -145,7 +146,8 @@ class SweepSpec(Evaluation):
         names = [d.name for d in defences]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"defence names must be unique; repeated: {', '.join(dup)}")
+            raise ValueError(f"defence names must be unique; repeated: {', '.join(dup)}; give each defence "
+                             "its own name")
         bases = [d.name for d in defences if d.base]
         if len(bases) != 1:
             raise ValueError(f"mark exactly one defence with 'base: true' (the undefended model);"
@@ -176,10 +178,11 @@ class SweepSpec(Evaluation):
             try:
                 evaluators.validate_options(ev.name, ev.options)
             except ValidationError as err:
-                first = err.errors()[0]
+                first, model = err.errors()[0], evaluators.options_type(ev.name)
                 field = ".".join(str(p) for p in first["loc"])
-                raise ValueError(f"{where}.options.{field}: {first['msg'].removeprefix('Value error, ')}") \
-                    from None
+                msg = unknown_key(first["loc"][-1], list(model.model_fields), "option") \
+                    if first["type"] == "extra_forbidden" else explain(first, field_at(model, first["loc"]))
+                raise ValueError(f"{where}.options.{field}: {msg}") from None
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
         return self
@@ -190,23 +193,24 @@ class SweepSpec(Evaluation):
             sampled = [n for n, d in dict(self.space).items()
                        if d.kind in SAMPLED and d.kind != "choice"]
             if sampled:
-                raise ValueError(f"search.algorithm=grid cannot sample space.{sampled[0]} "
+                raise ValueError(f"space.{sampled[0]}: search.algorithm=grid cannot sample space.{sampled[0]} "
                                  f"({dict(self.space)[sampled[0]].kind}); use grid/choice "
                                  "values or search.algorithm=random")
             if self.search.num_samples != 1:
-                raise ValueError("search.num_samples must be 1 with search.algorithm=grid "
-                                 "(add a seed dimension to repeat attackers)")
+                raise ValueError("search.num_samples: must be 1 with search.algorithm=grid; set num_samples: 1 "
+                                 "and add a seed dimension (space.seed: {grid: [0, 1]}) to repeat attackers")
         if self.g_effect is not None and self.distributed is not None:
             raise ValueError("g_effect: the probe takes whole gradients in one process, which DeepSpeed / "
                              "multi-worker trials do not have; set g_effect: null or resources.workers: 1 "
                              "without deepspeed")
         if self.refine and self.distributed is not None:
-            raise ValueError("refine needs snapshots of the training state, which DeepSpeed / multi-worker "
-                             "trials do not take; set refine: 0")
+            raise ValueError("refine: refine needs snapshots of the training state, which DeepSpeed / "
+                             "multi-worker trials do not take; set refine: 0")
         if self.search.algorithm in ADAPTIVE and not any(
                 d.kind != "constant" for d in dict(self.space).values()):
-            raise ValueError(f"search.algorithm={self.search.algorithm} needs at least one "
-                             "non-constant space dimension to search")
+            raise ValueError(f"search.algorithm: {self.search.algorithm} needs at least one non-constant space "
+                             "dimension to search; give one a domain, e.g. space.learning_rate: {loguniform: "
+                             "[1.0e-5, 1.0e-3]}")
         return self
 
     @model_validator(mode="after")
@@ -409,36 +413,51 @@ def format_errors(err: ValidationError) -> str:
             lines.append(f"spec error: {msg}")
             continue
         if e["type"] == "extra_forbidden":
-            msg = f"unknown key (check its spelling; allowed keys: {_allowed(e['loc'])})"
+            msg = unknown_key(e["loc"][-1], _allowed(e["loc"]))
         elif e["type"] == "missing":
-            msg = "required field is missing"
+            parent = ".".join(str(p) for p in e["loc"][:-1])
+            msg = f"required field is missing; add {e['loc'][-1]}: {f'under {parent}' if parent else 'to the spec'}"
+        else:
+            msg = explain(e, field_at(SweepSpec, e["loc"]))
         lines.append(f"spec error: {where}: {msg}")
     return "\n".join(lines)
 
 
-def _allowed(loc: tuple) -> str:
+def unknown_key(key: Any, allowed: list[str], what: str = "key") -> str:
+    """An unknown key, with the allowed ones and the likeliest meant (a misspelling, mostly)."""
+    near = difflib.get_close_matches(str(key), allowed, n=1)
+    meant = f"did you mean {near[0]!r}? " if near else ""
+    return f"unknown {what} (check its spelling; {meant}allowed {what}s: {', '.join(allowed) or '?'})"
+
+
+def _allowed(loc: tuple) -> list[str]:
     model: Any = SweepSpec
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
-            return "?"
+            return []
         ann = field.annotation
         model = getattr(ann, "__args__", (ann,))[0] if hasattr(ann, "__args__") else ann
-    return ", ".join(getattr(model, "model_fields", {})) or "?"
+    return list(getattr(model, "model_fields", {}))
 
 
 def _read_mapping(path: Path, what: str) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SpecError(f"error: {what} {str(path)!r} not found") from None
+        raise SpecError(f"error: {what} {str(path)!r} not found; check the path (a relative one is read "
+                        f"from the current directory, {Path.cwd()})") from None
     except yaml.YAMLError as err:
-        raise SpecError(f"error: {what} {str(path)!r} is not valid YAML: {err}".replace("\n", " ")) \
-            from None
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        why = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise SpecError(f"error: {what} {str(path)!r} is not valid YAML: {at}{why}; fix the YAML there "
+                        "(indentation, an unclosed bracket or quote, a missing ': ')") from None
     if not isinstance(raw, dict):
-        raise SpecError(f"error: {what} {str(path)!r} must hold a mapping of fields")
+        raise SpecError(f"error: {what} {str(path)!r} must hold a mapping of fields; write it as "
+                        "KEY: VALUE lines (e.g. max_steps: 50), not a list or a single value")
     return raw
 
 

@@ -54,7 +54,8 @@ def _read_json(path: Path) -> tuple[list, list[str]]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+            raise ValueError(f"{path}: line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); "
+                             "fix the JSON there") from None
         return items, [f"item {i + 1}" for i in range(len(items))]
     rows, where = [], []
     for n, line in enumerate(text.splitlines(), 1):
@@ -63,24 +64,27 @@ def _read_json(path: Path) -> tuple[list, list[str]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {n}, column {err.colno}: not valid JSON ({err.msg})") from None
+            raise ValueError(f"{path}: line {n}, column {err.colno}: not valid JSON ({err.msg}); fix that line "
+                             "(one JSON object per line) or drop it") from None
         where.append(f"line {n}")
     return rows, where
 
 
 def _check_fields(rows: list, src: DataSource, where: list[str]) -> None:
     if not rows:
-        raise ValueError(f"data source {src.source!r} (split {src.split!r}) has no rows")
+        raise ValueError(f"data source {src.source!r} (split {src.split!r}) has no rows; point source (and split) "
+                         "at data with rows")
     wanted = [f for f in (src.prompt_field, src.response_field) if f]
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"data source {src.source!r}, {where[i]}: expected an object with fields "
-                             f"{wanted}, got {type(row).__name__}")
+                             f"{wanted}, got {type(row).__name__}; write each row as a JSON object with those fields")
         if missing := [f for f in wanted if f not in row]:
             at = "" if i == 0 else f", {where[i]}"
             raise ValueError(
                 f"data source {src.source!r}{at} has no field {missing[0]!r}; "
-                f"its fields are {sorted(row)} (set prompt_field/response_field)")
+                f"its fields are {sorted(row)}; set {'prompt' if missing[0] == src.prompt_field else 'response'}"
+                f"_field to the one that holds it")
 
 
 def shared_prompts(a: list[str], b: list[str]) -> list[str]:

@@ -294,7 +294,8 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> list[Defenc
     if exp is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise LookupError(f"no MLflow experiment {experiment!r} at {tracking_uri} "
-                          f"(experiments there: {names})")
+                          f"(experiments there: {names}); give the sweep's name (its spec's name:) and the "
+                          "tracking URI it logged to")
     _check_schema(client, exp.experiment_id, experiment)
     runs = client.search_runs([exp.experiment_id], f"tags.{Tag.KIND} = '{Kind.TRIAL}'", max_results=50_000)
     runs, dropped = _once([r for r in runs if Tag.SUPERSEDED not in r.data.tags

@@ -184,7 +184,8 @@ def _api_key(options: JudgeOptions) -> str | None:
         return None
     key = os.environ.get(options.api_key_env)
     if not key:
-        raise ValueError(f"judge: environment variable {options.api_key_env} (options.api_key_env) is not set")
+        raise ValueError(f"judge: environment variable {options.api_key_env} (options.api_key_env) is not set; "
+                         f"export {options.api_key_env} with the key before the run")
     return key
 
 
