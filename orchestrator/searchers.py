@@ -1,7 +1,7 @@
 """The adversary as Tune sees it: a searcher per defence that suggests the next attacker, and
 one Tune searcher that runs them side by side.
 
-    searcher = Capped(make(spec, configs, priors), "step", cap=400.0, spent_before=0.0)
+    searcher = Capped(make(spec, configs, priors, recorded), "step", cap=400.0, spent_before=0.0)
     tuner_searcher = SideBySide({"base": (searcher, 16), "repnoise": (other, 16)})
 
 grid/random hand Tune a precomputed list (FixedTrials); tpe (Optuna) and hyperopt model the
@@ -9,17 +9,25 @@ objective over the space's searched dimensions, categorical ones as indices (orc
 encodes and decodes them). Capped wraps any of them so that no trial starts once the defence's
 compute cap is spent.
 
+Resuming: a grid/random list holds the attackers not yet recorded, each once. tpe and hyperopt are
+told every recorded (attacker, objective) as a finished trial, so their model continues from
+the records, and a resumed one is seeded by (seed, trials told) rather than by the seed alone,
+which would replay the first run's draws. Deduped wraps them so that no attacker is handed out
+that is recorded or already suggested in this run (the same attacker, seed included, is the
+same trial); a searcher that keeps proposing only those ends its defence's search with a note.
+
 Ray is imported at this module's top: import it only where Tune runs (sweep._fit).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 from ray import tune
 from ray.tune.search import Searcher
 
-from orchestrator.space import searched
+from orchestrator.space import attacker_id, decode, digest, searched
 from orchestrator.spec import SweepSpec
 from trainables.names import Metric
 
@@ -119,13 +127,72 @@ class SideBySide(Searcher):
             self.searchers[defence].on_trial_complete(trial_id, result=result, error=error)
 
 
-def make(spec: SweepSpec, configs: list[dict] | None, priors: list[tuple[dict, float]]) -> Searcher:
+class Deduped(Searcher):
+    """`inner`, never handing out an attacker whose id is in `seen` (the recorded ones) or that
+    it handed out before: such a suggestion is closed at once as an error (the model learns
+    nothing from it) and the inner searcher asked again, at most `tries` times a trial; then
+    the search ends with one line to `note`. `attacker` maps a suggestion to its attacker id."""
+
+    # An ask is one draw of the model (milliseconds). Twenty repeats in a row come from a model
+    # settled on attackers already run, or a discrete space all but exhausted.
+    def __init__(self, inner: Searcher, attacker: Callable[[dict], str], seen: Iterable[str] = (),
+                 tries: int = 20, note: Callable[[str], None] | None = None) -> None:
+        super().__init__(metric=Metric.OBJECTIVE, mode="min")
+        self.inner, self.attacker, self.tries, self.note = inner, attacker, tries, note
+        self.seen = set(seen)
+        self.inner_id: dict[str, str] = {}
+        self.handed = self.skipped = 0
+        self.done = False
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.inner.set_search_properties(metric, mode, config, **spec) or True
+
+    def suggest(self, trial_id: str):
+        if self.done:
+            return Searcher.FINISHED
+        for i in range(self.tries):
+            # a fresh id for each ask: the inner searcher keeps each rejected one, closed as an error
+            asked = trial_id if i == 0 else f"{trial_id}~{i}"
+            config = self.inner.suggest(asked)
+            if config is None or config is Searcher.FINISHED:
+                return config
+            key = self.attacker(config)
+            if key not in self.seen:
+                self.seen.add(key)
+                self.inner_id[trial_id] = asked
+                self.handed += 1
+                return config
+            self.skipped += 1
+            self.inner.on_trial_complete(asked, result=None, error=True)
+        self.done = True
+        if self.note is not None:
+            self.note(f"the searcher proposed only attackers already run ({self.tries} in a row); "
+                      f"its search ends here, after {self.handed} new trials")
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.inner_id:
+            self.inner.on_trial_result(self.inner_id[trial_id], result)
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        if (asked := self.inner_id.pop(trial_id, None)) is not None:
+            self.inner.on_trial_complete(asked, result=result, error=error)
+
+
+def make(spec: SweepSpec, configs: list[dict] | None, priors: list[tuple[dict, float]],
+         recorded: Iterable[str] = (), note: Callable[[str], None] | None = None) -> Searcher:
     """The defence's searcher: the fixed list `configs` (grid/random), else a model-based one
-    (tpe/hyperopt) told the `priors` (encoded attacker, objective) recorded by earlier runs."""
+    (tpe/hyperopt) told the `priors` (encoded attacker, objective) recorded by earlier runs and
+    never handing out an attacker whose id is in `recorded` (Deduped, which tells `note` if it
+    ends the search)."""
     if configs is not None:
         return FixedTrials(configs)
     s = spec.search
     space = {name: _domain(d) for name, d in searched(spec.space).items()}
+    # Every draw of a seeded searcher follows from its seed and what it was told: with the
+    # first run's seed a resumed search would propose the first run's attackers again (its
+    # random start replays them exactly), and Deduped would skip them one by one.
+    seed = s.seed if not priors else int(digest([s.seed, len(priors)])[:8], 16)
     if s.algorithm == "tpe":
         import logging
 
@@ -133,16 +200,35 @@ def make(spec: SweepSpec, configs: list[dict] | None, priors: list[tuple[dict, f
         from ray.tune.search.optuna import OptunaSearch
 
         optuna.logging.set_verbosity(logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_initial)
-        return OptunaSearch(space, metric=Metric.OBJECTIVE, mode="min", sampler=sampler,
-                            points_to_evaluate=[p for p, _ in priors] or None,
-                            evaluated_rewards=[r for _, r in priors] or None)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_initial)
+        inner: Searcher = OptunaSearch(space, metric=Metric.OBJECTIVE, mode="min", sampler=sampler,
+                                       points_to_evaluate=[p for p, _ in priors] or None,
+                                       evaluated_rewards=[r for _, r in priors] or None)
+    else:
+        inner = _hyperopt(space, priors, s.n_initial, seed)
+    return Deduped(inner, lambda config: attacker_id(decode(spec.space, config)), recorded, note=note)
+
+
+def _hyperopt(space: dict, priors: list[tuple[dict, float]], n_initial: int, seed: int) -> Searcher:
+    """HyperOptSearch told `priors` as finished trials. Its points_to_evaluate would rerun them
+    and it has no add_evaluated_point, so they go in as done hyperopt trials through set_state
+    (hyperopt's own trial documents, the form it checkpoints)."""
+    from hyperopt import STATUS_OK, Trials
+    from hyperopt.base import JOB_STATE_DONE
+    from hyperopt.fmin import generate_trial
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    # HyperOpt cannot be told past results without rerunning them: a resumed search
-    # keeps its records and its count, but its model starts afresh.
-    return HyperOptSearch(space, metric=Metric.OBJECTIVE, mode="min", n_initial_points=s.n_initial,
-                          random_state_seed=s.seed)
+    searcher = HyperOptSearch(space, metric=Metric.OBJECTIVE, mode="min", n_initial_points=n_initial,
+                              random_state_seed=seed)
+    if priors:
+        docs = [generate_trial(tid, dict(p)) for tid, (p, _) in enumerate(priors)]
+        for doc, (_, value) in zip(docs, priors, strict=True):
+            doc["state"], doc["result"] = JOB_STATE_DONE, {"loss": float(value), "status": STATUS_OK}
+        trials = Trials()
+        trials.insert_trial_docs(docs)
+        trials.refresh()
+        searcher.set_state({**searcher.get_state(), "hyperopt_trials": trials})
+    return searcher
 
 
 def _domain(d):

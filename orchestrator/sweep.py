@@ -359,6 +359,8 @@ class DefenceSearch:
     """Adaptive searches: (encoded attacker, objective) of every recorded trial."""
     adversary: str
     """The MLflow run of the adversary's progress against this defence."""
+    recorded: frozenset[str] = frozenset()
+    """Adaptive searches: the attacker ids of every recorded trial, never handed out again."""
 
 
 def _prepare(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str],
@@ -374,8 +376,9 @@ def _prepare(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str]
         configs, pending = None, max(0, s.num_samples - len(prior))
         recorded = len(prior)
     else:  # a grid trial counts as recorded by its attacker, even from a spec that since changed
-        every = spec.attackers()
-        configs = [a for a in every if trial_key(spec, {"defence": defence.name, **a}) not in done]
+        # random draws of discrete dimensions can repeat an attacker: the same trial, run once
+        every = {trial_key(spec, {"defence": defence.name, **a}): a for a in spec.attackers()}
+        configs = [a for key, a in every.items() if key not in done]
         pending = len(configs)
         recorded = len(every) - pending
     what = f"defence {defence.name!r}: {recorded} trials already recorded, {pending} to run"
@@ -396,7 +399,8 @@ def _prepare(spec: SweepSpec, defence: Defence, tracker: Tracker, done: set[str]
     priors = [(a, r.data.metrics[Metric.OBJECTIVE]) for r in prior
               if Metric.OBJECTIVE in r.data.metrics and Tag.ATTACKER in r.data.tags
               and (a := encode(spec.space, json.loads(r.data.tags[Tag.ATTACKER]))) is not None]
-    return DefenceSearch(defence, progress, configs, pending, priors, adversary)
+    recorded_ids = frozenset(r.data.tags[Tag.ATTACKER_ID] for r in prior if Tag.ATTACKER_ID in r.data.tags)
+    return DefenceSearch(defence, progress, configs, pending, priors, adversary, recorded_ids)
 
 
 def _stopper(spec: SweepSpec, searches: list[DefenceSearch]):
@@ -482,8 +486,9 @@ def _fit(spec: SweepSpec, searches: list[DefenceSearch], tracker: Tracker, addre
     from orchestrator import searchers
 
     searcher = searchers.SideBySide({x.defence.name: (searchers.Capped(
-        searchers.make(spec, x.configs, x.priors), field, s.max_compute, x.progress.compute), x.pending)
-        for x in searches})
+        searchers.make(spec, x.configs, x.priors, x.recorded,
+                       note=lambda line, d=x.defence.name: echo(f"defence {d!r}: {line}")),
+        field, s.max_compute, x.progress.compute), x.pending) for x in searches})
     stopper = _stopper(spec, searches)
     guard = _interrupt_guard()
     recorded = sum(x.progress.trials for x in searches)
