@@ -11,6 +11,9 @@ T_max is the longest horizon in the space, so a censored short attack never look
 cheaper than a success of a long one in steps; in the other units the trial's own
 budget per step scales it (a resisted batch-64 attack costs more than a batch-8 one).
 With the default penalty 2 and unit steps that is 2 x T.
+
+Pruning (search.prune) stops a trial that cannot lower its defence's worst case: one still safe
+whose spent budget has reached the cheapest success found against that defence (cannot_lower).
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ def objective(point: dict, unit: str, penalty: float, t_max: int) -> float:
         return spent
     per_step = spent / point["step"] if point["step"] else 0.0
     return penalty * t_max * per_step
+
+
+def cannot_lower(safe: bool, spent: float, best: float) -> bool:
+    """A trial safe so far that has already spent `best`, the cheapest success against its
+    defence: any crossing it reaches lies beyond this budget, so it cannot lower that minimum
+    (nor tie it). A trial that has crossed may still be refined to below `best`."""
+    return safe and spent >= best
 
 
 @dataclass

@@ -48,7 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from orchestrator import provenance
-from orchestrator.adversary import Progress
+from orchestrator.adversary import Progress, cannot_lower
 from orchestrator.attackers import attacker_params, label, run_name
 from orchestrator.progress import Display, feed
 from orchestrator.publish import Published, publish
@@ -423,9 +423,7 @@ def _stopper(spec: SweepSpec, searches: list[DefenceSearch]):
                     defence = result[DEFENCE]
                     best[defence] = min(best[defence], float(result[field]))
                 return True
-            # safe so far, and already as costly as the cheapest success: any crossing it reaches
-            # lies beyond this budget, so it cannot lower the minimum (nor tie it)
-            if best is not None and result.get(SAFE) and float(result[field]) >= best[result[DEFENCE]]:
+            if best is not None and cannot_lower(bool(result.get(SAFE)), float(result[field]), best[result[DEFENCE]]):
                 self.pruned.add(trial_id)
                 return True
             return False

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from trainables.config import Attacker, DeepSpeed
+from trainables.outcome import diverges
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class DataParallel:
         for piece in pieces:
             loss = engine(**{k: v.to(self.device) for k, v in piece.items()}).loss
             # every rank must agree before the backward's collectives: one nan stops them all
-            if not math.isfinite(self.mean(float(loss.item()))):
+            if diverges(self.mean(float(loss.item()))):
                 return math.nan
             total += float(loss.item())
             engine.backward(loss)

@@ -23,6 +23,7 @@ from trainables import data as D
 from trainables.budget import Budget
 from trainables.config import Attacker, Stage
 from trainables.optim import build_optimizer, build_scheduler
+from trainables.outcome import diverges
 from trainables.parallel import DataParallel
 
 
@@ -97,14 +98,14 @@ class Trainer:
 
     def train_to(self, step: int) -> float | None:
         """Train up to global step `step`, moving into later stages as their turn comes.
-        Returns the loss if it went nan/inf (that step still counts), else None."""
+        Returns the loss if it diverged (outcome.diverges: nan/inf; that step still counts), else None."""
         start = time.perf_counter()
         try:
             while self.budget.steps < step:
                 if self.local == self.stages[self.index].steps:
                     self._enter(self.index + 1)
                 loss = self._step()
-                if not math.isfinite(loss):
+                if diverges(loss):
                     return loss
             return None
         finally:
@@ -121,21 +122,22 @@ class Trainer:
         self.trained_steps += 1
         if self.parallel is not None:
             loss = self.parallel.step(self.engine, batch)
-            if math.isfinite(loss):
+            if not diverges(loss):
                 self._note(loss)
             return loss
 
         loss = supervised_loss(self.model, batch, self.device)
-        if not torch.isfinite(loss):
-            return float(loss.item())
+        value = float(loss.item())
+        if diverges(value):  # its gradient would make every weight nan: no update
+            return value
         loss.backward()
         if self.hp.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.hp.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._note(loss.item())
-        return self.losses[-1]
+        self._note(value)
+        return value
 
     def _note(self, loss: float) -> None:
         self.losses.append(loss)
