@@ -2,12 +2,13 @@
 # make test  - install into .venv (with dev tools) and run the test suite
 # make smollm2 - the real-model example: SmolLM2-135M-Instruct aligned, defended, attacked (~20 min)
 # make gpu-wheels - fill .whl/ with the wheels a GPU machine without internet lacks (bench/gpu_check.sh)
+# make mutants - mutation testing of the modules that decide outcomes (mutmut, ~10 min; not in CI)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: demo test lint bench install clean smollm2 gpu-wheels
+.PHONY: demo test lint bench install clean smollm2 gpu-wheels mutants
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -41,6 +42,14 @@ test: install $(VENV)/.smollm2
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# The modules and tests are pyproject.toml's [tool.mutmut]. Prints killed / survived per module and
+# fails while a mutant survives; `$(VENV)/bin/mutmut show NAME` shows one, `mutmut results` lists them.
+mutants: install
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2
+	@$(VENV)/bin/mutmut results --all true | sed -E 's/^ *([A-Za-z_.]+)\.x[^:]*: (.*)$$/\1: \2/' | sort | uniq -c
+	@! $(VENV)/bin/mutmut results | grep -v 'not checked' | grep -q .
 
 bench: install
 	$(PY) bench/startup.py

@@ -16,7 +16,6 @@ from mlflow.tracking import MlflowClient
 from orchestrator import spec as S
 from orchestrator import sweep
 from orchestrator.conditions import records as CR
-from orchestrator.conditions import verdicts as V
 from orchestrator.report import load, write
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,13 +118,11 @@ def test_generalisation_splits_by_declared_domain_and_the_transfer_matrix_averag
 
     v = verdicts(out)["rescaled"]
     w_in, w_out = worst(by_domain["cyber"]), worst(by_domain["theft"])
-    if math.isfinite(w_in):
-        assert float(v["in_domain_worst"]) == w_in
-    if math.isfinite(w_out):
-        assert float(v["out_of_domain_worst"]) == w_out
-    if math.isfinite(w_in) and math.isfinite(w_out):
-        assert float(v["generalisation_value"]) == pytest.approx(w_out / w_in)
-        assert v["generalisation_verdict"] == ("pass" if w_out / w_in >= 0.5 else "fail")
+    # premise: lr 3e-3 breaks the rescaled defence from both domains within T, so both worst cases are exact
+    assert math.isfinite(w_in) and math.isfinite(w_out), (w_in, w_out)
+    assert (float(v["in_domain_worst"]), float(v["out_of_domain_worst"])) == (w_in, w_out)
+    assert (float(v["generalisation_value"]), v["generalisation_bound"]) == (pytest.approx(w_out / w_in), "")
+    assert v["generalisation_verdict"] == ("pass" if w_out / w_in >= 0.5 else "fail")   # the spec's tolerance
     assert verdicts(out)["noised"]["generalisation_verdict"] == "not measured"   # nothing declared
 
     # per-domain f at an attack's end, weighted by each domain's held-out prompts, is its overall f
@@ -179,15 +176,6 @@ def test_the_verdict_table_is_printed_published_and_resumed_without_new_runs(swe
     sweep.run(conditions_spec(world), tracking_uri=uri, storage_path=str(out.parent / "ray"), echo=lines.append)
     assert "conditions: every release and benign run already recorded" in lines
     assert {k: len(trial_runs(uri, "conditions", k)) for k in before} == before
-
-
-def test_judging_reads_only_the_records(swept):
-    """The verdicts recomputed from MLflow in a fresh load equal the ones written."""
-    spec, uri, _, out, _ = swept
-    fresh = {x.defence: x for x in V.judge(load(uri, spec.name, curves=False), CR.load(uri, spec.name, curves=False))}
-    for d, row in verdicts(out).items():
-        for c in V.Verdict.CONDITIONS:
-            assert getattr(fresh[d], c).verdict == row[f"{c}_verdict"]
 
 
 def test_an_attacker_of_one_domain_trains_on_that_domain_alone(world):

@@ -9,6 +9,7 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import sweep_dict
@@ -81,20 +82,52 @@ def test_run_records_the_g_effect_at_every_evaluation_point(swept):
         assert run.data.metrics[G_EFFECT_SECONDS] > 0
 
 
-def test_run_records_each_defences_conditioning_and_the_report_shows_it(swept):
+def dense_spectrum(world, spec_path: str, defence: str, task: str, size: int) -> np.ndarray:
+    """The least-squares head's Hessian ΦᵀΦ/n by hand: Φ the final hidden states (what the output head
+    reads, here from output_hidden_states) at every position that predicts a response token of the
+    task's first `size` rows; its eigenvalues by a dense solver."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainables import data as D
+    from trainables.checkpoint import load_tokenizer
+    from trainables.config import Checkpoint
+
+    spec = S.load(spec_path)
+    d = next(x for x in spec.defences if x.name == defence)
+    src = spec.data.attack if task == "harmful" else spec.benign_answers
+    tokenizer = load_tokenizer(Checkpoint.model_validate(d.checkpoint()))
+    batch = D.collate(D.tokenize_rows(tokenizer, D.load_rows(src)[:size], src, spec.data), tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(world / defence).eval()
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True).hidden_states[-1]
+    phi = hidden[:, :-1][batch["labels"][:, 1:] != -100].double().numpy()
+    return np.linalg.eigvalsh(phi.T @ phi / len(phi))
+
+
+def test_run_records_each_defences_conditioning_and_the_report_shows_it(swept, world):
     uri, tmp = swept
     runs = {r.data.tags[Tag.DEFENCE]: r for r in diagnostic_runs(uri, "diagnosed")}
     assert set(runs) == {"base", "rescaled"}
-    for run in runs.values():
+    kappa = {}
+    for defence, run in runs.items():
         assert run.data.tags[Tag.STATUS] == "measured" and run.data.params["head"] == "least_squares"
         for task in ("harmful", "benign"):
             assert run.data.tags[f"{Tag.VERDICT}.{task}"] == "ok"
             m = {q: run.data.metrics[Metric.conditioning(q, task)] for q in Metric.CONDITIONING}
-            assert m["kappa"] == pytest.approx(m["lambda_max"] / m["lambda_min"])
-            assert m["kappa_low"] <= m["kappa"] <= m["kappa_high"] and m["matvecs"] > 0 and m["dim"] == 64
+            w = dense_spectrum(world, str(tmp / "diagnosed.yaml"), defence, task, 48)
+            assert (m["dim"], m["lambda_max"], m["lambda_min"]) == (64, pytest.approx(w[-1], rel=1e-4),
+                                                                   pytest.approx(w[0], rel=1e-4))
+            kappa[defence, task] = w[-1] / w[0]
+            assert m["kappa"] == pytest.approx(kappa[defence, task], rel=1e-3)
+            assert m["kappa_low"] <= kappa[defence, task] <= m["kappa_high"] and m["matvecs"] > 0
+    # RIR from the dense spectra: rescaling every weight by one factor moves both tasks' κ alike
+    rir = (kappa["rescaled", "harmful"] / kappa["base", "harmful"]) / (kappa["rescaled", "benign"] /
+                                                                       kappa["base", "benign"])
     with open(tmp / "report" / "conditioning.csv") as fh:
         rows = {r["defence"]: r for r in csv.DictReader(fh)}
-    assert float(rows["rescaled"]["rir"]) == pytest.approx(1.0, rel=1e-3)
+    assert float(rows["rescaled"]["rir"]) == pytest.approx(rir, rel=2e-3) and rir == pytest.approx(1.0, rel=1e-2)
     assert float(rows["base"]["rir"]) == 1.0
     md = (tmp / "report" / "report.md").read_text()
     assert "## Conditioning at release" in md and "RIR ≈ 1 with λmax moved" in md

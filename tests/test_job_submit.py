@@ -47,10 +47,13 @@ from typing import Literal
 
 import psutil
 import pytest
+import torch
 import yaml
 from conftest import sweep_dict, trial_runs
 
-from trainables.names import TERMINAL
+from orchestrator import spec as S
+from orchestrator import sweep
+from trainables import run_attack
 
 RAY = str(Path(sys.executable).with_name("ray"))
 START_TIMEOUT_S = 60
@@ -242,9 +245,18 @@ def test_sweep_submitted_as_a_ray_job_to_a_token_protected_head(world, head, tmp
     trials = trial_runs(uri, "job-submit")
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
     assert len(trials) == 4 and len({r.data.tags["trial_key"] for r in trials}) == 4
-    for r in trials:
-        assert r.info.status == "FINISHED" and r.data.tags["status"] in TERMINAL, (r.data.tags, logs[-4000:])
-        assert r.data.tags["mlflow.parentRunId"] == sweeps[0].info.run_id
+    # what the job recorded is what the attack gives run in this process, outside Ray: the same status
+    # and budget for each (defence, attacker)
+    spec = S.from_dict(raw)
+    torch.set_num_threads(1)  # a 1-CPU Ray trial runs one thread
+    for t in sweep.trials(spec):
+        (r,) = [r for r in trials if r.data.tags["trial_key"] == sweep.trial_key(spec, t)]
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == sweeps[0].info.run_id
+        direct = run_attack(sweep.attack_config(spec, t))
+        assert r.data.tags["status"] == direct.status, (t, r.data.tags, logs[-4000:])
+        btf = direct.budget_to_failure
+        assert r.data.metrics.get("budget_to_failure_steps") == (btf.step if btf else None), t
+    assert any(r.data.tags["status"] == "failed" for r in trials)   # premise: some budget was compared
 
     head.stop()
     assert head.proc.returncode is not None

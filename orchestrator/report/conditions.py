@@ -106,14 +106,14 @@ def transfer_csv(rows: list[DefenceRow]) -> Table:
     return ["defence", "attack_domain", "eval_domain", "mean_harmfulness_at_end", "attacks"], body
 
 
-def _pairs(rows: list[DefenceRow], unit: str):
+def _pairs(rows: list[DefenceRow]):
     """(defence, attacker label, its trial, the base's trial) per attacker that faced both, by label."""
     base = next((r for r in rows if r.is_base), None)
     everyone = [t for r in rows for t in r.trials]
     for r in rows:
         if base is None or r.is_base:
             continue
-        for mine, ref in sorted(V.pairs(r, base, unit), key=lambda p: attacker_label(everyone, p[0])):
+        for mine, ref in sorted(V.pairs(r, base), key=lambda p: attacker_label(everyone, p[0])):
             yield r.defence, attacker_label(everyone, mine), mine, ref
 
 
@@ -137,7 +137,7 @@ def _ratio(mine, ref, unit: str) -> tuple[float | None, str]:
 def paired_table(rows: list[DefenceRow], unit: str) -> Table:
     """Per attacker that faced both, each defence's budget-to-failure next to the base's and their ratio."""
     body = []
-    for defence, label, mine, ref in _pairs(rows, unit):
+    for defence, label, mine, ref in _pairs(rows):
         ratio, side = _ratio(mine, ref, unit)
         body.append([defence, label, _v(mine, unit), _v(ref, unit),
                      "-" if ratio is None else f"{side} {ratio:.3g}".strip()])
@@ -153,7 +153,7 @@ def paired_csv(rows: list[DefenceRow], unit: str) -> Table:
     """The paired table as numbers: each budget with a censored flag (its value then the horizon it
     resisted to), the ratio with its bound side ('' exact, '>' or '<'), empty where unknown."""
     body = []
-    for defence, label, mine, ref in _pairs(rows, unit):
+    for defence, label, mine, ref in _pairs(rows):
         (a, ac), (b, bc) = _num(mine, unit), _num(ref, unit)
         ratio, side = _ratio(mine, ref, unit)
         body.append([defence, mine.attacker_id, label, _n(a), str(ac).lower(), _n(b), str(bc).lower(), _n(ratio),
