@@ -114,7 +114,7 @@ def incidence(outcomes: Sequence[Outcome], level: float = 0.95) -> Curve:
     knots = np.unique(np.append(t, 0.0))
     k = np.searchsorted(knots, t)  # exact: every time is a knot
     count = {name: np.bincount(k[kind == name], minlength=len(knots)) for name in KINDS}
-    at_risk = len(t) - np.concatenate(([0], np.cumsum(np.bincount(k, minlength=len(knots)))[:-1]))
+    at_risk = len(t) - np.searchsorted(np.sort(t), knots)  # trials whose budget is not below the knot
 
     if not count["competing"].any():
         method: Literal["kaplan-meier", "aalen-johansen"] = "kaplan-meier"
@@ -125,11 +125,12 @@ def incidence(outcomes: Sequence[Outcome], level: float = 0.95) -> Curve:
         cif, s_before = _aalen_johansen(d_s, d, at_risk)
         surviving = 1.0 - cif
         lower, upper = _aj_band(k, kind, len(knots), level)
-        if math.isnan(lower[-1]) and 0 < cif[-1] < 1:  # every trial left succeeded at the last budget
+        # every trial left succeeded at the last budget (F < 1 there: a competing event took its share)
+        if math.isnan(lower[-1]) and cif[-1] > 0:
             lower[-1], upper[-1] = _last_band(cif, s_before, d_s, d, at_risk, level)
 
-    lower = np.clip(np.minimum(np.nan_to_num(lower, nan=1.0), surviving), 0.0, 1.0)
-    upper = np.clip(np.maximum(np.nan_to_num(upper, nan=0.0), surviving), 0.0, 1.0)
+    # no band (nan) collapses onto the point; the bands (log(-log)) and the share lie within [0, 1]
+    lower, upper = np.fmin(lower, surviving), np.fmax(upper, surviving)
     return Curve(method, knots.tolist(), surviving.tolist(), lower.tolist(), upper.tolist(),
                  at_risk.astype(int).tolist(), sorted(set(t[kind == "censored"].tolist())), len(t), level)
 
@@ -140,39 +141,39 @@ def _kaplan_meier(t: np.ndarray, success: np.ndarray, knots: np.ndarray,
     from lifelines import KaplanMeierFitter  # lazy: pulls in matplotlib and autograd
 
     km = KaplanMeierFitter(alpha=1 - level).fit(t, event_observed=success)
-    s = km.survival_function_.iloc[:, 0].reindex(knots).to_numpy()
-    ci = km.confidence_interval_.reindex(knots).to_numpy()
+    s = km.survival_function_.iloc[:, 0].loc[knots].to_numpy()  # its timeline is the knots: 0 and every time
+    ci = km.confidence_interval_.loc[knots].to_numpy()
     return s, ci.min(axis=1), ci.max(axis=1)
 
 
 def _aalen_johansen(d_s: np.ndarray, d: np.ndarray, at_risk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The AJ cumulative incidence of success after each knot, events at a knot taken together, and the
     all-cause KM survival just before each knot."""
-    s, f, cif, s_before = 1.0, 0.0, [], []
-    for ds, dd, n in zip(d_s.tolist(), d.tolist(), at_risk.tolist(), strict=True):
-        s_before.append(s)
-        f += s * ds / n  # n >= 1: every knot but 0 is some trial's time, and 0 has all n
-        s *= 1 - dd / n
-        cif.append(f)
-    return np.array(cif), np.array(s_before)
+    s_after = np.cumprod(1 - d / at_risk)  # at_risk >= 1: every knot but 0 is some trial's time, and 0 has all n
+    s_before = np.concatenate(([1.0], s_after[:-1]))
+    return np.cumsum(s_before * d_s / at_risk), s_before
 
 
 def _aj_band(k: np.ndarray, kind: np.ndarray, m: int, level: float) -> tuple[np.ndarray, np.ndarray]:
     """lifelines' AJ band (Collett's variance), on the relabelled budgets, as a band of `surviving`."""
     from lifelines import AalenJohansenFitter
 
-    slot = np.where(kind == "success", 2 * k + 1, 2 * k + 2).astype(float)
-    code = np.select([kind == "success", kind == "competing"], [1, 2], 0)
+    slot = np.where(kind == "success", 2.0 * k + 1, 2.0 * k + 2)
+    # 0 (censored) is np.select's default, and lifelines counts every code but 0 and 1 as competing
+    code = np.select([kind == "success", kind == "competing"], [1, 2], 0)  # pragma: no mutate (equivalent, see above)
     with warnings.catch_warnings(), np.errstate(all="ignore"):  # it divides by n - d = 0 on a last row
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("error", message="Tied event times")  # it would jitter: not deterministic
-        aj = AalenJohansenFitter(seed=SEED, alpha=1 - level, calculate_variance=True)
+        # it would jitter the ties: not deterministic (the message is matched ignoring case)
+        warnings.filterwarnings("error", message="Tied event times")  # pragma: no mutate (equivalent, see above)
+        # the seed is never read (the tie warning raises before any jitter); the variance is lifelines' default
+        aj = AalenJohansenFitter(seed=SEED, calculate_variance=True,  # pragma: no mutate (equivalent, see above)
+                                 alpha=1 - level)
         aj.fit(slot, code, event_of_interest=1)
     cif = aj.cumulative_density_.iloc[:, 0].to_numpy()
     ci = aj.confidence_interval_.to_numpy()
     lo, hi = ci.min(axis=1), ci.max(axis=1)  # nan stays nan
-    for i in range(1, len(cif)):
+    for i in range(1, len(cif)):  # pragma: no mutate (equivalent: rows 0 and 1 could only go from nan to nan)
         if math.isnan(lo[i]) and cif[i] == cif[i - 1]:  # nothing new of success here: same variance
             lo[i], hi[i] = lo[i - 1], hi[i - 1]
     index = aj.cumulative_density_.index.to_numpy()

@@ -47,3 +47,18 @@ def test_the_interval_is_fixed_by_its_seed():
 def test_the_lower_end_never_goes_below_the_observed_minimum(level):
     lo, hi = bootstrap_ci({"g": [4.0, 9.0, 30.0], "h": [12.0, INF]}, level=level)["min"]
     assert 4.0 <= lo <= hi
+
+
+def test_each_end_is_its_own_tail_of_the_minima():
+    """[1, inf]: the minimum of 2 draws is inf with probability 1/4. At level 0.4 the ends are the 30%
+    and 70% points, both below 3/4: (1, 1); at level 0.6 the 20% and 80% points: the upper is inf."""
+    assert bootstrap_ci({"g": [1.0, INF]}, level=0.4) == {"min": (1.0, 1.0)}
+    assert bootstrap_ci({"g": [1.0, INF]}, level=0.6) == {"min": (1.0, INF)}
+
+
+def test_the_ends_are_observed_minima_never_interpolated():
+    """Two resamples of [1, 2]: each minimum is 1 or 2 (1 with probability 3/4). Where the two differ
+    the 2.5% and 97.5% points are 1 and 2 themselves, never a budget between them."""
+    ends = [bootstrap_ci({"g": [1.0, 2.0]}, resamples=2, seed=seed)["min"] for seed in range(12)]
+    assert (1.0, 2.0) in ends   # premise: some seeds draw both minima
+    assert all(lo in (1.0, 2.0) and hi in (1.0, 2.0) for lo, hi in ends)

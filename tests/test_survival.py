@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
+import warnings
 
 import numpy as np
 import pytest
@@ -98,6 +100,13 @@ def test_median_and_quantile() -> None:
         c.quantile(1.5)
 
 
+def loglog_band(f: float, var: float, level: float = 0.95) -> tuple[float, float]:
+    """The log(-log) band of an incidence f with variance var (delta method), as a band of 1 - f."""
+    spread = statistics.NormalDist().inv_cdf((1 + level) / 2) * math.sqrt(var) / (f * abs(math.log(f)))
+    f_low, f_high = (math.exp(-math.exp(math.log(-math.log(f)) + sign * spread)) for sign in (1, -1))
+    return 1 - f_high, 1 - f_low
+
+
 def _check_band(c: Curve) -> None:
     assert len(c.lower) == len(c.upper) == len(c.surviving) == len(c.times)
     for lo, s, hi in zip(c.lower, c.surviving, c.upper, strict=True):
@@ -186,3 +195,139 @@ def test_edge_cases() -> None:
             incidence(bad)
     with pytest.raises(ValueError):
         incidence(MIXED, level=1.0)
+
+
+def exactly(message: str) -> str:
+    return f"^{re.escape(message)}$"
+
+
+def test_bad_input_is_refused_with_its_reason() -> None:
+    for level in (0.0, 1.0, 1.5, -0.5):  # (0, 1) is open: level 0 or 1 has no band
+        with pytest.raises(ValueError, match=exactly(f"level must be within (0, 1), got {level}")):
+            incidence(MIXED, level=level)
+    with pytest.raises(ValueError, match=exactly("level must be within (0, 1), got 1.0")):
+        incidence([], level=1.0)
+    with pytest.raises(ValueError, match=exactly("unknown outcome kind 'error'; known: success, censored, competing")):
+        incidence([Outcome(1.0, "error")])  # type: ignore[arg-type]
+    for time in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=exactly(f"outcome time must be finite and >= 0, got {time}")):
+            incidence([Outcome(2.0, "success"), Outcome(time, "censored")])
+    for q in (1.5, -0.1):
+        with pytest.raises(ValueError, match=exactly(f"quantile q must be within [0, 1], got {q}")):
+            incidence(MIXED).quantile(q)
+
+
+def test_curve_fields() -> None:
+    empty = incidence([])
+    assert (empty.method, empty.censored_times, empty.level) == ("kaplan-meier", [], 0.95)
+    assert incidence([], level=0.8).level == 0.8
+    c = incidence(MIXED, level=0.8)
+    assert (c.method, c.n, c.level) == ("kaplan-meier", 7, 0.8)
+    assert c.at_risk == [7, 7, 5, 4, 3, 2, 1] and all(type(n) is int for n in c.at_risk)  # counts, not 7.0
+    aj = incidence(TIED)
+    assert (aj.method, aj.n, aj.level, aj.censored_times) == ("aalen-johansen", 8, 0.95, [2.0, 5.0])
+    assert all(type(n) is int for n in aj.at_risk)
+
+
+def test_quantile_within_its_float_slack() -> None:
+    c = incidence(MIXED)  # incidence 0 at 0 and 1, 0.2 at 2
+    assert c.quantile(1e-12) == 0.0  # 0 is within the 1e-12 slack of q = 1e-12: reached at once
+    assert c.quantile(2e-12) == 2.0  # 1e-12 short of it is not
+
+
+def test_a_torn_curve_is_refused_not_read_short() -> None:
+    torn = Curve("kaplan-meier", [0.0, 1.0], [1.0], [1.0], [1.0], [1, 1], [], 1, 0.95)
+    with pytest.raises(ValueError, match="zip"):
+        torn.quantile(1.0)
+
+
+def test_aalen_johansen_last_knot_bands_by_hand() -> None:
+    # successes at 1 and 2, the last trial competing at 3 (lifelines' variance is nan there: n - d = 0).
+    # Nothing new of success at 3, so the band of 2 is kept as it is. n = 3, 2, 1; S before = 1, 2/3, 1/3;
+    # F = 1/3 at 1, 1/3 + (2/3) * 1/2 = 2/3 at 2. Collett's variance at 2:
+    #   t=1 (d = d_s = 1, n = 3):  (2/3 - 1/3)^2 * 1/(3*2) + 1 * 1*2/27 - 2 * (1/3) * 1 * 1/9 = 1/54
+    #   t=2 (its own terms but one vanish): (2/3)^2 * 1*1/8 = 3/54;  var = 4/54 = 2/27
+    kept = incidence(trials((1, "success"), (2, "success"), (3, "competing")))
+    assert kept.surviving == pytest.approx([1.0, 2 / 3, 1 / 3, 1 / 3], abs=1e-12)
+    assert (kept.lower[2], kept.upper[2]) == pytest.approx(loglog_band(2 / 3, 2 / 27), abs=1e-12)
+    assert (kept.lower[3], kept.upper[3]) == (kept.lower[2], kept.upper[2])  # kept, not recomputed
+    # competing at 1 then the last trial succeeds alone at 2: F = 0 at 1 and 1/2 at 2 (S before = 1/2, n = 1);
+    # variance at 2 over knot 1 (d = 1 competing, n = 2): (1/2 - 0)^2 * 1/(2*1) = 1/8
+    last = incidence(trials((1, "competing"), (2, "success")))
+    assert last.surviving == pytest.approx([1.0, 1.0, 0.5], abs=1e-12)
+    assert (last.lower[-1], last.upper[-1]) == pytest.approx(loglog_band(0.5, 1 / 8), abs=1e-12)
+    # success at 1 (its band is lifelines' own), competing at 2, censored at 3, the last succeeds alone at 4:
+    # n = 4, 3, 2, 1 at knots 1..4; S before = 1, 3/4, 1/2, 1/2; F = 1/4, 1/4, 1/4, 1/4 + 1/2 = 3/4
+    #   t=1 (d = d_s = 1, n = 4):  (3/4 - 1/4)^2 * 1/(4*3) + 1 * 1*3/64 - 2 * (1/2) * 1 * 1/16 = 1/192
+    #   t=2 (d = 1 competing, n = 3): (1/2)^2 * 1/(3*2) = 1/24;  var = 1/192 + 8/192 = 3/64
+    late = incidence(trials((1, "success"), (2, "competing"), (3, "censored"), (4, "success")))
+    assert late.surviving == pytest.approx([1.0, 0.75, 0.75, 0.75, 0.25], abs=1e-12)
+    assert (late.lower[-1], late.upper[-1]) == pytest.approx(loglog_band(0.75, 3 / 64), abs=1e-12)
+    # at 1 itself only S^2 d_s (n - d_s) / n^3 = 1 * 1*3/64 is left
+    assert (late.lower[1], late.upper[1]) == pytest.approx(loglog_band(0.25, 3 / 64), abs=1e-12)
+
+
+def test_aalen_johansen_band_is_lifelines_own_number_on_untied_data() -> None:
+    """Without ties or budget 0 the relabelling changes nothing: at each knot the band is the very
+    number lifelines gives there (its row at 2k+2, not a neighbour's that agrees to rounding)."""
+    from lifelines import AalenJohansenFitter
+
+    kinds = ["success", "success", "competing", "success", "competing", "competing", "success", "censored"]
+    untied = [Outcome(float(i), k) for i, k in enumerate(kinds, start=1)]  # type: ignore[arg-type]
+    for level in (0.95, 0.8):
+        c = incidence(untied, level=level)
+        aj = AalenJohansenFitter(alpha=1 - level).fit([o.time for o in untied],
+                                                       [{"success": 1, "competing": 2}.get(k, 0) for k in kinds], 1)
+        ci = aj.confidence_interval_.to_numpy()[1:]  # knot 0 has no band in lifelines (nan)
+        assert c.lower[1:] == (1 - ci.max(axis=1)).tolist()
+        assert c.upper[1:] == (1 - ci.min(axis=1)).tolist()
+    assert incidence(untied, 0.8).upper[3] < incidence(untied, 0.95).upper[3]  # narrower at a lower level
+
+
+def test_float_errors_inside_lifelines_do_not_reach_a_strict_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lifelines import AalenJohansenFitter
+
+    expected, fit = incidence(TIED), AalenJohansenFitter.fit
+
+    def strict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _ = np.log(np.zeros(1)) + np.ones(1) / np.zeros(1)  # log(0) as at F = 0, x / 0 as at n - d = 0, -inf + inf
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(AalenJohansenFitter, "fit", strict)
+    with np.errstate(all="raise"):
+        assert incidence(TIED) == expected
+        assert np.geterr()["divide"] == "raise"
+
+
+def test_only_lifelines_arithmetic_and_deprecation_warnings_are_silenced(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lifelines import AalenJohansenFitter
+
+    expected, fit = incidence(TIED), AalenJohansenFitter.fit
+
+    def noisy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        warnings.warn("invalid value in log", RuntimeWarning, stacklevel=1)
+        warnings.warn("will change", FutureWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(AalenJohansenFitter, "fit", noisy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert incidence(TIED) == expected
+    assert [(w.category, str(w.message)) for w in caught] == [(UserWarning, "something else")]
+
+
+def test_lifelines_jitter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relabelled budgets never tie; if lifelines still found ties it would jitter them at random: refused."""
+    from lifelines import AalenJohansenFitter
+
+    fit = AalenJohansenFitter.fit
+
+    def tied(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        warnings.warn("Tied event times were detected. The Aalen-Johansen estimator cannot handle tied event "
+                      "times.", Warning, stacklevel=1)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(AalenJohansenFitter, "fit", tied)
+    with pytest.raises(Warning, match="^Tied event times were detected"):
+        incidence(TIED)
