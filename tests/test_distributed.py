@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -106,11 +108,24 @@ def test_two_cpu_workers_agree_with_one_process(world, ray_local, tmp_path, monk
     one = run_attack(sweep.attack_config(S.from_dict({**raw, "resources": {"cpu": 1}}),
                                          {"defence": "base", **spec.attackers()[0]}))
     assert one.status == "failed"
-    assert abs(m["budget_to_failure_steps"] - one.budget_to_failure.step) <= spec.eval_every
+    # The same attack, split over two processes: every step trains on the same global batch, and
+    # every toy response has the same number of tokens, so the mean of the two ranks' token-mean
+    # losses is the global batch's token-mean loss. The weights then differ from the single
+    # process's only by float summation order (measured: train losses within 1e-7 relative), too
+    # little to change a greedy answer: f is the same at every point, so is the budget.
+    assert m["budget_to_failure_steps"] == one.budget_to_failure.step
+    client = MlflowClient(uri)
+    assert sorted((p.step, p.value) for p in client.get_metric_history(run.info.run_id, "harmfulness")) == \
+        [(p.step, p.harmfulness) for p in one.points]
+    # the loss every rank reports is the global batch's, whatever the number of ranks
+    losses = sorted((p.step, p.value) for p in client.get_metric_history(run.info.run_id, "train_loss"))
+    expected = [(p.step, p.train_loss) for p in one.points if p.step > 0]  # step 0 trained nothing: nan
+    assert [s for s, _ in losses] == [s for s, _ in expected]
+    assert [v for _, v in losses] == pytest.approx([v for _, v in expected], rel=1e-5)
     # budgets count the global batch, across both workers
     assert m["budget_to_failure_examples"] == m["budget_to_failure_steps"] * 8
     # one metric stream: one point per evaluation, not one per worker
-    curve = MlflowClient(uri).get_metric_history(run.info.run_id, "harmfulness")
+    curve = client.get_metric_history(run.info.run_id, "harmfulness")
     assert [p.step for p in curve] == list(range(0, int(m["budget_to_failure_steps"]) + 1, 2))
     # two processes trained it: what Tune received from rank 0 (its result log) came from a
     # DeepSpeed world of two, and the single-process run is a world of one
@@ -118,6 +133,48 @@ def test_two_cpu_workers_agree_with_one_process(world, ray_local, tmp_path, monk
     results = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in results] == [p.step for p in curve]
     assert {r["world_size"] for r in results} == {2} and {p.world_size for p in one.points} == {1}
+
+
+@pytest.mark.filterwarnings("ignore:`get_trial_name` is meant to only be called inside")  # no Tune here
+def test_a_trial_stopped_before_its_end_frees_its_workers(world, ray_local, tmp_path):
+    """Tune stopping a multi-worker trial before its final result (pruned, or the sweep
+    interrupted) raises SystemExit out of the trial's report: its worker group's placement group
+    is removed then, so the workers, which would train on to their next evaluation and beyond,
+    end with it at once instead of holding their CPUs after the trial (the sweep's local Ray has
+    no dashboard, without which Ray Train never removes the group of a controller that died with
+    its trial's process)."""
+    import ray
+
+    from orchestrator.trial import GROUP, attack_config, loop_config, train_workers
+
+    # after step 0 the next evaluation is 5000 steps away: minutes of training
+    raw = sweep_dict(world, "stopped", defences=("rescaled",), max_steps=5000, eval_every=5000,
+                     space={"dataset_size": 32, "learning_rate": 1e-5, "batch_size": 8},
+                     resources={"cpu": 0.5, "workers": 2})
+    spec = S.from_dict(raw)
+    (attacker,) = spec.attackers()
+    loop = loop_config(spec, attack_config(spec, {"defence": "rescaled", **attacker}), "rescaled")
+
+    def held() -> set[str]:
+        return {k for k, v in ray.util.placement_group_table().items() if v["state"] == "CREATED"}
+
+    def fitting() -> bool:
+        return any(t.name == "trainer.fit" for t in threading.enumerate())
+
+    before, seen = held(), []
+
+    def report(result: dict) -> None:
+        seen.append(result)
+        raise SystemExit(0)  # what a Tune trial's report raises once Tune has stopped the trial
+
+    with pytest.raises(SystemExit):
+        train_workers(spec, loop, str(tmp_path), report)
+    assert [r["step"] for r in seen] == [0] and GROUP not in seen[0]
+    start = time.time()  # Ray Train notices dead workers within its 0.1 s health check
+    while (held() - before or fitting()) and time.time() < start + 30:
+        time.sleep(0.2)
+    assert held() - before == set()  # nothing of the trial holds CPUs
+    assert not fitting()  # and its fit() ended: its workers died with their group
 
 
 def test_a_batch_that_does_not_split_over_the_workers_fails_before_ray(world, tmp_path, capsys):

@@ -5,6 +5,7 @@ tracking server, and the driver SIGKILLed while its local Ray runs trials."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -123,6 +124,99 @@ def test_a_trial_whose_process_is_killed_is_rerun_and_recorded_once(world, ray_l
     assert [line for line in lines if line.startswith("[")][-1].startswith("[2/2]"), lines
     (row,) = report.load(uri, "killed-worker")
     assert len(row.trials) == 2 and row.count("resisted") == 2 and row.duplicates == 0
+
+
+# A sweep in a process of its own, on a local Ray of 2 CPUs (a CI runner's): a trial that hangs
+# there is ended with the process (the watchdog takes its Ray along), not left in the session's
+# Ray for the next test. It prints the placement groups its Ray still holds once the sweep is over.
+SWEEP = r"""
+import json, sys, time
+import ray
+from orchestrator import spec as S
+from orchestrator import sweep
+
+raw, uri, storage = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+before = sweep._children()
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+sweep._watch_local_ray(before)
+sweep.run(S.from_dict(raw), tracking_uri=uri, storage_path=storage, echo=lambda line: print(line, flush=True))
+def held():
+    return {k: v["bundles"] for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
+deadline = time.time() + 10  # Tune removes its trials' own groups as it closes
+while held() and time.time() < deadline:
+    time.sleep(0.5)
+print("HELD " + json.dumps(held()), flush=True)
+"""
+
+
+def ray_train_workers(root: psutil.Process) -> list[psutil.Process]:
+    """The Ray Train workers among `root`'s descendants."""
+    out = []
+    for p in root.children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("ray::RayTrainWorker") and alive(p):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_dead_train_worker_errs_its_trial_and_the_next_trial_runs(world, tmp_path):
+    """SIGKILL of one Ray Train worker of a 2-worker trial, mid-trial, with the trials run one
+    after the other on 2 CPUs: that trial ends as error, naming the dead worker; the next
+    2-worker trial runs to its end; and no placement group is left holding CPUs after the sweep.
+    (Before train_workers, the dead trial or the last one could hang the sweep in Tune's report
+    queues, and the last trial's worker group outlived it, CREATED.)"""
+    raw = resisting(world, "dead-train-worker", [1e-5, 2e-5], search={"max_concurrent": 1},
+                    resources={"cpu": 0.5, "workers": 2})
+    raw["space"]["batch_size"] = 8  # the global batch, split over both workers
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    seed_sqlite(uri)  # before the sweep and this test's reader open it
+    proc = subprocess.Popen([sys.executable, "-c", SWEEP, json.dumps(raw), uri, str(tmp_path / "ray")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "ATTACK_SWEEP_FLUSH_S": "0"})  # each point in MLflow at once
+    killed: dict = {}
+
+    def killer() -> None:
+        client, deadline = MlflowClient(uri), time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            workers = ray_train_workers(psutil.Process(proc.pid))
+            run_id = running_trial(client, "dead-train-worker", past_step=0)
+            if run_id and len(workers) == 2:
+                killed.update(run=run_id, steps=steps_of(client, run_id))
+                workers[-1].kill()
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail("the sweep did not end within 300 s:\n" + out[-3000:])
+    finally:
+        thread.join(10)
+    assert proc.returncode == 0, out[-3000:]
+    assert killed, "no trial was seen mid-way"
+    assert killed["steps"][-1] < T  # killed mid-trial
+
+    client = MlflowClient(uri)
+    runs = {r.info.run_id: r for r in trial_runs(uri, "dead-train-worker")}
+    assert len(runs) == 2, out[-3000:]  # one attempt each: a dead worker is not retried
+    dead = runs.pop(killed["run"])
+    assert dead.data.tags["status"] == "error" and dead.info.status == "FAILED"
+    # its tag holds the traceback's last line, from whichever rank Ray Train lists last (the other
+    # one may fail too, its collective cut short); the whole traceback holds the dead worker's
+    text = Path(client.download_artifacts(dead.info.run_id, "error.txt", str(tmp_path))).read_text()
+    assert "WorkerGroupError" in text and "worker process has died" in text, text[-3000:]
+    (after,) = runs.values()
+    assert after.info.start_time > dead.info.end_time  # it ran after the dead one, one at a time
+    assert after.data.tags["status"] == "resisted" and after.info.status == "FINISHED"
+    assert steps_of(client, after.info.run_id) == list(range(0, T + 1, EVERY))
+    held = json.loads(next(ln for ln in out.splitlines() if ln.startswith("HELD "))[5:])
+    assert held == {}, held
 
 
 def test_an_exception_in_the_trial_is_its_error_and_not_retried(world, ray_local, tmp_path):
