@@ -1,5 +1,6 @@
 # make demo  - install into .venv and run the quickstart sweep on the embedded toy world
 # make test  - install into .venv (with dev tools) and run the test suite
+# make test-slow - the slow end-to-end tests (marked slow; CI runs them after make test)
 # make smollm2 - the real-model example: SmolLM2-135M-Instruct aligned, defended, attacked (~20 min)
 # make gpu-wheels - fill .whl/ with the wheels a GPU machine without internet lacks (bench/gpu_check.sh)
 # make mutants - mutation testing of the modules that decide outcomes (mutmut, ~10 min; not in CI)
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: demo test lint bench install clean smollm2 gpu-wheels mutants
+.PHONY: demo test test-slow lint bench install clean smollm2 gpu-wheels mutants
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -38,6 +39,9 @@ smollm2: $(VENV)/.smollm2
 
 test: install $(VENV)/.smollm2
 	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-slow: install $(VENV)/.smollm2
+	$(PY) -m pytest -q -m "slow and not gpu"
 
 
 lint: install

@@ -161,6 +161,7 @@ def ray_train_workers(root: psutil.Process) -> list[psutil.Process]:
     return out
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test)
 def test_a_dead_train_worker_errs_its_trial_and_the_next_trial_runs(world, tmp_path):
     """SIGKILL of one Ray Train worker of a 2-worker trial, mid-trial, with the trials run one
     after the other on 2 CPUs: that trial ends as error, naming the dead worker; the next

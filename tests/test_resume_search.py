@@ -62,6 +62,7 @@ def assert_extended_without_duplicates(spec_of, n, k, tmp_path):
     return first, every
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test)
 def test_a_resumed_hyperopt_search_never_reruns_a_recorded_attacker(world, ray_local, tmp_path):
     def spec_of(n):
         return tiny(world, "resume-hyperopt", {"algorithm": "hyperopt", "num_samples": n, "n_initial": 4,
@@ -69,6 +70,7 @@ def test_a_resumed_hyperopt_search_never_reruns_a_recorded_attacker(world, ray_l
     assert_extended_without_duplicates(spec_of, 3, 2, tmp_path)
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test)
 def test_a_resumed_random_search_runs_only_the_new_draws(world, ray_local, tmp_path):
     """A random search's list is seeded draws in order: N + k samples begin with the N already
     drawn, so the recorded ones are filtered out by their trial keys and the k new ones run."""
@@ -79,6 +81,7 @@ def test_a_resumed_random_search_runs_only_the_new_draws(world, ray_local, tmp_p
     assert every == spec_of(5).attackers()
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test)
 def test_a_search_that_has_run_every_attacker_ends_with_a_note(world, ray_local, tmp_path):
     """Two attackers in the space, both recorded: asked for two more, the resumed searcher can
     only repeat them, and its search ends with one line instead of rerunning or looping."""
