@@ -123,9 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                       report_dir=out_dir if same else None)
     if swept.published is not None and same:
         rc = _show(swept.published.rows, swept.published.text, args.tracking_uri, sp.name, out_dir,
-                   fail_on_errors=True)
+                   fail_on_errors=True, unit=unit)
     else:
-        rc = _report(args.tracking_uri, sp.name, args.out, unit, fail_on_errors=True)
+        rc = _report(args.tracking_uri, sp.name, args.out, unit, fail_on_errors=True, brief=True)
     if swept.errored:
         print(f"error: {len(swept.errored)} run(s) beside the attacks ended in error: {', '.join(swept.errored)} "
               "(MLflow tag 'error' holds why); rerun the same command to retry them", file=sys.stderr)
@@ -185,8 +185,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
-            fail_on_errors: bool = False) -> int:
-    """Read the records, write the report and print it (_show)."""
+            fail_on_errors: bool = False, brief: bool = False) -> int:
+    """Read the records, write the report and print it, or with `brief` its summary (_show)."""
     from orchestrator import report
     from orchestrator.conditions import records as conditions
 
@@ -196,7 +196,7 @@ def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
     rows = report.load(tracking_uri, experiment)
     text = report.write(rows, experiment, out_dir, unit=unit,
                         conditions=conditions.load(tracking_uri, experiment)) if rows else ""
-    return _show(rows, text, tracking_uri, experiment, out_dir, fail_on_errors)
+    return _show(rows, text, tracking_uri, experiment, out_dir, fail_on_errors, unit=unit if brief else None)
 
 
 def _refuse_out(out_dir: Path) -> int:
@@ -208,18 +208,28 @@ def _refuse_out(out_dir: Path) -> int:
 
 
 def _show(rows: list, text: str, tracking_uri: str, experiment: str, out_dir: Path,
-          fail_on_errors: bool = False) -> int:
-    """Print the report written into out_dir; with fail_on_errors, 1 when trials ended in error
-    (a Ray job whose trials crashed must not read SUCCEEDED)."""
+          fail_on_errors: bool = False, unit: str | None = None) -> int:
+    """Print the report written into out_dir, or with `unit` (a run's end) its summary in that unit
+    and how to print the rest; with fail_on_errors, 1 when trials ended in error (a Ray job whose
+    trials crashed must not read SUCCEEDED)."""
     from orchestrator import report
 
     if not rows:
         print(f"error: --experiment {experiment!r} has no finished trials in {tracking_uri} (yet); check the "
               "name (it is the spec's name) and --tracking-uri", file=sys.stderr)
         return 1
-    print(f"\n{text}")
     written = [p.name for p in report.files(out_dir) if p.parent == out_dir and p.name != "report.html"]
-    print(f"\nwritten to {out_dir}/: {', '.join(written)}, figures/*.png")
+    if unit is None:
+        print(f"\n{text}")
+        print(f"\nwritten to {out_dir}/: {', '.join(written)}, figures/*.png")
+    else:
+        from orchestrator.conditions import records
+        from orchestrator.report.brief import brief
+
+        print("\n" + "\n".join(brief(rows, unit, records.load(tracking_uri, experiment, curves=False))))
+        print(f"every table: attack-sweep report --experiment {experiment}"
+              + ("" if tracking_uri == DEFAULT_TRACKING_URI else f" --tracking-uri {tracking_uri}")
+              + f" (and in {out_dir}/: report.md, the CSV files, figures/)")
     errors = sum(row.count("error") for row in rows)
     if fail_on_errors and errors:
         print(f"error: {errors} trial(s) ended in error (MLflow tag 'error' holds why); "

@@ -238,7 +238,12 @@ def test_sweep_submitted_as_a_ray_job_to_a_token_protected_head(world, head, tmp
     assert [j["submission_id"] for j in jobs] == ["sweep"]  # the refused one never ran
 
     assert "sweep 'job-submit': 2 defences x 2 attackers" in logs
-    assert "base (base)" in logs and "rescaled" in logs and "Budget-to-failure (steps) per attacker" in logs
+    # the run ends in its summary: each defence's worst case, where the report is, the MLflow link
+    ending = logs[logs.index("Worst case per defence (steps"):].strip().splitlines()
+    assert len(ending) <= 30 and ending[-1].startswith("open the report: file://"), ending
+    assert ending[1].startswith("  base (reference)  ") and ending[2].startswith("  rescaled          ")
+    assert "every table: attack-sweep report --experiment job-submit --tracking-uri" in logs
+    assert "(base)" not in logs and "per attacker" not in logs   # the full tables are the report's
     assert (tmp_path / "report" / "report.csv").exists()
 
     sweeps = trial_runs(uri, "job-submit", kind="sweep")

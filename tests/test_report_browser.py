@@ -106,7 +106,7 @@ def test_a_unit_tab_shows_its_own_survival_figure(page, tmp_path):
     assert shown == ["Survival against budget (tokens)"]
 
 
-BADGES = {"base": ["✗ fail", "● base", "● base", "● base"],
+BADGES = {"base (reference)": ["✗ fail", "● reference", "● reference", "● reference"],
           "wall": ["✗ fail", "✓ pass", "✗ fail", "✗ fail"],
           "shield": ["✓ pass", "✗ fail", "? inconclusive", "– not measured"]}
 """Per defence, its four conditions' badges (resistance, stability, trainability, generalisation)."""
@@ -126,7 +126,7 @@ def test_the_conditions_show_near_the_top_as_badges_with_the_benign_fine_tune_be
     # a row per defence, its badges in words (a symbol and the verdict: it reads without colour)
     assert {r["defence"]: [b["text"].strip() for b in r["badges"]] for r in block["rows"]} == BADGES
     colour = {b["text"].split()[-1]: b["background"] for r in block["rows"] for b in r["badges"]}
-    assert len({colour["pass"], colour["fail"], colour["inconclusive"], colour["base"]}) == 4, colour
+    assert len({colour["pass"], colour["fail"], colour["inconclusive"], colour["reference"]}) == 4, colour
     assert all(b["box"][2] - b["box"][0] > 20 for r in block["rows"] for b in r["badges"])   # laid out, visible
     for figure in ("worst 8 steps", "Δ -0.020", "3x", "> 1.5x", "0.4x", "> 2.95x [1.6, 4]"):
         assert figure in block["text"], figure

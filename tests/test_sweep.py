@@ -92,7 +92,8 @@ def test_report_numbers_equal_the_mlflow_records(swept, capsys):
     out = tmp / "report"
     assert main(["report", "--experiment", "e2e", "--tracking-uri", uri, "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "base (base)" in text and (out / "report.csv").exists() and (out / "survival.csv").exists()
+    assert "base (reference)" in text and "(base)" not in text
+    assert (out / "report.csv").exists() and (out / "survival.csv").exists()
     import csv
 
     base = next(r for r in csv.DictReader((out / "report.csv").open()) if r["defence"] == "base")

@@ -178,6 +178,6 @@ def _headline(rows: list[DefenceRow], unit: str) -> list[tuple[str, str, str]]:
         worst = r.cheapest(unit)
         value = worst_cell(r, unit)
         detail = f"by {attacker_label(everyone, worst)}; {r.verdict()}" if worst else r.verdict()
-        out.append((f"{r.defence}{' (base)' if r.is_base else ''}: worst case",
+        out.append((f"{r.label}: worst case",
                     value if value == "-" else f"{value} {unit}", detail))
     return out

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from orchestrator.conditions import verdicts as V
 from orchestrator.conditions.records import Records
-from orchestrator.report.records import DefenceRow
+from orchestrator.report.records import REFERENCE, DefenceRow
 from orchestrator.report.tables import Table, attacker_label, worst_cell
 
 CONDITIONS_LEGEND = (
@@ -27,7 +27,7 @@ def _cell(j: V.Judged) -> str:
     if j.verdict in (V.NOT_MEASURED,) and not j.figure:
         return "not measured" + (f" ({j.detail})" if j.detail else "")
     if j.verdict == V.BASE:
-        return "base" + (f": {j.figure}" if j.figure else "")
+        return REFERENCE + (f": {j.figure}" if j.figure else "")
     return f"{j.verdict}" + (f": {j.figure}" if j.figure else "")
 
 
@@ -45,7 +45,7 @@ def verdict_table(rows: list[DefenceRow], judged: list[V.Verdict], rec: Records,
             train = f"base: {v.trainability.figure} {trainability_unit(rec, unit)}"
         gen = _cell(v.generalisation) + ("x" if v.generalisation.figure else "")
         paired = "-" if v.paired.verdict == V.BASE else (f"{v.paired.figure}x" if v.paired.figure else "-")
-        body.append([r.defence + (" (base)" if r.is_base else ""), res, stab, train, gen, paired,
+        body.append([r.label, res, stab, train, gen, paired,
                      f"{passed} of {decided}" if decided else "-"])
     return ["defence", "resistance", "stability", "trainability", "generalisation", "paired vs base", "passed"], body
 

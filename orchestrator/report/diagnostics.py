@@ -9,7 +9,7 @@ import math
 import statistics
 
 from orchestrator.conditions.records import Diagnostic, rirs
-from orchestrator.report.records import DefenceRow
+from orchestrator.report.records import DefenceRow, defence_label
 from orchestrator.report.tables import Table, worst_cell
 from trainables.conditioning import TASKS
 from trainables.names import G_EFFECT_RISKS, G_TOTAL, Metric
@@ -66,7 +66,7 @@ def conditioning_table(rows: list[DefenceRow], diagnostics: dict[str, Diagnostic
         if math.isfinite(ratio) and abs(ratio - 1) < 0.05 and not is_base and any(
                 math.isfinite(x) and not 0.5 <= x <= 2 for x in scale):
             note = "; ".join(filter(None, [note, "RIR ≈ 1 with λmax moved: a uniform rescaling, which κ cannot see"]))
-        body.append([name + (" (base)" if is_base and name != "base" else ""),
+        body.append([defence_label(name, is_base),
                      *(kappa_cell(d, t) for t in TASKS), *(_g(x) + "x" if math.isfinite(x) else "-" for x in scale),
                      "1 (reference)" if is_base else _g(ratio) if d else "not measured",
                      worst_cell(row, unit) if row else "-", note or ("" if d else "no diagnostic run")])
@@ -103,7 +103,7 @@ def g_effect_table(rows: list[DefenceRow]) -> Table:
     modes = {t.params.get("finetune") for r in rows for t in r.trials if t.g_effect}
     body = []
     for r in rows:
-        label = r.defence + (" (base)" if r.is_base and r.defence != "base" else "")
+        label = r.label
         for mode in sorted(modes, key=str):
             measured = [t for t in r.trials if t.g_effect and t.params.get("finetune") == mode]
             if measured:

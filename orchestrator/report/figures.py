@@ -31,7 +31,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from orchestrator.conditions.records import Records  # noqa: E402
 from orchestrator.report.conditions import trainability_unit  # noqa: E402
-from orchestrator.report.records import DefenceRow, Trial, varying  # noqa: E402
+from orchestrator.report.records import DefenceRow, Trial, defence_label, varying  # noqa: E402
 from orchestrator.report.tables import order_key  # noqa: E402
 from trainables.names import CENSORED, G_EFFECT_RISKS, UNITS  # noqa: E402
 
@@ -96,7 +96,7 @@ def survival(rows: list[DefenceRow], unit: str) -> tuple[Figure, str] | None:
     for k, (r, c) in enumerate(curves):
         colour = colours[k % len(colours)]
         ax.step(c.times, c.surviving, where="post", color=colour, lw=2,
-                label=f"{r.defence}{' (base)' if r.is_base else ''}  n={c.n}")
+                label=f"{r.label}  n={c.n}")
         ax.fill_between(c.times, c.lower, c.upper, step="post", color=colour, alpha=0.15, lw=0)
         if c.censored_times:
             ax.plot(c.censored_times, [c.at(t) for t in c.censored_times], ls="none", marker="|", ms=12, mew=2,
@@ -141,7 +141,7 @@ def harmfulness(rows: list[DefenceRow]) -> tuple[Figure, str] | None:
             ax.text(ax.get_xlim()[1], phi, f" φ={phi:g}", va="bottom", ha="right", fontsize=8)
         worst = r.cheapest("steps")
         found = "-" if worst is None else f"{worst.btf['steps']:g} steps"
-        ax.set_title(f"{r.defence}{' (base)' if r.is_base else ''}: worst case {found}", fontsize=10)
+        ax.set_title(f"{r.label}: worst case {found}", fontsize=10)
         ax.set_xlabel("attack step")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
@@ -165,7 +165,7 @@ def g_effect(rows: list[DefenceRow]) -> tuple[Figure, str] | None:
     for ax, risk in zip(axes[0], risks, strict=True):
         values = []
         for k, r in enumerate(rows):
-            label = f"{r.defence}{' (base)' if r.is_base and r.defence != 'base' else ''}"
+            label = r.label
             for t in r.trials:
                 if curve := t.g_curves.get(risk):
                     steps, g = zip(*curve, strict=True)
@@ -312,7 +312,7 @@ def trainability(rows: list[DefenceRow], rec: Records, unit: str) -> tuple[Figur
         else:
             words = b.status.replace("_", " ")
         ax.plot(xs, scores, color=colour, lw=2.8 if base else 1.8, zorder=4 if base else 3, marker=".", ms=5,
-                label=f"{b.defence}{' (base)' if base and b.defence != 'base' else ''}: {words}")
+                label=f"{defence_label(b.defence, base)}: {words}")
         if b.status == "reached" and not math.isnan(b.phi):
             at = b.btt.get("steps")
             step = int(at) if at is not None else next((s for s, v in b.curve if v >= b.phi), None)

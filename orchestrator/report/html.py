@@ -9,12 +9,13 @@ from html import escape
 
 from orchestrator.report.conditions import Cell, Glance
 from orchestrator.report.figures import Drawn
+from orchestrator.report.records import REFERENCE, defence_label
 
 Section = tuple[str, str, tuple[list[str], list[list[str]]]] | tuple[str, str, tuple[list[str], list[list[str]]], str]
 """(title, text above it, a table[, how to show it: "heat" shades each cell by its leading number in [0, 1]])."""
 
 BADGES = {"pass": "✓ pass", "fail": "✗ fail", "inconclusive": "? inconclusive", "not measured": "– not measured",
-          "base": "● base", "reported": ""}
+          "base": f"● {REFERENCE}", "reported": ""}
 """A verdict as its badge's text: a symbol and the word, so it reads without colour."""
 
 _CSS = """
@@ -109,7 +110,7 @@ def _conditions(title: str, legend: str, glance: list[Glance], asks: dict[str, s
                   f"<span class='none'>no ratio: {escape(pair.detail)}</span>" if pair.detail else
                   f"<span class='none'>{escape(pair.verdict)}</span>")
         passed = "-" if g.is_base or not g.judged else f"{g.passed} of {g.judged}"
-        rows.append(f"<tr><th>{escape(g.defence)}{' (base)' if g.is_base and g.defence != 'base' else ''}</th>"
+        rows.append(f"<tr><th>{escape(defence_label(g.defence, g.is_base))}</th>"
                     f"{cells}<td title='{escape(pair.detail)}'>{paired}</td><td class='num'>{passed}</td></tr>")
     table = (f"<div style='overflow-x:auto'><table class='glance'><thead><tr>{head}</tr></thead>"
              f"<tbody>{''.join(rows)}</tbody></table></div>")

@@ -117,6 +117,15 @@ class Trial:
         return self.btf.get(unit) if self.status in SUCCESS else math.inf
 
 
+REFERENCE = "reference"
+"""How the base defence is marked wherever defences are named: the undefended reference."""
+
+
+def defence_label(name: str, is_base: bool) -> str:
+    """A defence as the report names it: the base marked as the reference, once."""
+    return f"{name} ({REFERENCE})" if is_base else name
+
+
 @dataclass
 class DefenceRow:
     defence: str
@@ -127,6 +136,10 @@ class DefenceRow:
     two machines sharing a tracking server ran it, each under its own lock."""
     _curves: dict[str, survival.Curve] = field(default_factory=dict, repr=False, compare=False)
     _cis: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return defence_label(self.defence, self.is_base)
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)

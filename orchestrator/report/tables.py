@@ -44,7 +44,7 @@ def _facts(r: DefenceRow, unit: str, everyone: list[Trial]) -> dict[str, str]:
     """A defence's facts in `unit`, as text cells."""
     worst, T, reach = r.cheapest(unit), r.floor or r.max_steps, r.follow_up(unit)
     lo, hi = r.median_ci(unit)
-    return {"defence": r.defence + (" (base)" if r.is_base else ""), "trials": str(len(r.trials)),
+    return {"defence": r.label, "trials": str(len(r.trials)),
             "worst": worst_cell(r, unit),
             "resolution": _num(worst.resolution_steps) if worst and worst.resolution_steps is not None else "-",
             "worst_ci": _interval(r.ci(unit)["min"], T, unit), "median": median_cell(r, unit),
