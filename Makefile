@@ -3,13 +3,14 @@
 # make test-slow - the slow end-to-end tests (marked slow; CI runs them after make test)
 # make smollm2 - the real-model example: SmolLM2-135M-Instruct aligned, defended, attacked (~20 min)
 # make gpu-wheels - fill .whl/ with the wheels a GPU machine without internet lacks (bench/gpu_check.sh)
+# make docs  - the docs site: generate the spec and CLI references, then mkdocs build --strict into site/
 # make mutants - mutation testing of the modules that decide outcomes (mutmut, ~10 min; not in CI)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: demo test test-slow lint bench install clean smollm2 gpu-wheels mutants
+.PHONY: demo test test-slow lint bench install clean smollm2 gpu-wheels mutants docs
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -43,6 +44,17 @@ test: install $(VENV)/.smollm2
 test-slow: install $(VENV)/.smollm2
 	$(PY) -m pytest -q -m "slow and not gpu"
 
+
+# The references are generated from the spec's pydantic field docstrings and the CLI's argparse parser
+# (docs/gen_reference.py; not committed), so they cannot drift. --strict: a broken link or a page
+# missing from the nav fails the build.
+$(VENV)/.docs: $(VENV)/.installed
+	$(PIP) install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs
+	$(PY) docs/gen_reference.py
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -85,4 +97,4 @@ gpu-wheels: $(VENV)/.torch
 	@ls -l .whl/*.whl && du -sh .whl
 
 clean:
-	rm -rf $(VENV) .attack-sweep reports mlflow.db mlruns
+	rm -rf $(VENV) .attack-sweep reports mlflow.db mlruns site docs/reference

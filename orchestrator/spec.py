@@ -107,6 +107,8 @@ class Search(_Strict):
 
 
 class Resources(_Strict):
+    """What each trial reserves from Ray."""
+
     cpu: float = Field(1.0, gt=0)
     """CPUs per trial, or per worker when workers > 1 (fractions allowed)."""
     gpu: float = Field(0.0, ge=0)
@@ -125,9 +127,16 @@ class SweepSpec(Evaluation):
     name: str = Field(pattern=NAME)
     """Sweep name; also the MLflow experiment name."""
     defences: list[Defence] = Field(min_length=1)
+    """The checkpoints to attack: exactly one marked `base: true` (the undefended model the others
+    are compared against), each with a unique name."""
     search: Search = Search()
+    """How the adversary picks attackers (grid, random, tpe, hyperopt), the unit it minimises and
+    its compute cap."""
     space: AttackerSpace = AttackerSpace()
+    """The attackers: every attacker field as a constant or a domain (grid, choice, uniform,
+    loguniform, randint). Every defence faces the same attackers."""
     resources: Resources = Resources()
+    """CPUs, GPUs and Ray Train workers per trial."""
     deepspeed: DeepSpeed | None = None
     """Train under DeepSpeed: {config: clusters/deepspeed/zero2.json (a path, relative to the
     spec, or a mapping), gradient_accumulation_steps, precision}. Also with one worker."""

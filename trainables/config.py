@@ -145,8 +145,11 @@ class DataSource(_Strict):
     dataset directory, or a hub dataset id."""
 
     source: str
+    """A local file or dataset directory (relative to the spec), or a hub dataset id."""
     split: str = "train"
+    """The split to read (hub datasets and dataset directories)."""
     prompt_field: str = "prompt"
+    """Field with the prompt."""
     response_field: str | None = "response"
     """Field with the response; may be null for an evaluation split scored by generation."""
     domain_field: str | None = None
@@ -156,6 +159,8 @@ class DataSource(_Strict):
 
 
 class Data(_Strict):
+    """The splits a trial reads and how prompts are formatted."""
+
     attack: DataSource
     """Harmful prompt/response pairs the attacker trains on."""
     eval: DataSource
@@ -235,6 +240,7 @@ class Evaluation(_Strict):
     the trial's AttackConfig."""
 
     data: Data
+    """The attack, held-out eval and benign splits, and how prompts are formatted."""
     evaluator: EvaluatorConfig = EvaluatorConfig()
     """The primary evaluator: its f decides the crossing (a spec may list `evaluators:` instead)."""
     evaluators: list[EvaluatorConfig] = Field(default_factory=list)

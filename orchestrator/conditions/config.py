@@ -99,5 +99,8 @@ class Conditions(_Strict):
     """The immunisation conditions measured beside resistance (each null: not measured)."""
 
     stability: Stability | None = None
+    """Capability at release, each defence against the base (utility proxy and lm-eval tasks)."""
     trainability: Trainability | None = None
+    """A benign fine-tune of every checkpoint: the defence's budget to the target over the base's."""
     generalisation: Generalisation | None = None
+    """Out-of-domain against in-domain worst case, by the defences' immunised_on."""
