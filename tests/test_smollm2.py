@@ -256,7 +256,7 @@ def test_smoke_sweep_records_budget_to_failure_on_the_aligned_model(smoke_world,
     trials = {t.params["finetune"]: t for t in row.trials}
     assert set(trials) == {"lora", "full"}
     lora, full = trials["lora"], trials["full"]
-    # What the full world shows at lr 1e-3 (README, SmolLM2 table), in small: full fine-tuning
+    # What the full world shows at lr 1e-3 (examples/smollm2/README.md, its table), in small: full fine-tuning
     # wrecks the model at the first evaluation (f jumps to ~1 while the utility of the benign
     # references collapses from ~0.4 to ~0.01, far past epsilon 0.25): degenerate, never a
     # success; LoRA breaks the refusals within T = 4 while the model still works (utility drop
