@@ -122,6 +122,13 @@ def mirrors(model: type[BaseModel], models: list[type[BaseModel]]) -> type[BaseM
     return None
 
 
+def ordered_fields(model: type[BaseModel]) -> list[str]:
+    """The model's fields, those its own class declares first (a spec's name and defences before
+    the scoring fields it shares with every trial), then the inherited ones."""
+    own = [n for n in inspect.get_annotations(model) if n in model.model_fields]
+    return own + [n for n in model.model_fields if n not in own]
+
+
 # --- rendering ---------------------------------------------------------------------------------------
 
 
@@ -235,7 +242,8 @@ def spec_page() -> str:
                          f"{mirrored.__name__}'s.\n\n")
         docs = field_docs(model, models)
         lines.append("| field | type | default | description |\n|---|---|---|---|\n")
-        for name, info in model.model_fields.items():
+        for name in ordered_fields(model):
+            info = model.model_fields[name]
             kind = type_name(mirrored.model_fields[name].annotation) if mirrored else type_name(info.annotation)
             limits = constraints(mirrored.model_fields[name] if mirrored else info)
             if limits:
