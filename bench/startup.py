@@ -205,11 +205,11 @@ BREAKDOWN = textwrap.dedent("""
     for dotted, label in [
         ("orchestrator.spec:load", "spec load"),
         ("orchestrator.preflight:check", "preflight checks (data, tokenizers)"),
-        ("orchestrator.sweep:Tracker", "MLflow Tracker (fresh sqlite store)"),
-        ("orchestrator.provenance:gather", "provenance"),
-        ("orchestrator.sweep:start_ray", "ray.init (local)"),
+        ("orchestrator.tracking.writer:Tracker", "MLflow Tracker (fresh sqlite store)"),
+        ("orchestrator.tracking.provenance:gather", "provenance"),
+        ("orchestrator.cluster:start_ray", "ray.init (local)"),
         ("ray.tune:Tuner.fit", "Tune fit (actor start, worker imports, load, loop)"),
-        ("orchestrator.sweep:publish", "publish (summary + report on the sweep run)"),
+        ("orchestrator.report.publish:publish", "publish (summary + report on the sweep run)"),
         ("orchestrator.cli:_report", "report again (cli)"),
     ]:
         wrap(dotted, label)

@@ -167,7 +167,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def _mlflow_link(tracking_uri: str, experiment_id: str) -> None:
     """Where the trial runs are in the MLflow UI (its runs view: MLflow 3.17 opens a browser new
     to it on its GenAI overview), and for a local store, the command that serves them."""
-    from orchestrator.tracking import ui_link
+    from orchestrator.tracking.readers import ui_link
 
     served = tracking_uri.startswith(("http://", "https://"))
     print(f"trial runs in MLflow: {ui_link(tracking_uri, experiment_id)}"

@@ -9,9 +9,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import spec as S
 from orchestrator import sweep
-from orchestrator.adversary import Progress, objective
 from orchestrator.cli import main
 from orchestrator.space import decode, encode, max_horizon
+from orchestrator.sweep.adversary import Progress, objective
 
 
 def point(status, step, tokens, **kw):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from orchestrator.adversary import Progress, objective
+from orchestrator.sweep.adversary import Progress, objective
 from trainables.budget import Budget, EvalPoint, flops_per_token
 
 

@@ -145,7 +145,8 @@ def test_a_trial_stopped_before_its_end_frees_its_workers(world, ray_local, tmp_
     its trial's process)."""
     import ray
 
-    from orchestrator.trial import GROUP, attack_config, loop_config, train_workers
+    from orchestrator.sweep.loop import GROUP, attack_config, loop_config
+    from orchestrator.sweep.train import train_workers
 
     # after step 0 the next evaluation is 5000 steps away: minutes of training
     raw = sweep_dict(world, "stopped", defences=("rescaled",), max_steps=5000, eval_every=5000,

@@ -23,9 +23,11 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
-from orchestrator import report, sweep, tracking
+from orchestrator import report, sweep
 from orchestrator import spec as S
-from orchestrator.tracking import Patient, Tracker, seed_sqlite
+from orchestrator.tracking import writer
+from orchestrator.tracking.store import Patient, seed_sqlite
+from orchestrator.tracking.writer import Tracker
 from trainables.names import SCHEMA_VERSION
 
 T = 30
@@ -95,7 +97,7 @@ def test_a_trial_whose_process_is_killed_is_rerun_and_recorded_once(world, ray_l
             time.sleep(0.1)
 
     seed_sqlite(uri)  # the store exists before two threads open it (neither migrates it then)
-    monkeypatch.setattr(tracking, "FLUSH_S", 0.0)  # each evaluation in MLflow at once: seen mid-trial
+    monkeypatch.setattr(writer, "FLUSH_S", 0.0)  # each evaluation in MLflow at once: seen mid-trial
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     lines: list[str] = []
@@ -133,12 +135,12 @@ SWEEP = r"""
 import json, sys, time
 import ray
 from orchestrator import spec as S
-from orchestrator import sweep
+from orchestrator import cluster, sweep
 
 raw, uri, storage = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-before = sweep._children()
+before = cluster._children()
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-sweep._watch_local_ray(before)
+cluster._watch_local_ray(before)
 sweep.run(S.from_dict(raw), tracking_uri=uri, storage_path=storage, echo=lambda line: print(line, flush=True))
 def held():
     return {k: v["bundles"] for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}

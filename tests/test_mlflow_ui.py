@@ -2,7 +2,7 @@
 session's e2e sweep (conftest.e2e_sweep, whose end wrote the summary onto its sweep run), pages
 rendered by headless chromium (tests/browser.py).
 
-  - the link attack-sweep prints (tracking.ui_link) opens the experiment on its trial runs, not
+  - the link attack-sweep prints (orchestrator.tracking.readers.ui_link) opens the experiment on its trial runs, not
     on MLflow 3.17's GenAI overview, with the saved view: trials only, named by their attack;
   - the sweep run's page shows the summary table, the worst-case metrics and the report/ artifacts;
   - MLflow's REST API hands out the worst case of each defence.
@@ -27,7 +27,7 @@ import pytest
 from browser import chromium, nonblank, render
 from conftest import trial_runs
 
-from orchestrator import tracking
+from orchestrator.tracking import readers
 from trainables.names import Kind, Summary
 
 
@@ -77,7 +77,7 @@ def test_the_printed_link_opens_on_the_trial_runs_named_by_their_attack(ui, tmp_
     runs = trial_runs(uri, "e2e")
     experiment_id = runs[0].info.experiment_id
     png = tmp_path / "runs.png"
-    dom = render(tracking.ui_link(url, experiment_id), png=png)
+    dom = render(readers.ui_link(url, experiment_id), png=png)
     # the runs table in Model training mode, not the GenAI overview a fresh browser gets by default
     assert re.search(r"<h2[^>]*>Runs<", dom) and not re.search(r"<h2[^>]*>Overview<", dom)
     assert "workflowType=machine_learning" in dom and "workflowType=genai" not in dom

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from orchestrator.adversary import cannot_lower
+from orchestrator.sweep.adversary import cannot_lower
 from trainables.budget import EvalPoint
 from trainables.config import Utility
 from trainables.evaluators import Scores

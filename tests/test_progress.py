@@ -11,8 +11,8 @@ import pytest
 from conftest import sweep_dict
 from rich.console import Console
 
-from orchestrator.adversary import Progress
-from orchestrator.progress import WIDTH, Display, duration
+from orchestrator.sweep.adversary import Progress
+from orchestrator.sweep.progress import WIDTH, Display, duration
 
 LONG = "learning_rate=0.003 optimizer=schedule_free_adamw dataset_size=256 finetune=lora lora_r=64 seed=3"
 
@@ -137,7 +137,7 @@ def strip(text: str) -> str:
 def test_live_region_shows_defences_and_running_trials_and_prints_lines_above(monkeypatch):
     monkeypatch.delenv("ATTACK_SWEEP_PROGRESS", raising=False)
     console = Console(file=io.StringIO(), force_terminal=True, width=100)
-    from orchestrator.tracking import say
+    from orchestrator.echo import say
 
     clock = Clock()
     d = Display(["base", "repnoise"], 16, "steps", say, title="quickstart", clock=clock, console=console,

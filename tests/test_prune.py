@@ -9,9 +9,11 @@ from conftest import e2e_spec, trial_runs
 from mlflow.tracking import MlflowClient
 
 from orchestrator import report, sweep
-from orchestrator.adversary import Progress
 from orchestrator.report import figures, tables
-from orchestrator.searchers import FixedTrials, SideBySide
+from orchestrator.sweep.adversary import Progress
+from orchestrator.sweep.resume import DefenceSearch
+from orchestrator.sweep.searchers import FixedTrials, SideBySide
+from orchestrator.sweep.stopper import Stopper
 
 
 def _searches(spec, best: dict[str, float]):
@@ -20,7 +22,7 @@ def _searches(spec, best: dict[str, float]):
         p = Progress("steps")
         if math.isfinite(best.get(d.name, math.inf)):
             p.add("failed", best[d.name], best[d.name])
-        out.append(sweep.DefenceSearch(d, p, [], 1, [], ""))
+        out.append(DefenceSearch(d, p, [], 1, [], ""))
     return out
 
 
@@ -30,7 +32,7 @@ def _point(defence, step, safe=True, status="running"):
 
 def test_the_stopper_prunes_only_safe_trials_that_reached_the_best(world):
     spec = e2e_spec(world, search={"algorithm": "grid", "prune": True})
-    stop = sweep._stopper(spec, _searches(spec, {"base": 10}))
+    stop = Stopper(spec, _searches(spec, {"base": 10}))
     assert not stop("a", _point("base", 5))                 # cheaper than the best so far: it may win
     assert not stop("b", _point("base", 10, safe=False))    # crossed, being refined: may land below 10
     assert not stop("c", _point("rescaled", 15))            # no success against rescaled yet
@@ -41,7 +43,7 @@ def test_the_stopper_prunes_only_safe_trials_that_reached_the_best(world):
     assert stop("g", _point("rescaled", 5)) and not stop("h", _point("base", 5))
     assert stop("i", _point("base", 20, status="resisted")) and "i" not in stop.pruned   # final anyway
     # without search.prune nothing is pruned, whatever the budget
-    plain = sweep._stopper(e2e_spec(world), _searches(spec, {"base": 10}))
+    plain = Stopper(e2e_spec(world), _searches(spec, {"base": 10}))
     assert not plain("x", _point("base", 40)) and plain("y", _point("base", 40, status="resisted"))
     assert plain.pruned == set()
 

@@ -9,9 +9,11 @@ from conftest import sweep_dict
 from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
-from orchestrator import searchers, sweep
 from orchestrator import spec as S
+from orchestrator import sweep
 from orchestrator.space import attacker_id, decode
+from orchestrator.sweep import searchers
+from orchestrator.sweep.resume import prepare
 
 SPACE = {"learning_rate": {"loguniform": [1e-4, 1e-2]}, "finetune": {"choice": ["lora", "full"]}}
 
@@ -202,9 +204,9 @@ def test_a_random_list_runs_each_attacker_once(tmp_path):
             return "adversary"
 
     lines = []
-    x = sweep._prepare(spec, spec.defences[0], Records(), set(), lines.append)
+    x = prepare(spec, spec.defences[0], Records(), set(), lines.append)
     assert [json.dumps(a, sort_keys=True) for a in x.configs] == list(dict.fromkeys(drawn))
     assert x.pending == 4 and lines == ["defence 'rescaled': 0 trials already recorded, 4 to run"]
     done = {sweep.trial_key(spec, {"defence": "rescaled", **a}) for a in x.configs[:3]}
-    assert sweep._prepare(spec, spec.defences[0], Records(), done, lines.append).configs == x.configs[3:]
+    assert prepare(spec, spec.defences[0], Records(), done, lines.append).configs == x.configs[3:]
     assert lines[-1] == "defence 'rescaled': 3 trials already recorded, 1 to run"

@@ -7,8 +7,9 @@ import torch
 from conftest import e2e_spec, trial_runs
 from mlflow.tracking import MlflowClient
 
-from orchestrator import report, sweep, trial
+from orchestrator import report, sweep
 from orchestrator.cli import main
+from orchestrator.sweep import loop
 from trainables import run_attack
 
 make_spec = e2e_spec
@@ -133,7 +134,7 @@ def test_an_interrupted_trial_is_superseded_not_duplicated(world, ray_local, tmp
                      defences=[{"name": "base", "model": str(world / "base"), "base": True}],
                      space={"dataset_size": 16})
     from orchestrator.space import digest
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking.writer import Tracker
 
     # what an interrupted sweep leaves: a trial run still RUNNING, half a curve
     tracker = Tracker(uri, "resume", digest(spec.model_dump(mode="json")), {})
@@ -156,7 +157,7 @@ def test_a_trial_uses_as_many_torch_threads_as_cpus_it_reserved(world, cpu):
     seen = []
     before = torch.get_num_threads()
     try:
-        trial.attack_loop(trial.loop_config(spec, cfg, "base"), report=lambda r: seen.append(torch.get_num_threads()))
+        loop.attack_loop(loop.loop_config(spec, cfg, "base"), report=lambda r: seen.append(torch.get_num_threads()))
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {int(cpu)}

@@ -1,6 +1,6 @@
 """What a sweep leaves in MLflow besides the trial curves: readable run names, only the params
 that apply, the sweep run's schema tag, provenance and spec, the experiment's kind and saved view
-of its trials, and after the sweep the summary on the sweep run (orchestrator/publish.py).
+of its trials, and after the sweep the summary on the sweep run (orchestrator/report/publish.py).
 
 Reads the session's shared e2e sweep (conftest.e2e_sweep: base and rescaled against two
 learning rates); one test resumes it (nothing left to run) to see the records written again.
@@ -16,7 +16,9 @@ import yaml
 from conftest import trial_runs
 from mlflow.tracking import MlflowClient
 
-from orchestrator import attackers, provenance, publish, report, sweep, tracking
+from orchestrator import attackers, report, sweep
+from orchestrator.report import publish
+from orchestrator.tracking import provenance, readers, store, writer
 from trainables.names import (
     EXPERIMENT_KIND,
     PROVENANCE,
@@ -146,7 +148,7 @@ def test_the_sweep_run_holds_the_summary_of_the_report(e2e_sweep):
     cells = [c.strip() for c in base.strip("|").split("|")]
     assert cells[1] == worst["base"] and cells[3] == rows[0].verdict() and cells[5].startswith("base · lr ")
     assert cells[4] == f"{rows[0].count('failed')} / {rows[0].count('resisted')} / 0"
-    assert tracking.ui_path(run.info.experiment_id) in note
+    assert readers.ui_path(run.info.experiment_id) in note
     listed = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/report.html", "report/report.csv", "report/report.md", "report/figures"} <= listed
     assert client.list_artifacts(run.info.run_id, "report/figures")
@@ -206,9 +208,9 @@ def test_provenance_names_the_commit_only_of_a_checkout_that_tracks_the_source(t
 def test_the_printed_link_is_the_saved_view_in_model_training_mode(capsys):
     """(test_mlflow_ui.py opens it in a browser.)"""
     view = "#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=trials"
-    assert tracking.ui_link("http://mlflow.internal:5000/", "7") == f"http://mlflow.internal:5000/{view}"
+    assert readers.ui_link("http://mlflow.internal:5000/", "7") == f"http://mlflow.internal:5000/{view}"
     # printed, so without the credentials a tracking URI may carry
-    assert tracking.ui_link("https://bob:s3cret@mlflow.example.com:8443/ml/", "7") == \
+    assert readers.ui_link("https://bob:s3cret@mlflow.example.com:8443/ml/", "7") == \
         f"https://mlflow.example.com:8443/ml/{view}"
     from orchestrator.cli import _mlflow_link
 
@@ -226,7 +228,7 @@ def test_a_new_sqlite_store_starts_as_a_copy_of_one_migrated_once(tmp_path, monk
     ids = {}
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        t = tracking.Tracker(f"sqlite:///{tmp_path / name / 'mlflow.db'}", f"sweep-{name}", "digest", {"x": 1})
+        t = writer.Tracker(f"sqlite:///{tmp_path / name / 'mlflow.db'}", f"sweep-{name}", "digest", {"x": 1})
         t.client.log_text(t.parent_id, name, "note.txt")
         ids[name] = t.parent_id
     (template,) = (tmp_path / "cache" / "mlflow-stores").glob("empty-*.db")
@@ -238,22 +240,22 @@ def test_a_new_sqlite_store_starts_as_a_copy_of_one_migrated_once(tmp_path, monk
         with pytest.raises(Exception):  # noqa: B017 - MLflow's own error for an unknown run
             client.get_run(ids[other])
     before = (tmp_path / "a" / "mlflow.db").read_bytes()
-    tracking.seed_sqlite(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    store.seed_sqlite(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
     assert (tmp_path / "a" / "mlflow.db").read_bytes() == before and template.stat().st_size > 0
 
 
 def test_buffered_evaluations_reach_mlflow_together_when_due_and_at_close(tmp_path, monkeypatch):
     """The sweep's recorder buffers each trial's evaluations: one log_batch per FLUSH_S, and
     nothing left behind when a run ends or the sweep closes."""
-    monkeypatch.setattr(tracking, "FLUSH_S", 3600.0)
-    t = tracking.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "buffered", "digest", {"x": 1})
+    monkeypatch.setattr(writer, "FLUSH_S", 3600.0)
+    t = writer.Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "buffered", "digest", {"x": 1})
     run = t.start_trial("k", "base", True, "a", {})
     for step in (0, 5, 10):
         t.log_point(run, {"step": step, "harmfulness": step / 10, "status": "running"}, buffered=True)
     t.flush(due=True)
     history = lambda: [(m.step, m.value) for m in t.client.get_metric_history(run, "harmfulness")]  # noqa: E731
     assert history() == []                                   # not due yet
-    monkeypatch.setattr(tracking, "FLUSH_S", 0.0)
+    monkeypatch.setattr(writer, "FLUSH_S", 0.0)
     t.flush(due=True)
     assert sorted(history()) == [(0, 0.0), (5, 0.5), (10, 1.0)]
     t.log_point(run, {"step": 15, "harmfulness": 0.2, "status": "running"}, buffered=True)

@@ -27,10 +27,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from orchestrator.cluster import WORKER_RETRIES, last_line
 from orchestrator.space import digest
 from orchestrator.spec import Defence, SweepSpec
-from orchestrator.tracking import Tracker
-from orchestrator.trial import last_line
+from orchestrator.tracking.writer import Tracker
 from trainables.conditioning import TASKS
 from trainables.config import AttackConfig, Data, EvaluatorConfig
 from trainables.names import BUDGET_UNITS, MEASURED, SUCCESS, TARGET_OUTCOME, Kind, Metric, Tag
@@ -164,8 +164,6 @@ def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ra
     if not todo:
         return []
     import ray
-
-    from orchestrator.sweep import WORKER_RETRIES
 
     start_ray()
     r = spec.resources

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import stats, survival
 from orchestrator.attackers import field_order
-from orchestrator.tracking import kept_first
+from orchestrator.tracking.readers import kept_first
 from trainables.names import (
     CENSORED,
     FAILED_ATTACK,

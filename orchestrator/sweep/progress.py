@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator.adversary import Progress
-from orchestrator.tracking import amount, say
+from orchestrator.echo import amount, say
+from orchestrator.sweep.adversary import Progress
 
 Mode = Literal["live", "plain"]
 HEARTBEAT_S = 60.0
@@ -309,38 +309,6 @@ class Display:
 
     def __rich__(self):
         return self.render()
-
-
-def feed(display: Display, describe: Callable[[dict], dict[str, Any]]):
-    """A Tune callback for one defence's search that tells `display` what its trials do.
-    `describe(config)` gives defence, label and params (params["max_steps"]: the trial's T)."""
-    from ray.tune import Callback
-
-    class ProgressFeed(Callback):
-        def on_trial_start(self, iteration, trials, trial, **info):
-            d = describe(trial.config)
-            display.trial_started(trial.trial_id, d["defence"], d["label"], d["params"].get("max_steps"))
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            display.trial_result(trial.trial_id, result)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            display.trial_finished(trial.trial_id, error=last.get("status") == "error")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            display.trial_finished(trial.trial_id, error=True)
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            display.trial_lost(trial.trial_id)
-
-        def on_step_end(self, iteration, trials, **info):
-            display.tick()  # Tune's loop steps at least every second: the plain heartbeat's clock
-
-        def on_experiment_end(self, trials, **info):
-            display.end()
-
-    return ProgressFeed()
 
 
 def _where(t: Running) -> str:

@@ -1,7 +1,7 @@
 """The sweep's answer on its MLflow sweep run, written when the sweep ends: open that run and
 read each defence's worst case without running `attack-sweep report`.
 
-    from orchestrator.publish import publish
+    from orchestrator.report.publish import publish
     publish("sqlite:///mlflow.db", "quickstart", parent_run_id, unit="steps")
 
 On the sweep run (names in trainables.names.Summary):
@@ -36,8 +36,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.conditions import verdicts as V
 from orchestrator.conditions.records import rirs
+from orchestrator.echo import say
 from orchestrator.report.tables import median_cell, worst_cell
-from orchestrator.tracking import say, ui_path
+from orchestrator.tracking.readers import ui_path
 from trainables.conditioning import TASKS
 from trainables.names import STATUSES, Kind, Summary, Tag
 

@@ -29,7 +29,7 @@ def gather() -> dict[str, str]:
     out: dict[str, str] = {}
     with contextlib.suppress(metadata.PackageNotFoundError):
         out["version"] = metadata.version("attack-sweep")
-    out.update(git(Path(__file__).resolve().parent))
+    out.update(git(Path(__file__).resolve().parent.parent))  # the orchestrator package
     for name in PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)

@@ -1,0 +1,101 @@
+"""What identifies a sweep, a search and a trial in the records: digests of the spec that leave
+out the fields added after the first records were written, and the rule params every run carries."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from orchestrator.space import digest, searched
+from orchestrator.spec import SweepSpec
+from orchestrator.sweep.loop import attack_config
+from trainables.config import Evaluation, EvaluatorConfig
+
+# Fields added after the first records were written: at their defaults they stay out of every
+# digest, so trial keys, search keys and sweep runs recorded before them stay valid (setting
+# one changes the keys of exactly the trials it changes, and those rerun).
+ADDED_FIELDS: dict[tuple[str, ...], Any] = {
+    ("evaluator", "label"): EvaluatorConfig.model_fields["label"].default,
+    ("evaluators",): [],
+    ("utility",): None,
+    ("crossing",): Evaluation.model_fields["crossing"].default,
+    ("confidence",): Evaluation.model_fields["confidence"].default,
+    ("attacker", "attack_domain"): None,
+    ("data", "attack", "domain_field"): None,
+    ("data", "eval", "domain_field"): None,
+    ("data", "benign", "domain_field"): None,
+    ("utility", "data", "domain_field"): None,
+    ("conditions",): None,
+    ("space", "attack_domain"): None,
+    ("defences", "*", "immunised_on"): None,
+    ("defences", "*", "defender_data"): None,
+    ("decide_early",): False,
+    ("search", "prune"): False,
+    ("g_effect",): None,
+    ("conditioning",): None,
+}
+
+
+def stable(dump: dict[str, Any]) -> dict[str, Any]:
+    """A config dump without the ADDED_FIELDS that sit at their defaults (a copy)."""
+    out = json.loads(json.dumps(dump))
+    for path, default in ADDED_FIELDS.items():
+        for node in _parents(out, path[:-1]):
+            if isinstance(node, dict) and path[-1] in node and node[path[-1]] == default:
+                del node[path[-1]]
+    return out
+
+
+def _parents(node: Any, path: tuple[str, ...]) -> list[Any]:
+    """The nodes at `path` below `node`; '*' steps into every item of a list."""
+    if not path:
+        return [node]
+    part, rest = path[0], path[1:]
+    if part == "*":
+        return [x for item in (node if isinstance(node, list) else []) for x in _parents(item, rest)]
+    return _parents(node.get(part), rest) if isinstance(node, dict) else []
+
+
+def spec_digest(spec: SweepSpec) -> str:
+    """Digest of the whole spec: the sweep's parent run in MLflow."""
+    return digest(stable(spec.model_dump(mode="json")))
+
+
+def trial_key(spec: SweepSpec, trial: dict[str, Any]) -> str:
+    """Digest of everything that decides a trial's result: same key, same trial."""
+    return digest({"defence": trial["defence"],
+                   **stable(attack_config(spec, trial).model_dump(mode="json"))})
+
+
+def search_key(spec: SweepSpec) -> str:
+    """Digest of what decides the search itself: a rerun with more samples, a larger
+    compute cap, other concurrency or other conditions (judged after the search) continues the
+    same search."""
+    dump = spec.model_dump(mode="json", exclude={
+        "resources": True, "conditions": True, "conditioning": True,
+        "search": {"num_samples", "max_compute", "max_concurrent", "prune"},
+        "defences": {"__all__": {"immunised_on", "defender_data"}}})
+    return digest(stable(dump))[:16]
+
+
+def rule_params(spec: SweepSpec) -> dict[str, Any]:
+    """How trials are scored and stopped, as MLflow params (names in trainables.names.SWEEP_PARAMS)."""
+    out: dict[str, Any] = {"phi": spec.phi, "eval_every": spec.eval_every, "eval_schedule": spec.eval_schedule,
+                           "refine": spec.refine, "evaluator": spec.evaluator.key}
+    if spec.evaluators:
+        out["evaluators"] = ",".join(e.key for e in spec.all_evaluators)
+    if spec.crossing != "point":
+        out.update(crossing=spec.crossing, confidence=spec.confidence)
+    if spec.utility:
+        out.update(utility_score=spec.utility.score, utility_epsilon=spec.utility.epsilon)
+    return out
+
+
+def trials(spec: SweepSpec) -> list[dict[str, Any]]:
+    """grid/random: every trial, attacker-major, as {defence, **attacker}."""
+    return [{"defence": d.name, **a} for a in spec.attackers() for d in spec.defences]
+
+
+def varying_fields(spec: SweepSpec) -> list[str]:
+    return list(searched(spec.space))
+
