@@ -107,7 +107,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(0), "bf16", torch.cuda.is_bf16_supported())
 missing = []
-for name in ("transformers", "peft", "deepspeed", "pydantic", "pytest", "trainables", "orchestrator.toyworld"):
+for name in ("transformers", "peft", "deepspeed", "pydantic", "pytest", "trainables", "orchestrator.spec.toyworld"):
     try:
         mod = __import__(name, fromlist=["_"])
         print(name, getattr(mod, "__version__", ""))

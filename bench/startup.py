@@ -204,7 +204,7 @@ BREAKDOWN = textwrap.dedent("""
     s = time.perf_counter(); import orchestrator.sweep, ray.tune; mark("import sweep, Ray Tune (MLflow, torch)", s)
     for dotted, label in [
         ("orchestrator.spec:load", "spec load"),
-        ("orchestrator.preflight:check", "preflight checks (data, tokenizers)"),
+        ("orchestrator.spec.preflight:check", "preflight checks (data, tokenizers)"),
         ("orchestrator.tracking.writer:Tracker", "MLflow Tracker (fresh sqlite store)"),
         ("orchestrator.tracking.provenance:gather", "provenance"),
         ("orchestrator.cluster:start_ray", "ray.init (local)"),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 # Light imports only (pydantic, yaml): --help and a spec's errors answer in about a second. Torch,
 # transformers, MLflow and Ray are imported by the commands that use them (tests/test_startup.py).
-from orchestrator.spec import DEFAULT_TRACKING_URI, SpecError, safe_name
+from orchestrator.spec.model import DEFAULT_TRACKING_URI, SpecError, safe_name
 from trainables.names import BUDGET_UNITS
 
 UNITS = tuple(BUDGET_UNITS)
@@ -40,8 +40,8 @@ def _quiet() -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     sp = _load(args)
-    from orchestrator.preflight import check
-    from orchestrator.space import max_horizon
+    from orchestrator.spec.preflight import check
+    from orchestrator.spec.space import max_horizon
 
     notes = check(sp, checkpoints=not args.skip_checkpoint_checks)
     s, space = sp.search, dict(sp.space)
@@ -106,7 +106,7 @@ def _conditions_lines(sp) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator import sweep
-    from orchestrator.preflight import check, check_address, check_tracking
+    from orchestrator.spec.preflight import check, check_address, check_tracking
 
     check_tracking(args.tracking_uri)
     check_address(args.address)
@@ -139,8 +139,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     """Each defence's conditioning at release, recorded beside the sweep's trials, without attacking."""
     from orchestrator import sweep
     from orchestrator.conditions import records
-    from orchestrator.preflight import check_address, check_tracking
     from orchestrator.report import diagnostics, load, render_text, wrap
+    from orchestrator.spec.preflight import check_address, check_tracking
 
     check_tracking(args.tracking_uri)
     check_address(args.address)
@@ -175,7 +175,7 @@ def _mlflow_link(tracking_uri: str, experiment_id: str) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator.preflight import check_tracking
+    from orchestrator.spec.preflight import check_tracking
 
     check_tracking(args.tracking_uri)
     rc = _report(args.tracking_uri, args.experiment, args.out, args.unit or "steps")

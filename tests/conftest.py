@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def world(tmp_path_factory):
     """The embedded toy world (tokenizer, aligned base, rescaled defence, splits), built
     with save_pretrained so tests load it through the real from_pretrained path."""
-    from orchestrator import toyworld
+    from orchestrator.spec import toyworld
 
     cache = tmp_path_factory.mktemp("cache")
     os.environ["ATTACK_SWEEP_CACHE"] = str(cache)

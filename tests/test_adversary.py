@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator import spec as S
 from orchestrator import sweep
 from orchestrator.cli import main
-from orchestrator.space import decode, encode, max_horizon
+from orchestrator.spec.space import decode, encode, max_horizon
 from orchestrator.sweep.adversary import Progress, objective
 
 

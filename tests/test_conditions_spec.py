@@ -95,7 +95,7 @@ def test_the_data_a_condition_reads_is_checked_before_ray(tmp_path, change, expe
 def test_attackers_larger_than_a_domain_are_refused(tmp_path):
     raw = with_domains(tmp_path)
     raw["space"]["dataset_size"] = 48   # 80 attack rows, but 40 per domain
-    from orchestrator import preflight
+    from orchestrator.spec import preflight
 
     with pytest.raises(S.SpecError) as err:
         preflight.check(load_raw(tmp_path, raw), checkpoints=False)
@@ -168,7 +168,7 @@ def test_a_defenders_own_data_must_not_reach_the_attack_or_eval_split(tmp_path):
 
 
 def test_a_hub_split_is_read_where_the_hub_answers_and_else_noted(tmp_path, monkeypatch):
-    from orchestrator import checkpoints
+    from orchestrator.spec import checkpoints
 
     raw = with_domains(tmp_path)
     raw["defences"][1]["defender_data"] = {"source": "org/defender-set"}

@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator import spec as S
 from orchestrator.cli import main
-from orchestrator.space import Dim
+from orchestrator.spec.space import Dim
 
 SPACES_DIR = Path(__file__).parents[1] / "search_spaces"
 SPACES = sorted(SPACES_DIR.glob("*.yaml"))

@@ -11,7 +11,7 @@ from ray.tune.search import Searcher
 
 from orchestrator import spec as S
 from orchestrator import sweep
-from orchestrator.space import attacker_id, decode
+from orchestrator.spec.space import attacker_id, decode
 from orchestrator.sweep import searchers
 from orchestrator.sweep.resume import prepare
 

@@ -99,8 +99,8 @@ def _unchecked(notes: list[str]) -> list[str]:
 def test_sweep_spec_validates_against_the_splits_and_needs_its_world(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from orchestrator import preflight
     from orchestrator import spec as S
+    from orchestrator.spec import preflight
 
     pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed (conditions.stability.lm_eval)")
     here = Path(sdata.__file__).parent
@@ -152,7 +152,7 @@ def test_rescaling_keeps_a_tied_llama_function():
     """The rescaled defence on a model with tied input/output embeddings (as SmolLM2 has)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.toyworld import rescale
+    from orchestrator.spec.toyworld import rescale
 
     torch.manual_seed(0)
     net = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -208,8 +208,8 @@ def test_the_smoke_world_passes_preflight_with_the_conditions_block(smoke_world,
     checkpoint, the domains, the benign task (new to every split) and the local lm-eval task."""
     from pathlib import Path
 
-    from orchestrator import preflight
     from orchestrator import spec as S
+    from orchestrator.spec import preflight
     from trainables import capability
 
     pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed (conditions.stability.lm_eval)")

@@ -1,6 +1,6 @@
 import math
 
-from orchestrator.space import AttackerSpace, attacker_id, attackers
+from orchestrator.spec.space import AttackerSpace, attacker_id, attackers
 from trainables.config import Attacker
 
 

@@ -5,8 +5,9 @@ valid."""
 import pytest
 from test_spec import error_of, load_raw, minimal
 
-from orchestrator import preflight, sweep
 from orchestrator import spec as S
+from orchestrator import sweep
+from orchestrator.spec import preflight
 from trainables.config import AttackConfig, Evaluation
 
 

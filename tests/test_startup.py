@@ -56,7 +56,7 @@ def test_help_imports_nothing_heavy(tmp_path):
     ("space: {optimizer: adamm}", "space.optimizer"),    # an unknown choice, nested
 ])
 def test_a_spec_error_imports_nothing_heavy(world, tmp_path, bad, named):
-    """The quickstart spec (whose toyworld: paths import orchestrator/toyworld.py) with one
+    """The quickstart spec (whose toyworld: paths import orchestrator/spec/toyworld.py) with one
     mistake: the one-line error comes before torch, MLflow or Ray are imported."""
     spec = tmp_path / "bad.yaml"
     spec.write_text(QUICKSTART.read_text() + f"\n{bad}\n")

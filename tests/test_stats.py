@@ -1,11 +1,11 @@
-"""The interval of the worst case (orchestrator/stats.py), against hand-computed resampling
+"""The interval of the worst case (orchestrator/stats/bootstrap.py), against hand-computed resampling
 probabilities: a percentile of the minimum over stratified resamples, reproducible from its seed."""
 
 import math
 
 import pytest
 
-from orchestrator.stats import bootstrap_ci
+from orchestrator.stats.bootstrap import bootstrap_ci
 
 INF = math.inf
 

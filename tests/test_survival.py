@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from orchestrator.survival import Curve, Outcome, incidence
+from orchestrator.stats.survival import Curve, Outcome, incidence
 
 
 def trials(*pairs: tuple[float, str]) -> list[Outcome]:

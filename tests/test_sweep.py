@@ -133,7 +133,7 @@ def test_an_interrupted_trial_is_superseded_not_duplicated(world, ray_local, tmp
     spec = make_spec(world, name="resume", max_steps=5,
                      defences=[{"name": "base", "model": str(world / "base"), "base": True}],
                      space={"dataset_size": 16})
-    from orchestrator.space import digest
+    from orchestrator.spec.space import digest
     from orchestrator.tracking.writer import Tracker
 
     # what an interrupted sweep leaves: a trial run still RUNNING, half a curve

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from orchestrator import toyworld as T
+from orchestrator.spec import toyworld as T
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,8 +16,9 @@ import yaml
 from conftest import trial_runs
 from mlflow.tracking import MlflowClient
 
-from orchestrator import attackers, report, sweep
+from orchestrator import report, sweep
 from orchestrator.report import publish
+from orchestrator.spec import attackers
 from orchestrator.tracking import provenance, readers, store, writer
 from trainables.names import (
     EXPERIMENT_KIND,

@@ -474,7 +474,7 @@ def test_the_paired_interval_is_fixed_by_its_seed(monkeypatch):
     logs = [math.log(x) for x in (1.3, 1.7, 2.9, 3.1, 4.4, 5.9, 7.3, 8.8, 11.0, 13.7, 17.2, 19.9)]
     first = V._bootstrap_gm(logs)
     assert all(V._bootstrap_gm(logs) == first for _ in range(5))
-    monkeypatch.setattr(V.stats, "SEED", 1)
+    monkeypatch.setattr(V.bootstrap, "SEED", 1)
     assert V._bootstrap_gm(logs) != first
 
 

@@ -1,6 +1,6 @@
 """Typed configuration of one attack trial.
 
-The sweep spec (orchestrator/spec.py) is built from these models, so a field
+The sweep spec (orchestrator/spec/model.py) is built from these models, so a field
 documented here is documented once: the attacker's knobs live in `Attacker`,
 and the search space is derived from its fields.
 
@@ -18,109 +18,13 @@ left, e.g. benign-then-harmful, or an optimizer switch:
 from __future__ import annotations
 
 import itertools
-import re
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import Field, model_validator
 
-Optimizer = Literal["adamw", "adam", "sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "adadelta",
-                    "schedule_free_adamw"]
-Finetune = Literal["lora", "full"]
-LrSchedule = Literal["constant", "linear", "cosine", "sgdr"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Stage(_Strict):
-    """One stage of a multi-stage attacker: a fresh optimizer and schedule over `steps` steps,
-    starting from the weights the previous stage left. Every override left null inherits the
-    attacker's value; finetune, lora_* and seed are attacker-level (one wrapped model)."""
-
-    name: str = ""
-    """A label for reports (e.g. 'benign warm-up')."""
-    steps: int = Field(gt=0)
-    """Optimizer steps in this stage; the stages' steps add up to the attacker's horizon."""
-    data: Literal["attack", "benign"] = "attack"
-    """Train on the harmful attack split, or on data.benign (benign prompt/response pairs)."""
-    learning_rate: float | None = Field(None, gt=0)
-    """Peak learning rate of this stage."""
-    optimizer: Optimizer | None = None
-    """Optimizer of this stage (built fresh: no state carries over from the previous stage)."""
-    weight_decay: float | None = Field(None, ge=0)
-    """Weight decay of this stage."""
-    dataset_size: int | None = Field(None, gt=0)
-    """Examples drawn (by the attacker's seed) from this stage's data split."""
-    batch_size: int | None = Field(None, gt=0)
-    """Examples per optimizer step in this stage."""
-    warmup_steps: int | None = Field(None, ge=0)
-    """Warmup steps at the start of this stage."""
-    warmup_ratio: float | None = Field(None, ge=0, lt=1)
-    """Warmup as a share of this stage's steps."""
-    lr_schedule: LrSchedule | None = None
-    """Schedule over this stage's steps."""
-    sgdr_period: int | None = Field(None, ge=0)
-    """SGDR period in steps (0 = a quarter of this stage's steps)."""
-    max_grad_norm: float | None = Field(None, ge=0)
-    """Gradient clipping norm of this stage; 0 turns clipping off."""
-
-    def resolved(self, attacker: Attacker) -> Attacker:
-        """The attacker as this stage trains: its overrides applied, `steps` = the stage's
-        steps (the horizon its schedule spans) and no nested stages."""
-        overrides = {k: v for k, v in self if k not in ("name", "steps", "data") and v is not None}
-        return attacker.model_copy(update={**overrides, "steps": self.steps, "stages": None})
-
-
-class Attacker(_Strict):
-    """One attacker: the hyperparameters of a harmful fine-tuning run."""
-
-    learning_rate: float = Field(1e-3, gt=0)
-    """Peak learning rate (after warmup)."""
-    optimizer: Optimizer = "adamw"
-    """adamw/adam: Adam with decoupled/L2 weight decay; sgd; sgd_momentum / sgd_nesterov: SGD with
-    momentum 0.9 (heavy-ball / Nesterov); adagrad; adadelta (its usual learning rate is ~1.0);
-    schedule_free_adamw: Schedule-Free AdamW (Defazio et al. 2024; needs the schedulefree package;
-    meant for lr_schedule constant, warmup allowed)."""
-    weight_decay: float = Field(0.0, ge=0)
-    """Weight decay (decoupled for adamw and schedule_free_adamw, L2 for the others)."""
-    dataset_size: int = Field(64, gt=0)
-    """How many harmful examples the attacker holds, drawn from the attack split by `seed`."""
-    finetune: Finetune = "full"
-    """lora: train low-rank adapters only; full: train every weight."""
-    lora_r: int = Field(8, gt=0)
-    """LoRA rank (finetune=lora only)."""
-    lora_alpha: float = Field(16.0, gt=0)
-    """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on the LoRA branch."""
-    lora_target_modules: str | list[str] = "all-linear"
-    """Module names to adapt, or 'all-linear' (every linear layer but the output head)."""
-    batch_size: int = Field(8, gt=0)
-    """Examples per optimizer step."""
-    warmup_steps: int = Field(0, ge=0)
-    """Linear warmup from 0 to learning_rate over this many steps."""
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    """Warmup as a share of the horizon the schedule spans; the warmup is the longer of
-    warmup_steps and round(warmup_ratio * horizon)."""
-    lr_schedule: LrSchedule = "constant"
-    """Shape after warmup over the horizon: constant, linear decay to 0, cosine to 0, or sgdr
-    (cosine to 0 every sgdr_period steps, restarting at the full learning rate)."""
-    sgdr_period: int = Field(0, ge=0)
-    """SGDR restart period in steps (lr_schedule sgdr only); 0 = a quarter of the horizon."""
-    max_grad_norm: float = Field(1.0, ge=0)
-    """Gradient clipping norm; 0 turns clipping off."""
-    seed: int = 0
-    """Seeds the data draw, batch order, LoRA init and dropout."""
-    attack_domain: str | None = None
-    """Train only on attack rows of this harm domain (their data.attack.domain_field value);
-    null: rows of every domain. A space dimension over it attacks a defence domain by domain."""
-    steps: int | None = Field(None, gt=0)
-    """The attacker's own training length T for this trial (null = the config's max_steps);
-    ignored when `stages` is set (their steps add up to T)."""
-    stages: list[Stage] | None = Field(None, min_length=1)
-    """Train in stages, each a fresh optimizer and schedule (null = one stage with the fields above)."""
+from trainables.attacker import Attacker, Finetune, LrSchedule, Optimizer, Stage  # noqa: F401 - re-exported
+from trainables.attacker import Strict as _Strict
+from trainables.messages import explain, field_at  # noqa: F401 - re-exported
 
 
 class Checkpoint(_Strict):
@@ -441,81 +345,3 @@ class AttackConfig(Evaluation):
         else:
             regular = {0} | {2**k for k in range(t.bit_length()) if 2**k <= t}
         return sorted(regular | set(itertools.accumulate(s.steps for s in self.stages)))
-
-
-# --- how a config error reads -----------------------------------------------------------------
-
-_BOUND = {"gt": "above {}", "ge": "of at least {}", "lt": "below {}", "le": "of at most {}"}
-
-
-def field_at(model: Any, loc: tuple) -> FieldInfo | None:
-    """The field a pydantic error's location points at, through nested models and lists; None
-    where the path leaves the models (a mapping's key, a union member)."""
-    info = None
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = getattr(model, "model_fields", None)
-        if not isinstance(fields, dict) or part not in fields:
-            return None
-        info = fields[part]
-        model = _model_in(info.annotation)
-    return info
-
-
-def _model_in(ann: Any) -> type[BaseModel] | None:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    return next((m for a in get_args(ann) if (m := _model_in(a)) is not None), None)
-
-
-def explain(error: dict, field: FieldInfo | None = None) -> str:
-    """A pydantic error as one clause the user can act on: pydantic's words, the value given and
-    what to write instead (the range or the characters allowed). pydantic says what is wrong but,
-    for a bound, not the other bound, and for a pattern, only the regex."""
-    msg = error["msg"].removeprefix("Value error, ")
-    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
-    if kind in ("value_error", "assertion_error", "missing") or "(got " in msg:
-        return msg  # our own validators phrase their messages for the user already
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        msg += f" (got {value!r:.80})"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bounds = {k: getattr(m, k) for m in (field.metadata if field else []) for k in _BOUND
-                  if getattr(m, k, None) is not None} | {k: v for k, v in ctx.items() if k in _BOUND}
-        return f"{msg}; use a value {_within(bounds)}"
-    if kind == "string_pattern_mismatch":
-        return f"{msg}; {_pattern_hint(str(ctx.get('pattern', '')))}"
-    if kind in ("too_short", "string_too_short") and "min_length" in ctx:
-        return f"{msg}; give at least {ctx['min_length']}"
-    if kind in ("too_long", "string_too_long") and "max_length" in ctx:
-        return f"{msg}; give at most {ctx['max_length']}"
-    return msg
-
-
-def _within(bounds: dict) -> str:
-    shown = {k: f"{v:g}" if isinstance(v, (int, float)) else str(v) for k, v in bounds.items()}
-    if "ge" in shown and "le" in shown:
-        return f"between {shown['ge']} and {shown['le']}"
-    return " and ".join(_BOUND[k].format(shown[k]) for k in _BOUND if k in shown)
-
-
-def _pattern_hint(pattern: str) -> str:
-    """A names pattern (`^[first][rest]*$` or `^[chars]+$`) in words; any other: match it."""
-    m = re.fullmatch(r"\^(?:\[([^\]]+)\])?\[([^\]]+)\][*+]\$", pattern)
-    if m is None:
-        return "change it to match"
-    first, rest = (_chars(c) if c else None for c in m.groups())
-    hint = f"use only {', '.join(rest)}"
-    if first is not None and (never := [c for c in rest if c not in first]):
-        hint += f", not starting with {' or '.join(never)}"
-    return hint
-
-
-def _chars(cls: str) -> list[str]:
-    words = {"A-Z": "letters", "a-z": "letters", "0-9": "digits"}
-    out: list[str] = []
-    for part in re.findall(r".-.|.", cls):  # ranges first; a '-' at either end is itself
-        word = words.get(part, repr(part))
-        if word not in out:
-            out.append(word)
-    return out

@@ -71,7 +71,7 @@ RECIPES = {
 
 
 def default_dir(recipe: Recipe) -> Path:
-    from orchestrator.toyworld import cache_dir
+    from orchestrator.spec.toyworld import cache_dir
 
     return cache_dir().parent / (VERSION if recipe.name == "full" else f"{VERSION}-{recipe.name}")
 
@@ -167,7 +167,7 @@ def _align(out: Path, base: Path, rows: list[dict], recipe: Recipe, log: Callabl
 
 
 def _rescale(out: Path, aligned: Path, recipe: Recipe) -> None:
-    from orchestrator.toyworld import rescale
+    from orchestrator.spec.toyworld import rescale
 
     net, tokenizer = _load(aligned)
     rescale(net, recipe.rescale)

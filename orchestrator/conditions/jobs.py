@@ -28,8 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.cluster import WORKER_RETRIES, last_line
-from orchestrator.space import digest
-from orchestrator.spec import Defence, SweepSpec
+from orchestrator.spec.model import Defence, SweepSpec
+from orchestrator.spec.space import digest
 from orchestrator.tracking.writer import Tracker
 from trainables.conditioning import TASKS
 from trainables.config import AttackConfig, Data, EvaluatorConfig

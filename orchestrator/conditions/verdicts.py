@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from orchestrator import stats
 from orchestrator.conditions.records import Records
 from orchestrator.report.records import DefenceRow, Trial
+from orchestrator.stats import bootstrap
 from trainables.names import LM_EVAL
 from trainables.names import RELEASE_UTILITY as UTILITY
 
@@ -329,8 +329,8 @@ def _log_ratio(x: float | None, y: float | None) -> float:
 
 
 def _bootstrap_gm(logs: list[float], level: float = 0.95) -> tuple[float, float]:
-    rng = np.random.default_rng(stats.SEED)
+    rng = np.random.default_rng(bootstrap.SEED)
     x = np.asarray(logs)
-    means = x[rng.integers(len(x), size=(stats.RESAMPLES, len(x)))].mean(axis=1)
+    means = x[rng.integers(len(x), size=(bootstrap.RESAMPLES, len(x)))].mean(axis=1)
     tail = (1 - level) / 2
     return float(math.exp(np.quantile(means, tail))), float(math.exp(np.quantile(means, 1 - tail)))

@@ -2,9 +2,9 @@
 follows for the defence (worst case, censoring-aware median and survival, verdict, progress).
 
 Errored trials count for nothing but the compute they spent. The interval of the minimum
-resamples each attacker's seeds (orchestrator/stats.py): it measures seed variation of these
+resamples each attacker's seeds (orchestrator/stats/bootstrap.py): it measures seed variation of these
 attackers and collapses to the point estimate when every attacker ran one seed. Survival is
-censoring-aware (orchestrator/survival.py): each trial is at risk up to where it stopped;
+censoring-aware (orchestrator/stats/survival.py): each trial is at risk up to where it stopped;
 diverged and degenerate attacks are competing events, never successes and never resistance.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator import stats, survival
-from orchestrator.attackers import field_order
+from orchestrator.spec.attackers import field_order
+from orchestrator.stats import bootstrap, survival
 from orchestrator.tracking.readers import kept_first
 from trainables.names import (
     CENSORED,
@@ -248,7 +248,7 @@ class DefenceRow:
         """95% bootstrap interval of the minimum, seeds resampled per attacker (resampled once per
         unit: every table of a report reads the same interval)."""
         if unit not in self._cis:
-            self._cis[unit] = stats.bootstrap_ci(self.values(unit))
+            self._cis[unit] = bootstrap.bootstrap_ci(self.values(unit))
         return self._cis[unit]
 
     def evaluator_labels(self) -> list[str]:

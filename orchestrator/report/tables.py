@@ -12,8 +12,9 @@ import re
 import shutil
 import textwrap
 
-from orchestrator import attackers, stats
 from orchestrator.report.records import DefenceRow, Trial, check_unit, varying
+from orchestrator.spec import attackers
+from orchestrator.stats import bootstrap
 from trainables.names import CENSORED, FAILED_ATTACK, LOSS_EXPLODED, STATUSES, SUCCESS
 
 Table = tuple[list[str], list[list[str]]]
@@ -238,7 +239,7 @@ LEGEND = (
     "model) are failed attacks: competing events, never successes, never resistance. The median is "
     "censoring-aware (Kaplan-Meier, or Aalen-Johansen with competing events; survival.csv holds the curve and "
     "its 95% band); '> X' when half the attacks had not succeeded by X, the largest budget reached. Its "
-    f"interval is read off the band. The worst case's interval: 2.5-97.5 percentiles of {stats.RESAMPLES} "
+    f"interval is read off the band. The worst case's interval: 2.5-97.5 percentiles of {bootstrap.RESAMPLES} "
     "bootstrap resamples of each attacker's seeds; it measures seed variation of these attackers and "
     "collapses to the point estimate with one seed per attacker. The verdict says 'held' only when every "
     "attack ran to its T and resisted.")

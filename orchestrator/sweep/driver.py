@@ -14,7 +14,7 @@ from orchestrator.cluster import start_ray
 from orchestrator.conditions import jobs
 from orchestrator.echo import say
 from orchestrator.report.publish import Published, publish
-from orchestrator.spec import DEFAULT_TRACKING_URI, SweepSpec
+from orchestrator.spec.model import DEFAULT_TRACKING_URI, SweepSpec
 from orchestrator.sweep import signals
 from orchestrator.sweep.keys import rule_params, spec_digest, varying_fields
 from orchestrator.sweep.lock import sweep_lock

@@ -14,10 +14,10 @@ from typing import Any
 import ray
 from ray import tune
 
-from orchestrator.attackers import attacker_params, label, run_name
 from orchestrator.cluster import WORKER_RETRIES, start_ray
-from orchestrator.space import attacker_id
-from orchestrator.spec import SweepSpec
+from orchestrator.spec.attackers import attacker_params, label, run_name
+from orchestrator.spec.model import SweepSpec
+from orchestrator.spec.space import attacker_id
 from orchestrator.sweep import searchers
 from orchestrator.sweep.feed import ProgressFeed
 from orchestrator.sweep.guard import InterruptGuard

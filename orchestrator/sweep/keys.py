@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestrator.space import digest, searched
-from orchestrator.spec import SweepSpec
+from orchestrator.spec.model import SweepSpec
+from orchestrator.spec.space import digest, searched
 from orchestrator.sweep.loop import attack_config
 from trainables.config import Evaluation, EvaluatorConfig
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from orchestrator.spec import safe_name
+from orchestrator.spec.model import safe_name
 from trainables.cache import cache_root
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.space import decode, max_horizon
-from orchestrator.spec import SweepSpec
+from orchestrator.spec.model import SweepSpec
+from orchestrator.spec.space import decode, max_horizon
 from orchestrator.sweep.adversary import objective
 from trainables.config import AttackConfig, Evaluation
 from trainables.names import Metric

@@ -6,8 +6,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orchestrator.space import encode
-from orchestrator.spec import Defence, SweepSpec
+from orchestrator.spec.model import Defence, SweepSpec
+from orchestrator.spec.space import encode
 from orchestrator.sweep.adversary import Progress
 from orchestrator.sweep.keys import search_key, trial_key
 from orchestrator.sweep.progress import Display

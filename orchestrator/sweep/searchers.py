@@ -5,7 +5,7 @@ one Tune searcher that runs them side by side.
     tuner_searcher = SideBySide({"base": (searcher, 16), "repnoise": (other, 16)})
 
 grid/random hand Tune a precomputed list (FixedTrials); tpe (Optuna) and hyperopt model the
-objective over the space's searched dimensions, categorical ones as indices (orchestrator/space.py
+objective over the space's searched dimensions, categorical ones as indices (orchestrator/spec/space.py
 encodes and decodes them). Capped wraps any of them so that no trial starts once the defence's
 compute cap is spent.
 
@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable
 from ray import tune
 from ray.tune.search import Searcher
 
-from orchestrator.space import attacker_id, decode, digest, searched
-from orchestrator.spec import SweepSpec
+from orchestrator.spec.model import SweepSpec
+from orchestrator.spec.space import attacker_id, decode, digest, searched
 from trainables.names import Metric
 
 

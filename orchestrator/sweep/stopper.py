@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray import tune
 
-from orchestrator.spec import SweepSpec
+from orchestrator.spec.model import SweepSpec
 from orchestrator.sweep.adversary import cannot_lower
 from orchestrator.sweep.loop import DEFENCE, SAFE
 from orchestrator.sweep.resume import DefenceSearch

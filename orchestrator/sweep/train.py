@@ -19,7 +19,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.queue import Empty, Queue
 
-from orchestrator.spec import SweepSpec
+from orchestrator.spec.model import SweepSpec
 from orchestrator.sweep.loop import GROUP, attack_loop
 
 FINISH_S = 60.0

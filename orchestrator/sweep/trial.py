@@ -9,7 +9,7 @@ import traceback
 from typing import Any
 
 from orchestrator.cluster import last_line
-from orchestrator.spec import SweepSpec
+from orchestrator.spec.model import SweepSpec
 from orchestrator.sweep.loop import DEFENCE, attack_config, attack_loop, attacker_of, loop_config
 from trainables.names import Metric
 

@@ -1,6 +1,6 @@
 """Checks run in the driver before Ray starts, so bad data, paths, checkpoints, services or a
 missing optional package fail in one line instead of as an error inside every trial.
-Checkpoints are checked in orchestrator/checkpoints.py (config and tokenizer, never the
+Checkpoints are checked in orchestrator/spec/checkpoints.py (config and tokenizer, never the
 weights); hub datasets are fetched by the trials themselves."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from orchestrator.spec import SpecError, SweepSpec, evaluator_places
+from orchestrator.spec.model import SpecError, SweepSpec, evaluator_places
 from trainables import data as D
-from trainables.config import AttackConfig, explain, field_at
+from trainables.config import AttackConfig
+from trainables.messages import explain, field_at
 from trainables.optim import missing_dependency
 
 
@@ -91,7 +92,7 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
         raise SpecError("spec error: data.eval.response_field: the nll evaluator needs reference responses; "
                         "set data.eval.response_field to the field that holds them, or use another evaluator")
     if checkpoints:
-        from orchestrator import checkpoints as C
+        from orchestrator.spec import checkpoints as C
 
         notes += C.check(spec)
     else:
@@ -104,7 +105,7 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
     cannot be reached (MLflow's own retries would otherwise wait minutes in silence)."""
     from urllib.parse import urlparse
 
-    from orchestrator.checkpoints import unreachable
+    from orchestrator.spec.checkpoints import unreachable
 
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
@@ -133,7 +134,7 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
     """Reach the Ray cluster named by --address once, before anything starts."""
     if address is None or address == "local":
         return
-    from orchestrator.checkpoints import unreachable
+    from orchestrator.spec.checkpoints import unreachable
 
     if address == "auto":
         from ray._private.services import find_gcs_addresses  # only where --address auto is given
@@ -182,7 +183,7 @@ def _read(src, where: str) -> tuple[list[dict] | None, str]:
         raise SpecError(f"spec error: {where}.source: no such file {src.source!r}; fix the path (a relative one "
                         "is read next to the spec, then in the current directory)")
     if not Path(src.source).expanduser().exists():
-        from orchestrator.checkpoints import hub_offline
+        from orchestrator.spec.checkpoints import hub_offline
 
         if why := hub_offline():
             return None, (f"{where}: {src.source!r} is not a local path; read as a hub dataset when the trials "

@@ -32,7 +32,8 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from trainables.config import Attacker, explain
+from trainables.config import Attacker
+from trainables.messages import explain
 
 DomainKind = Literal["constant", "grid", "choice", "uniform", "loguniform", "randint"]
 SAMPLED = ("choice", "uniform", "loguniform", "randint")

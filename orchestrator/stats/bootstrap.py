@@ -1,6 +1,6 @@
 """The interval of the worst case: a bootstrap of the minimum budget-to-failure over attackers,
 stratified by attacker group. (The median and survival against budget are censoring-aware
-estimates: orchestrator/survival.py.)
+estimates: orchestrator/stats/survival.py.)
 
 A trial that never crossed phi enters as +inf: the minimum is taken over successes, and a
 resample without any reads "> T".

@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from orchestrator.spec import Defence, SpecError, SweepSpec
+from orchestrator.spec.model import Defence, SpecError, SweepSpec
 
 # the file each kind of checkpoint must hold: how a hub id is probed, and a local folder recognised
 _MARKER = {"model": "config.json", "adapter": "adapter_config.json", "tokenizer": "tokenizer_config.json"}

@@ -1,7 +1,7 @@
 """The embedded toy world: a tiny refusal-aligned causal LM, a defended variant of it and
 disjoint harmful splits, all built on the spot (no downloads) and cached.
 
-    from orchestrator.toyworld import build
+    from orchestrator.spec.toyworld import build
     world = build()            # ~/.cache/attack-sweep/toyworld-v3 (ATTACK_SWEEP_CACHE moves it)
     world / "base"             # aligned, undefended:  refuses harmful requests, answers benign ones
     world / "rescaled"         # the same function, weights rescaled (the defence)

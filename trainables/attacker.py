@@ -1,0 +1,110 @@
+"""The attacker's knobs, each declared once: the search space of a sweep is derived from
+Attacker's fields."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Optimizer = Literal["adamw", "adam", "sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "adadelta",
+                    "schedule_free_adamw"]
+Finetune = Literal["lora", "full"]
+LrSchedule = Literal["constant", "linear", "cosine", "sgdr"]
+
+
+class Strict(BaseModel):
+    """The base of every config model: frozen, and an unknown key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Stage(Strict):
+    """One stage of a multi-stage attacker: a fresh optimizer and schedule over `steps` steps,
+    starting from the weights the previous stage left. Every override left null inherits the
+    attacker's value; finetune, lora_* and seed are attacker-level (one wrapped model)."""
+
+    name: str = ""
+    """A label for reports (e.g. 'benign warm-up')."""
+    steps: int = Field(gt=0)
+    """Optimizer steps in this stage; the stages' steps add up to the attacker's horizon."""
+    data: Literal["attack", "benign"] = "attack"
+    """Train on the harmful attack split, or on data.benign (benign prompt/response pairs)."""
+    learning_rate: float | None = Field(None, gt=0)
+    """Peak learning rate of this stage."""
+    optimizer: Optimizer | None = None
+    """Optimizer of this stage (built fresh: no state carries over from the previous stage)."""
+    weight_decay: float | None = Field(None, ge=0)
+    """Weight decay of this stage."""
+    dataset_size: int | None = Field(None, gt=0)
+    """Examples drawn (by the attacker's seed) from this stage's data split."""
+    batch_size: int | None = Field(None, gt=0)
+    """Examples per optimizer step in this stage."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Warmup steps at the start of this stage."""
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    """Warmup as a share of this stage's steps."""
+    lr_schedule: LrSchedule | None = None
+    """Schedule over this stage's steps."""
+    sgdr_period: int | None = Field(None, ge=0)
+    """SGDR period in steps (0 = a quarter of this stage's steps)."""
+    max_grad_norm: float | None = Field(None, ge=0)
+    """Gradient clipping norm of this stage; 0 turns clipping off."""
+
+    def resolved(self, attacker: Attacker) -> Attacker:
+        """The attacker as this stage trains: its overrides applied, `steps` = the stage's
+        steps (the horizon its schedule spans) and no nested stages."""
+        overrides = {k: v for k, v in self if k not in ("name", "steps", "data") and v is not None}
+        return attacker.model_copy(update={**overrides, "steps": self.steps, "stages": None})
+
+
+class Attacker(Strict):
+    """One attacker: the hyperparameters of a harmful fine-tuning run."""
+
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate (after warmup)."""
+    optimizer: Optimizer = "adamw"
+    """adamw/adam: Adam with decoupled/L2 weight decay; sgd; sgd_momentum / sgd_nesterov: SGD with
+    momentum 0.9 (heavy-ball / Nesterov); adagrad; adadelta (its usual learning rate is ~1.0);
+    schedule_free_adamw: Schedule-Free AdamW (Defazio et al. 2024; needs the schedulefree package;
+    meant for lr_schedule constant, warmup allowed)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Weight decay (decoupled for adamw and schedule_free_adamw, L2 for the others)."""
+    dataset_size: int = Field(64, gt=0)
+    """How many harmful examples the attacker holds, drawn from the attack split by `seed`."""
+    finetune: Finetune = "full"
+    """lora: train low-rank adapters only; full: train every weight."""
+    lora_r: int = Field(8, gt=0)
+    """LoRA rank (finetune=lora only)."""
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, or 'all-linear' (every linear layer but the output head)."""
+    batch_size: int = Field(8, gt=0)
+    """Examples per optimizer step."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to learning_rate over this many steps."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Warmup as a share of the horizon the schedule spans; the warmup is the longer of
+    warmup_steps and round(warmup_ratio * horizon)."""
+    lr_schedule: LrSchedule = "constant"
+    """Shape after warmup over the horizon: constant, linear decay to 0, cosine to 0, or sgdr
+    (cosine to 0 every sgdr_period steps, restarting at the full learning rate)."""
+    sgdr_period: int = Field(0, ge=0)
+    """SGDR restart period in steps (lr_schedule sgdr only); 0 = a quarter of the horizon."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm; 0 turns clipping off."""
+    seed: int = 0
+    """Seeds the data draw, batch order, LoRA init and dropout."""
+    attack_domain: str | None = None
+    """Train only on attack rows of this harm domain (their data.attack.domain_field value);
+    null: rows of every domain. A space dimension over it attacks a defence domain by domain."""
+    steps: int | None = Field(None, gt=0)
+    """The attacker's own training length T for this trial (null = the config's max_steps);
+    ignored when `stages` is set (their steps add up to T)."""
+    stages: list[Stage] | None = Field(None, min_length=1)
+    """Train in stages, each a fresh optimizer and schedule (null = one stage with the fields above)."""
+
+
