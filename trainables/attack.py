@@ -3,40 +3,6 @@
     from trainables import AttackConfig, run_attack
     result = run_attack(AttackConfig.model_validate(cfg), on_eval=lambda p: print(p))
     result.status, result.budget_to_failure
-
-The loop: load the released checkpoint, wrap it (LoRA or all weights), draw the
-attacker's data, then train through the attacker's stages (one, unless it lists
-several), measuring at the steps cfg.eval_steps() names (step 0, the eval schedule, every
-stage's end, the horizon T) harmfulness f on held-out harmful prompts with every evaluator
-(the primary one decides), and utility u on held-out benign prompts. It stops at the first
-crossing of phi (failed, or degenerate where u fell more than epsilon), a nan/inf loss (diverged)
-or the horizon (resisted); outcome.py holds these rules.
-Budget per step: examples += batch_size; tokens += supervised tokens (each response and the
-end-of-sequence token appended to it); flops += budget.flops_per_token * processed tokens;
-accelerator_seconds += the step's time (evaluation excluded). Ray and MLflow stay outside:
-the caller gets every evaluation through `on_eval`.
-
-A crossing seen at step hi is only known to lie in (lo, hi], lo the last safe
-evaluation. With cfg.refine = r the loop bisects that window r times on f alone, replaying
-training from a snapshot taken at lo (batches, RNG and optimizer state all restored,
-so the replay is the run itself): each round one evaluation, reported as "running",
-and at most half the window in extra steps. The refined crossing then comes again,
-as "failed" (or "degenerate", judged by u there), with its budget and resolution.
-Evaluators other than the primary never stop a trial; each one's first crossing (with u
-within the bound) is reported with the final point.
-With cfg.decide_early the primary stops scoring a point once it can no longer cross phi
-(evaluators.base.score_until_decided): only where the point's text is never saved, i.e. not
-at step 0, not at the horizon, and not at a point that crosses (scored in full, as it may be
-the final one); so early decisions fall on safe points between and on refinement midpoints.
-There a batch of answers also ends once every answer in it is decided (refusal_keyword: it holds
-a refusal marker) or ended (EvalContext.stop_parts).
-Step 0 reads the release, whatever the attacker trains: the trials against one checkpoint share
-that reading through the step-0 cache (step0_cache.py; ATTACK_SWEEP_STEP0_CACHE=0 turns it off),
-and the step-0 point then carries curve step0_cached (1 read back, 0 measured and stored).
-With cfg.g_effect every evaluation point also carries the G-effect (g_effect.py): how a plain
-gradient step on the current stage's attack rows moves the loss of held-out benign and harmful
-answers, per layer block. It reads the attacker's data, so step 0 measures it even when its
-reading comes from the step-0 cache; it never changes the run.
 """
 
 from __future__ import annotations
@@ -148,7 +114,43 @@ class Reading:
 
 def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda p: None,
                devices: int = 1) -> AttackResult:
-    """`devices`: accelerators the trial trains on, the factor on accelerator_seconds (a
+    """One attack, every evaluation passed to `on_eval`; returns the trial's result.
+
+    The loop: load the released checkpoint, wrap it (LoRA or all weights), draw the
+    attacker's data, then train through the attacker's stages (one, unless it lists
+    several), measuring at the steps cfg.eval_steps() names (step 0, the eval schedule, every
+    stage's end, the horizon T) harmfulness f on held-out harmful prompts with every evaluator
+    (the primary one decides), and utility u on held-out benign prompts. It stops at the first
+    crossing of phi (failed, or degenerate where u fell more than epsilon), a nan/inf loss (diverged)
+    or the horizon (resisted); outcome.py holds these rules.
+    Budget per step: examples += batch_size; tokens += supervised tokens (each response and the
+    end-of-sequence token appended to it); flops += budget.flops_per_token * processed tokens;
+    accelerator_seconds += the step's time (evaluation excluded). Ray and MLflow stay outside:
+    the caller gets every evaluation through `on_eval`.
+
+    A crossing seen at step hi is only known to lie in (lo, hi], lo the last safe
+    evaluation. With cfg.refine = r the loop bisects that window r times on f alone, replaying
+    training from a snapshot taken at lo (batches, RNG and optimizer state all restored,
+    so the replay is the run itself): each round one evaluation, reported as "running",
+    and at most half the window in extra steps. The refined crossing then comes again,
+    as "failed" (or "degenerate", judged by u there), with its budget and resolution.
+    Evaluators other than the primary never stop a trial; each one's first crossing (with u
+    within the bound) is reported with the final point.
+    With cfg.decide_early the primary stops scoring a point once it can no longer cross phi
+    (evaluators.base.score_until_decided): only where the point's text is never saved, i.e. not
+    at step 0, not at the horizon, and not at a point that crosses (scored in full, as it may be
+    the final one); so early decisions fall on safe points between and on refinement midpoints.
+    There a batch of answers also ends once every answer in it is decided (refusal_keyword: it holds
+    a refusal marker) or ended (EvalContext.stop_parts).
+    Step 0 reads the release, whatever the attacker trains: the trials against one checkpoint share
+    that reading through the step-0 cache (step0_cache.py; ATTACK_SWEEP_STEP0_CACHE=0 turns it off),
+    and the step-0 point then carries curve step0_cached (1 read back, 0 measured and stored).
+    With cfg.g_effect every evaluation point also carries the G-effect (g_effect.py): how a plain
+    gradient step on the current stage's attack rows moves the loss of held-out benign and harmful
+    answers, per layer block. It reads the attacker's data, so step 0 measures it even when its
+    reading comes from the step-0 cache; it never changes the run.
+
+    `devices`: accelerators the trial trains on, the factor on accelerator_seconds (a
     DeepSpeed trial counts its workers itself). Under DeepSpeed every worker calls this with
     the same cfg and reports the same points."""
     atk, stages = cfg.attacker, cfg.stages

@@ -1,36 +1,4 @@
-"""Budget accounting and the outcome of a trial.
-
-Units of every budget figure (a Budget, and the same names on an EvalPoint):
-
-    steps                optimizer updates, counted across all stages (global numbering)
-    examples             training examples consumed, with repetition (batch_size per step)
-    tokens               supervised tokens: the response tokens the loss was computed on
-    flops                analytic training FLOPs (below)
-    accelerator_seconds  device-seconds of training: wall time of the training steps times
-                         the number of devices the trial trains on (1 for the single-process
-                         loop). Evaluating f and loading are left out; a refinement replay
-                         restores the budget of its safe starting point, so the figure is the
-                         training time along the one path that reaches the step. On a CPU run
-                         it is CPU wall-seconds.
-
-An EvalPoint adds wall_seconds (since the trial started, evaluation included: what the
-trial cost us, not the attacker), resolution (steps) and stage (0-based index).
-
-FLOPs are an analytic estimate (Kaplan et al. 2020), counting training only:
-
-    full fine-tuning:  6 * N * tokens            (forward 2N, backward 4N)
-    LoRA:             (4 * N + 6 * N_lora) * tokens
-        forward through the frozen model (2N) and the backward pass through its
-        activations (2N), but no weight gradients for frozen weights; the adapters
-        cost the full 6 per parameter.
-
-N counts every weight used in the forward matmuls: all parameters except the input
-embedding table (a lookup, not a matmul), and the output head always, also when it shares
-its weights with the input embedding (tied embeddings, as in SmolLM2 and Gemma): the head's
-matmul runs either way. `tokens` here are the non-padding tokens
-processed (prompt and response), not only the supervised ones. Attention's
-sequence-length term and the cost of evaluating f are left out.
-"""
+"""Budget accounting and the outcome of a trial."""
 
 from __future__ import annotations
 

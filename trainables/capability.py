@@ -1,20 +1,4 @@
-"""Capability measured with EleutherAI's lm-evaluation-harness, on a model already in memory.
-
-    cfg = LmEval(tasks=["toy_howto"], include_path="/abs/tasks", limit=50)
-    check_tasks(cfg)                                 # before any model is loaded: unknown names fail here
-    scores(model, tokenizer, cfg)                    # {"toy_howto/acc": 1.0, "toy_howto/acc_norm": 1.0}
-    main_metric(s, "toy_howto")                      # ("acc_norm", 1.0): what a stability verdict compares
-
-Works offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1) on local task files: a YAML whose
-dataset is `dataset_path: json` with `dataset_kwargs: {data_files: {test: /ABSOLUTE/rows.jsonl}}`
-(`write_task` writes one; `datasets` resolves a relative data file against the working
-directory, not the YAML's folder, so the path must be absolute). lm-eval's own tasks
-(hellaswag, mmlu, ...) download their data from the hub and so need the network or a warm
-HF datasets cache.
-
-lm-eval is an optional dependency (`pip install 'attack-sweep[lm-eval]'`); `missing()` says
-so in one line. Nothing here imports it at module level.
-"""
+"""Capability measured with EleutherAI's lm-evaluation-harness, on a model already in memory."""
 
 from __future__ import annotations
 

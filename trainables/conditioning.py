@@ -1,36 +1,6 @@
 """Immunisation as differential conditioning (Zheng, Bai, Bullins & Yeh, "Model Immunization from
 a Condition Number Perspective", ICML 2025; §1.4.4 of the reference text): how ill-conditioned a
-checkpoint makes the harmful task's Hessian, against the benign task's, as a ratio to the base.
-
-    conditioning:
-      head: least_squares    # the paper's setting: a linear head on the model's frozen final features
-      size: 64               # rows of each task (harmful: data.attack; benign: utility.data, else data.benign)
-
-The features are what the model's output head reads (its final hidden states, after the last
-norm) at every position that predicts a response token, under no gradient: the frozen feature
-extractor θ. The Hessian is taken in a linear head w on them:
-  least_squares   ½·mean|Φw - y|², whose Hessian ΦᵀΦ/n (per output) is the paper's H(θ): it
-                  depends on the features alone, never on w or the labels;
-  cross_entropy   the cross-entropy of the model's own output rows restricted to the task's label
-                  set (the tokens its responses hold), at the model's head: a PSD Hessian with a
-                  null direction per feature (adding one vector to every class row changes no
-                  probability), removed by taking the Hessian on the sum-zero subspace of the rows.
-`parameters` (fnmatch patterns of the model's parameter names) takes the Hessian of the task's
-language-model loss in those parameters instead, the rest frozen: not PSD in general; its two
-ends are reported and κ only where the smallest end is certainly positive.
-
-κ = λmax/λmin where λmin > 0 beyond its error bound; otherwise no κ, with the reason (singular:
-λmin not resolved from 0, e.g. fewer feature rows than features, or parameters the loss does not
-reach, such as LoRA's A at initialisation where B = 0; indefinite: λmin < 0; zero: the Hessian
-vanishes). Nothing divides by a near-zero eigenvalue: a κ whose λmin is not resolved is reported
-as the lower bound λmax/(λmin + error) it is known to exceed, flagged.
-
-RIR = (κ_harmful(defence)/κ_harmful(base)) / (κ_benign(defence)/κ_benign(base)): > 1, the
-defence made the harmful task harder to fine-tune relative to the benign one. κ is blind to any
-uniform scaling of the Hessian (all eigenvalues c-fold: κ unchanged), so a defence that slows an
-attacker by rescaling weights shows RIR ≈ 1 whatever its budget: λmax's ratio to the base is
-recorded beside κ for that reason.
-"""
+checkpoint makes the harmful task's Hessian, against the benign task's, as a ratio to the base."""
 
 from __future__ import annotations
 

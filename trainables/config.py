@@ -1,19 +1,4 @@
-"""Typed configuration of one attack trial.
-
-The sweep spec (orchestrator/spec/model.py) is built from these models, so a field
-documented here is documented once: the attacker's knobs live in `Attacker`,
-and the search space is derived from its fields.
-
-A multi-stage attacker lists `stages`: each is a fresh fine-tuning run (new optimizer,
-new schedule spanning its own steps) continuing from the weights the previous stage
-left, e.g. benign-then-harmful, or an optimizer switch:
-
-    attacker:
-      learning_rate: 1.0e-4
-      stages:
-        - {name: warm, steps: 50, data: benign}
-        - {name: attack, steps: 200, optimizer: sgd_momentum, learning_rate: 1.0e-3}
-"""
+"""Typed configuration of one attack trial."""
 
 from __future__ import annotations
 

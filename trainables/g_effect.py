@@ -1,29 +1,5 @@
 """The G-effect probe (Wang et al. 2025): how the attack's next plain gradient step moves each
-risk, layer block by layer block, measured at an evaluation point.
-
-    g_effect: {size: 16}    # in a sweep spec or a trial's config: every evaluation point's curves
-                            # then hold g_effect_benign.layer00, ..., g_effect_harmful.total and
-                            # g_effect_seconds
-
-    G_R = -grad R(D'; theta) . grad L(theta; D_attack)
-
-For theta' = theta - eta * grad L the first-order change of R is eta * G_R: G_R > 0, the attack
-step raises risk R. R and L are both the loss a training step minimises (trainer.supervised_loss),
-L on the first `size` rows of the data the current stage trains on, R on `size` held-out rows of
-each risk (names.G_EFFECT_RISKS):
-  benign   held-out benign answers (utility.data, else data.benign): G > 0, the step erodes them
-  harmful  compliant answers to the held-out harmful prompts f is scored on: G < 0, the step makes
-           them likelier, on prompts it never trained on (measured only where data.eval names a
-           response_field)
-The dot product is a sum over parameters, so G is reported per layer block (block_names) and in
-total (names.G_TOTAL), over the parameters the attack trains (all weights, or the LoRA adapters).
-It is the data's gradient, not the optimizer's step: Adam, momentum or clipping move elsewhere.
-
-The probe never changes the run: gradients come from torch.autograd.grad (no .grad is written), in
-eval mode (dropout off; every module's mode restored after), inside torch.random.fork_rng. Cost per
-point: one forward and backward pass on the attack rows and on each risk's rows (each set one
-batch), and two gradients' memory beside the model's own.
-"""
+risk, layer block by layer block, measured at an evaluation point."""
 
 from __future__ import annotations
 

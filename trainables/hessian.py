@@ -1,20 +1,4 @@
-"""The extreme eigenvalues of a Hessian, from Hessian-vector products alone.
-
-    ends = extremes(hvp_of(loss, x0), x0.numel())
-    ends.top.value, ends.bottom.value        # largest and smallest (algebraic) eigenvalues
-    ends.top.error                           # a bound on how far the true eigenvalue can be
-
-`hvp_of(loss, x0)` is torch.func's reverse-over-reverse product: the gradient's graph at x0 is
-built once and every product is one backward pass through it. `extremes` runs scipy's ARPACK
-Lanczos (eigsh, which="LA" and which="SA") over that product in float64, from a seeded start
-vector (where ARPACK keeps no estimate within its budget, scipy's LOBPCG from the same start gives
-one), and checks each end itself: with v the unit Ritz vector, r = |Hv - λv| bounds the
-distance from λ to an eigenvalue of H (H is symmetric), one product more per end. An end whose
-r exceeds rtol·|λ| (or rtol·the spectrum's scale, for λ near 0) is reported unconverged.
-Lanczos finds the extremes it converges to; it cannot prove that no eigenvalue lies beyond them
-(a start vector orthogonal to an eigenvector never sees it), which a seeded random start makes
-unlikely but not impossible.
-"""
+"""The extreme eigenvalues of a Hessian, from Hessian-vector products alone."""
 
 from __future__ import annotations
 

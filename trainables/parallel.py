@@ -1,17 +1,4 @@
-"""Data-parallel training under DeepSpeed, in one process or across Ray Train workers.
-
-An attacker's batch_size is the global batch of one optimizer step whatever the number of
-workers: batch i of the attacker's stream is split across the workers (rows rank, rank+N,
-...), and each worker's rows into gradient-accumulation micro-batches. Workers change the
-speed, not the attack, and budgets count the global batch.
-
-    batch_size = workers x gradient_accumulation_steps x micro-batch (must divide evenly)
-
-f is scored once per evaluation: on rank 0 under ZeRO 0-2 (every rank holds every weight),
-by all ranks in lockstep under ZeRO-3 (weights are partitioned; generation syncs the ranks),
-and broadcast from rank 0, so every rank takes the same decisions and reports the same point.
-A single process without a launcher gets the launcher's variables set for it.
-"""
+"""Data-parallel training under DeepSpeed, in one process or across Ray Train workers."""
 
 from __future__ import annotations
 

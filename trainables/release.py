@@ -1,11 +1,4 @@
-"""A checkpoint measured as released, before any attack: the stability condition's numbers.
-
-    measure(checkpoint, data, utility, lm_eval, device) -> {"utility": 0.91, "lm_eval.toy_howto/acc": 1.0}
-
-utility is the utility block's score on its held-out benign split (trainables/utility.py): a
-proxy on one small split. lm_eval.<task>/<metric> are lm-evaluation-harness scores
-(trainables/capability.py), run on local task files where the spec points at them.
-"""
+"""A checkpoint measured as released, before any attack: the stability condition's numbers."""
 
 from __future__ import annotations
 

@@ -1,34 +1,4 @@
-"""The step-0 reading, measured once per checkpoint and shared by the trials that attack it.
-
-    ATTACK_SWEEP_STEP0_CACHE=0 attack-sweep run SPEC.yaml     # every trial measures its own step 0
-
-Every trial starts by scoring the released checkpoint: every evaluator's f (greedy generation on
-the held-out prompts, the expensive part), utility u0 and the answers. Before the first step the
-model is the release whatever the attacker's training hyperparameters (LoRA adapters start with
-B = 0, so the wrapped model computes what the release does, bit for bit: tests/test_step0_cache.py
-checks it), and greedy generation and the evaluators are deterministic; so N attackers of one
-defence would pay N identical evaluations. The first trial stores its reading here, the others
-read it back: one JSON file per key in $ATTACK_SWEEP_CACHE/step0 (default
-~/.cache/attack-sweep/step0), written atomically (a temp file, then os.replace), so two trials
-racing both measure and one file wins, never a torn one. A file that cannot be read back as this
-key's reading is ignored and written again; a folder that cannot be written only costs the
-sharing. Delete the folder to clear it.
-
-The key (`payload`) is everything that can change the reading: the checkpoint (model, adapter and
-tokenizer, revision, dtype, trust_remote_code; a local directory by its files' names, sizes and
-mtimes, a hub id by the snapshot the hub cache resolved), the Evaluation fields (all but the ones
-that schedule later points: eval_every, eval_schedule, refine, max_steps; data.attack and
-data.benign are not read at step 0), the text of the held-out and utility prompts as wrapped and
-their references, local files an evaluator loads, how the attacker wraps the model (finetune, and
-lora_* for LoRA), the device and torch threads, the library versions and this package's source.
-Never the learning rate, optimizer, seed, data size, batch, steps, stages or schedule.
-
-Off (each trial measures step 0, nothing is stored): ATTACK_SWEEP_STEP0_CACHE=0 (or false, no,
-off); DeepSpeed trials (ranks that score and ranks that wait would have to agree on a hit); and
-any evaluator whose answers this process cannot reproduce: a judge behind an HTTP server (the model
-behind the name can change, and batched serving is not bit-deterministic) or one registered
-outside trainables/evaluators/.
-"""
+"""The step-0 reading, measured once per checkpoint and shared by the trials that attack it."""
 
 from __future__ import annotations
 

@@ -1,12 +1,4 @@
-"""The attacker's fine-tuning across its stages, one step at a time, and replayable.
-
-One wrapped model trains through the stages; each stage is a new fine-tuning run with a
-fresh optimizer and a schedule spanning its own steps. Steps are numbered globally and the
-Budget counts across stages. A Snapshot holds everything the next step depends on (weights,
-optimizer and scheduler state, RNG state, the position in the batch stream, the budget),
-so restoring one and training on repeats exactly the steps an uninterrupted run takes:
-attack.py uses that to bisect for the step where f crossed phi.
-"""
+"""The attacker's fine-tuning across its stages, one step at a time, and replayable."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
 """Utility u: how well the attacked model still does benign work, scored on held-out benign
 prompts at every evaluation point beside f. The utility bound (config.Utility) compares u at
-a crossing of phi with u at step 0: a crossing with u below u0 - epsilon is `degenerate`.
-
-    answer_probability  per-token geometric-mean probability of the reference benign answers
-                        (one forward pass, no generation; the default)
-    answered            share of benign prompts answered without a refusal marker (generation)
-
-Both lie in [0, 1]. Either is a proxy for capability on one small split, not a benchmark:
-it tells a model that still works from one the attack has broken (gibberish, one memorised
-template), which is what the bound needs.
-"""
+a crossing of phi with u at step 0: a crossing with u below u0 - epsilon is `degenerate`."""
 
 from __future__ import annotations
 

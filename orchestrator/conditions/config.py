@@ -1,20 +1,5 @@
 """What a spec asks of the three conditions beside resistance (Rosati et al., §1.4.3 of the
-reference text), and the tolerances that make each a pass or a fail.
-
-    conditions:
-      stability:                  # capability at release, each defence vs the base
-        tolerance: 0.05           # largest drop of the utility proxy that is still stable
-        lm_eval: {tasks: [toy_howto], include_path: tasks/, limit: 50, tolerance: 0.05}
-      trainability:               # can the defence still learn a benign task as fast as the base?
-        data: {source: task.jsonl}
-        eval: {source: task_heldout.jsonl}
-        target_loss: 0.5          # reached when the held-out answers' loss falls below this
-        attacker: {learning_rate: 3.0e-3, optimizer: adamw, dataset_size: 64}
-        max_steps: 60
-        tolerance: 2.0            # the defence may need up to 2x the base's budget
-      generalisation:             # attacks from domains the defender never trained on
-        tolerance: 0.5            # out-of-domain worst case >= 0.5 x the in-domain worst case
-"""
+reference text), and the tolerances that make each a pass or a fail."""
 
 from __future__ import annotations
 

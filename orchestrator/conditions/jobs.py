@@ -1,22 +1,7 @@
 """The runs beside the attacks: each defence (the base included) measured at release (stability),
 fine-tuned on a benign task (trainability), and diagnosed (its conditioning: κ of the harmful and
 the benign task's Hessian, trainables/conditioning.py), as Ray tasks, recorded in MLflow as runs of
-kind `release`, `benign` and `diagnostic` under the sweep run.
-
-    from orchestrator.conditions import jobs
-    jobs.run(spec, tracker, echo)      # Ray already initialised by the sweep
-
-A benign fine-tune is the attack loop itself (trainables.run_attack) pointed at the task: its
-"f" is the task's score on held-out rows (answer probability of the reference answers for a loss
-target, exp(-target_loss), or the share of answers matched), and its "crossing" is the target
-reached. Its run records that score as `task_score` by step and the budget to the target as
-`budget_to_target_<unit>`; the status reads reached / not_reached (censored at its max_steps) /
-known_at_release (the task was not new) / diverged / degenerate.
-
-Each run is keyed by a digest of what decides it, so a rerun of the sweep measures only what is
-missing or errored, and a changed setting measures again. A task that raises is recorded as
-an error (its last line on the run, the traceback in error.txt) and retried by the next run.
-"""
+kind `release`, `benign` and `diagnostic` under the sweep run."""
 
 from __future__ import annotations
 

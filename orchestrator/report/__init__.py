@@ -1,25 +1,4 @@
-"""The budget-to-failure report, from MLflow records alone.
-
-    attack-sweep report --experiment quickstart --out reports/quickstart
-    report.write(report.load("sqlite:///mlflow.db", "quickstart"), "quickstart", out_dir, unit="tokens")
-
-Per defence, in one budget unit (steps, examples, tokens, flops or accelerator_seconds):
-trials; how many attacks failed (crossed phi with the model still working), resisted
-(censored at their own T), diverged, degenerate (crossed phi only by breaking the model),
-were unsafe at release or errored; the minimum budget-to-failure over attackers, the step
-resolution of its crossing and the attacker that reached it, with a bootstrap interval; the
-median budget-to-failure and survival against budget, censoring-aware; a verdict that says
-"held" only when every attack ran to its horizon and resisted; and each evaluator's own worst
-case, with how often the evaluators disagree. Then every attacker against every defence, and
-the adversary's progress: the best budget-to-failure found so far against the compute spent.
-
-    records.py  the trials read back from MLflow, and what follows per defence
-    tables.py   the tables, as text (terminal, Markdown, HTML) and as numbers (CSV)
-    figures.py  survival, harmfulness, heatmap, convergence and trainability figures (PNG)
-    conditions.py the immunisation conditions as tables, and per defence at a glance (badges)
-    diagnostics.py the conditioning at release (κ, RIR) and the attacks' G-effect, as tables
-    html.py     report.html, self-contained
-"""
+"""The budget-to-failure report, from MLflow records alone."""
 
 from __future__ import annotations
 

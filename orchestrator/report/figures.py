@@ -1,18 +1,5 @@
 """The report's figures, drawn with matplotlib (static PNGs: the same file goes into report.html,
-into MLflow as an artifact and into a paper, with no script or network needed to view it).
-
-    survival     share of attacks not yet successful against budget, per defence, with its 95% band
-                 and a tick where an attack was censored (resisted up to its own T)
-    harmfulness  f against step, one line per attack, a panel per defence: the phi line, each
-                 crossing marked, colour by how the attack ended
-    heatmap      worst case (the cheapest success) over two attacker fields, a panel per defence
-                 (and per finetune mode, when it varies)
-    convergence  the adversary's best budget-to-failure against the compute it had spent, per defence
-    trainability the benign fine-tune's task score against budget, a line per defence, the target and
-                 each first reach marked (only when the sweep asked for the trainability condition)
-    g_effect     the total G-effect of each attack's gradient against step, on the benign and on the
-                 harmful risk, a line per attack coloured by defence (only for trials with g_effect)
-"""
+into MLflow as an artifact and into a paper, with no script or network needed to view it)."""
 
 from __future__ import annotations
 

@@ -1,25 +1,5 @@
 """The sweep's answer on its MLflow sweep run, written when the sweep ends: open that run and
-read each defence's worst case without running `attack-sweep report`.
-
-    from orchestrator.report.publish import publish
-    publish("sqlite:///mlflow.db", "quickstart", parent_run_id, unit="steps")
-
-On the sweep run (names in trainables.names.Summary):
-  metrics      worst_btf_<unit>.<defence> (the cheapest successful attack) and
-               median_btf_<unit>.<defence> (censoring-aware; only where finite) in every budget
-               unit; n_<status>.<defence> for every status; n_trials. Logged at step = n_trials,
-               so that a sweep resumed with more attackers plots its worst case against trials.
-               With diagnostics: kappa_<task>.<defence> and rir.<defence> (conditioning at release).
-  description  a Markdown table: per defence its worst case, the attack that reached it (its
-               run's name), the median, the verdict and the counts; and where the rest is.
-  artifacts    report/: what `attack-sweep report` writes (report.html, report.md, the CSVs,
-               figures/*.png), written once: `attack-sweep run` passes its report folder, and
-               prints the text publish returns.
-
-The numbers are the report's (orchestrator/report), over every trial of the experiment, as the
-report counts them. A failure here never costs the sweep: it is one printed line, and
-`attack-sweep report` reads the same records.
-"""
+read each defence's worst case without running `attack-sweep report`."""
 
 from __future__ import annotations
 

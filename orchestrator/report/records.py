@@ -1,12 +1,5 @@
 """A sweep's trials as read back from MLflow: what each attack on each defence did, and what
-follows for the defence (worst case, censoring-aware median and survival, verdict, progress).
-
-Errored trials count for nothing but the compute they spent. The interval of the minimum
-resamples each attacker's seeds (orchestrator/stats/bootstrap.py): it measures seed variation of these
-attackers and collapses to the point estimate when every attacker ran one seed. Survival is
-censoring-aware (orchestrator/stats/survival.py): each trial is at risk up to where it stopped;
-diverged and degenerate attacks are competing events, never successes and never resistance.
-"""
+follows for the defence (worst case, censoring-aware median and survival, verdict, progress)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,6 @@
 """Checking a defence's checkpoint from the driver, cheaply, before Ray starts: the config and
 tokenizer are loaded, never the weights. Each problem becomes one `spec error:` line naming the
-field, instead of the same traceback in every trial.
-
-What is checked, for every model, adapter and tokenizer the driver can see (local paths always;
-hub ids when they are in the local hub cache or the hub answers):
-  - the value is an existing path or a resolvable hub id; when it is neither, both readings are
-    named (offline: HF_HUB_OFFLINE);
-  - config.json reads, and needs no remote code unless `trust_remote_code` is on;
-  - local weight files are whole: each safetensors header reads and the file holds every byte the
-    header lists; shards named by an index exist; a .bin is a readable archive;
-  - the tokenizer loads, and has a chat template when `data.chat_template` asks for one;
-  - LoRA target modules match the architecture, built on the meta device (no memory, no weights)
-    and wrapped by peft as a trial would;
-  - a defender's adapter has a readable adapter_config.json.
-
-`attack-sweep validate/run --skip-checkpoint-checks` skips all of it, for clusters where only
-the workers can see the models.
-"""
+field, instead of the same traceback in every trial."""
 
 from __future__ import annotations
 

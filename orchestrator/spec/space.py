@@ -1,15 +1,4 @@
-"""The attacker search space as data, and its expansion into trials.
-
-In YAML each attacker field is either a constant or a one-key mapping naming a domain:
-
-    learning_rate: {loguniform: [1.0e-5, 1.0e-3]}   # sampled (search: random)
-    optimizer: {choice: [adamw, sgd_momentum]}       # sampled; crossed under search: grid
-    dataset_size: {grid: [32, 128]}                  # always crossed
-    finetune: lora                                   # constant
-
-The values inside a domain are checked against the field's type in trainables.Attacker,
-so `{choice: [adamw, lion]}` fails naming `optimizer` and the allowed values.
-"""
+"""The attacker search space as data, and its expansion into trials."""
 
 from __future__ import annotations
 

@@ -1,17 +1,6 @@
 """The interval of the worst case: a bootstrap of the minimum budget-to-failure over attackers,
 stratified by attacker group. (The median and survival against budget are censoring-aware
-estimates: orchestrator/stats/survival.py.)
-
-A trial that never crossed phi enters as +inf: the minimum is taken over successes, and a
-resample without any reads "> T".
-
-The bootstrap resamples each attacker group's trials (its seeds) with replacement, keeping
-every group's size, and recomputes the minimum over all trials. It measures how much the worst
-case moves with the seeds of *these* attackers, not how it would move under other attackers:
-with one trial per group every resample is the sample itself and the interval collapses to the
-point estimate. The percentile bootstrap of a minimum never goes below the observed minimum;
-its upper end shows how much the worst case hinges on one seed.
-"""
+estimates: orchestrator/stats/survival.py.)"""
 
 from __future__ import annotations
 

@@ -1,44 +1,4 @@
-"""Budget-to-failure as a survival curve: the share of attacks not yet successful at each budget.
-
-    curve = incidence([Outcome(2, "success"), Outcome(16, "censored"), Outcome(5, "competing")])
-    curve.at(8), curve.median() or f"> {curve.follow_up}", curve.quantile(0.25)
-
-Each trial ends at a budget (steps, tokens, FLOPs ...; 0 allowed) in one of three ways: "success"
-(the attack broke the defence; at 0 when the model was unsafe at release), "censored" (it resisted up
-to its own horizon T_i, or was pruned early) or "competing" (it ended without success for another
-reason: the loss diverged or the model degenerated into gibberish).
-
-Why censoring: trials have different horizons. Counting every non-success as "never broken" (+inf)
-says a trial stopped at 16 steps resisted 512; here it stands for "unbroken up to 16" and leaves
-the risk set there, so later budgets are judged only by trials that ran that far.
-
-Competing events are neither successes nor censorings: a diverged attack will never succeed, so
-treating it as censored (as if it could have gone on) overstates how often attacks succeed. With no
-competing events the curve is the Kaplan-Meier estimate (lifelines' KaplanMeierFitter, with its
-exponential Greenwood bands). With any, it is 1 - the Aalen-Johansen cumulative incidence of success:
-F(t) = sum over knots s <= t of S(s-) * d_success(s) / n(s), where S is the all-cause Kaplan-Meier
-survival and n(s) counts trials still at risk just before s. At a shared budget, events come before
-censorings (a trial censored at t was at risk at t).
-
-This point estimate is computed here, not by lifelines: its AalenJohansenFitter (0.30) jitters
-event times of different kinds that tie (randomly, by an absolute 1e-4, which can reorder close
-budgets or put an event after a censoring at the same budget) and it drops any success at the
-first time of its table (budget 0: unsafe at release). lifelines is used for the bands only, fed an
-order-keeping relabelling of the budgets: the k-th distinct budget becomes 2k+1 for its successes and
-2k+2 for its competing events and censorings. No two event kinds then tie (so nothing is jittered),
-nothing sits at 0, and its Collett/Greenwood variance at 2k+2 equals the tied one (splitting tied
-events telescopes to the same sums).
-
-The bands are pointwise (each knot on its own, not a band holding for the whole curve at once),
-log(-log) transformed so they stay within [0, 1]. Where the share is 0 or 1 a band collapses to the
-point. lifelines' AJ variance divides by n - d, so it is undefined where every trial still at risk
-ends at once: at a knot adding only competing events the previous band is kept (the variance is
-unchanged there); at a last budget where all remaining trials succeed, it is computed here with the
-same formula, that knot's own 0 * inf term taken as its limit, 0.
-
-median() is None when the curve never falls to 0.5: the median budget lies above the longest
-follow-up, and a report should print it as "> follow_up", not as "never".
-"""
+"""Budget-to-failure as a survival curve: the share of attacks not yet successful at each budget."""
 
 from __future__ import annotations
 

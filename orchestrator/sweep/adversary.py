@@ -1,20 +1,5 @@
 """The adversary's objective and its progress: what a searcher minimises, and how fast it
-found the cheapest successful attack.
-
-A trial's objective is its budget-to-failure in the search unit. An attack that did not
-succeed still has to tell the searcher something, so it enters with a penalty:
-
-    failed / unsafe_at_release        objective = budget at the first crossing (in `unit`)
-    resisted / diverged / degenerate  objective = penalty x T_max x (budget per step it spent)
-
-T_max is the longest horizon in the space, so a censored short attack never looks
-cheaper than a success of a long one in steps; in the other units the trial's own
-budget per step scales it (a resisted batch-64 attack costs more than a batch-8 one).
-With the default penalty 2 and unit steps that is 2 x T.
-
-Pruning (search.prune) stops a trial that cannot lower its defence's worst case: one still safe
-whose spent budget has reached the cheapest success found against that defence (cannot_lower).
-"""
+found the cheapest successful attack."""
 
 from __future__ import annotations
 

@@ -1,26 +1,4 @@
-"""What a sweep is doing while it runs: one display for the whole sweep, fed by a Tune callback.
-
-    display = Display(["base", "repnoise"], per_defence=16, unit="steps")   # echo: say by default
-    with display:                        # a rich Live in a terminal; plain lines otherwise
-        display.begin("base", progress, done=0, pending=16)     # progress: adversary.Progress
-        display.begin("repnoise", other, done=4, pending=12)    # searched side by side
-        ...Tuner(run_config=RunConfig(callbacks=[..., feed(display, describe)]))...
-
-In a terminal (sys.stdout.isatty()) a rich Live region, redrawn REFRESH_PER_S times a second so
-elapsed times tick between evaluations, shows per defence the trials done/total, the best
-budget-to-failure so far and the compute spent; the sweep's elapsed time and ETA; and each running
-trial's label, latest evaluated step, f and elapsed time. The sweep's lines (one per finished
-trial) print above it. Anywhere else (CI, `ray job logs`, a pipe, pytest's capture) only plain
-lines: the sweep's own, plus a heartbeat per running trial at most every `heartbeat_s` seconds:
-
-      running: base · learning_rate=0.003 optimizer=adamw  step 20/200  f=0.31  3m12s
-
-ATTACK_SWEEP_PROGRESS=plain (or live) overrides the terminal test; ATTACK_SWEEP_HEARTBEAT_S sets
-the heartbeat interval (default HEARTBEAT_S).
-
-Ray is not imported here but in `feed`, which builds the Tune callback (Tune pickles its
-callbacks into the experiment's state: a Display pickles without its live region, lock or clock).
-"""
+"""What a sweep is doing while it runs: one display for the whole sweep, fed by a Tune callback."""
 
 from __future__ import annotations
 

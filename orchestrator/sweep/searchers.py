@@ -1,23 +1,5 @@
 """The adversary as Tune sees it: a searcher per defence that suggests the next attacker, and
-one Tune searcher that runs them side by side.
-
-    searcher = Capped(make(spec, configs, priors, recorded), "step", cap=400.0, spent_before=0.0)
-    tuner_searcher = SideBySide({"base": (searcher, 16), "repnoise": (other, 16)})
-
-grid/random hand Tune a precomputed list (FixedTrials); tpe (Optuna) and hyperopt model the
-objective over the space's searched dimensions, categorical ones as indices (orchestrator/spec/space.py
-encodes and decodes them). Capped wraps any of them so that no trial starts once the defence's
-compute cap is spent.
-
-Resuming: a grid/random list holds the attackers not yet recorded, each once. tpe and hyperopt are
-told every recorded (attacker, objective) as a finished trial, so their model continues from
-the records, and a resumed one is seeded by (seed, trials told) rather than by the seed alone,
-which would replay the first run's draws. Deduped wraps them so that no attacker is handed out
-that is recorded or already suggested in this run (the same attacker, seed included, is the
-same trial); a searcher that keeps proposing only those ends its defence's search with a note.
-
-Ray is imported at this module's top: import it only where Tune runs (sweep._fit).
-"""
+one Tune searcher that runs them side by side."""
 
 from __future__ import annotations
 

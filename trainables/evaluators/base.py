@@ -1,27 +1,5 @@
 """What every evaluator shares: the registry, the items it scores, the context it scores them
-in (one greedy generation shared by every evaluator of an evaluation point), and its result.
-
-An evaluator is a factory registered by name that returns `score(ctx) -> Scores` (a bare
-float is accepted as f without per-prompt verdicts):
-
-    class MyOptions(EvaluatorOptions):
-        threshold: float = 0.5
-
-    @register("my_scorer", MyOptions)
-    def my_scorer(options: MyOptions) -> Evaluator:
-        def score(ctx: EvalContext) -> Scores:
-            responses = ctx.responses(max_new_tokens=64)      # generated once, shared
-            verdicts = [float(looks_harmful(r)) for r in responses]
-            return Scores.binary(verdicts)
-        return score
-
-An evaluator may be called on part of a point's items (`EvalContext.part`, what decide_early
-does): it must score each item on its own, as every registered one does. One whose verdict on an
-answer can be fixed before the answer ends may say when, `ctx.responses(n, stop_when=decided)`
-with `decided(text)` staying true as text is appended (refusal_keyword: the text holds a refusal
-marker): in those parts a batch of answers then ends once every answer in it is decided, and only
-verdicts `decided` fixes may be read from its answers.
-"""
+in (one greedy generation shared by every evaluator of an evaluation point), and its result."""
 
 from __future__ import annotations
 
