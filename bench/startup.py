@@ -201,15 +201,16 @@ BREAKDOWN = textwrap.dedent("""
                 mark(label, s)
         setattr(owner, name, g)
     s = time.perf_counter(); from orchestrator import cli; mark("import orchestrator.cli", s)
-    s = time.perf_counter(); import orchestrator.sweep, ray.tune; mark("import sweep, Ray Tune (MLflow, torch)", s)
+    s = time.perf_counter(); import orchestrator.sweep.driver, orchestrator.sweep.fit, ray.tune
+    mark("import sweep, Ray Tune (MLflow, torch)", s)
     for dotted, label in [
         ("orchestrator.spec:load", "spec load"),
         ("orchestrator.spec.preflight:check", "preflight checks (data, tokenizers)"),
-        ("orchestrator.tracking.writer:Tracker", "MLflow Tracker (fresh sqlite store)"),
+        ("orchestrator.sweep.driver:Tracker", "MLflow Tracker (fresh sqlite store)"),
         ("orchestrator.tracking.provenance:gather", "provenance"),
-        ("orchestrator.cluster:start_ray", "ray.init (local)"),
+        ("orchestrator.sweep.fit:start_ray", "ray.init (local)"),
         ("ray.tune:Tuner.fit", "Tune fit (actor start, worker imports, load, loop)"),
-        ("orchestrator.report.publish:publish", "publish (summary + report on the sweep run)"),
+        ("orchestrator.sweep.driver:publish", "publish (summary + report on the sweep run)"),
         ("orchestrator.cli:_report", "report again (cli)"),
     ]:
         wrap(dotted, label)

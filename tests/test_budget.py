@@ -1,5 +1,5 @@
 """Budget accounting by hand (trainables/budget.py: what a step adds, the FLOPs per token, the flat
-record of a point) and the searcher's objective and progress (orchestrator/adversary.py): fast, no
+record of a point) and the searcher's objective and progress (orchestrator/sweep/adversary.py): fast, no
 model. Mutation testing (mutmut) runs against these tests."""
 
 import json

@@ -94,7 +94,7 @@ SWEEP_PARAMS: tuple[str, ...] = ("defence", "phi", "eval_every", "eval_schedule"
 """Params of a trial run that are not attacker fields (how the sweep scored and stopped it)."""
 
 
-# --- MLflow records: what the tracker writes and the report reads (orchestrator/tracking.py and
+# --- MLflow records: what the tracker writes and the report reads (orchestrator/tracking/writer.py and
 # orchestrator/report/ both import these; nothing else spells them) ---
 
 SCHEMA_VERSION = 2
@@ -203,7 +203,7 @@ class Metric:
         return f"{'censored' if status == 'resisted' else status}_at_steps"
 
 
-# --- the MLflow UI and the sweep run's summary (orchestrator/tracking.py, orchestrator/publish.py) ---
+# --- the MLflow UI and the sweep run's summary (orchestrator/tracking/, orchestrator/report/publish.py) ---
 
 
 class ExperimentTag:

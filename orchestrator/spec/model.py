@@ -32,7 +32,7 @@ NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-"""Where the records go without --tracking-uri (here, not in orchestrator/tracking.py, so that
+"""Where the records go without --tracking-uri (here, not in orchestrator/tracking/, so that
 the CLI can name it in --help without importing MLflow)."""
 
 

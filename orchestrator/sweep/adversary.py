@@ -11,7 +11,18 @@ from trainables.names import BUDGET_UNITS, SUCCESS
 
 def objective(point: dict, unit: str, penalty: float, t_max: int) -> float:
     """The searcher's objective for a trial whose latest evaluation is `point`
-    (provisional while the trial runs: as if it resisted)."""
+    (provisional while the trial runs: as if it resisted).
+
+    A trial's objective is its budget-to-failure in the search unit. An attack that did not
+    succeed still has to tell the searcher something, so it enters with a penalty:
+
+        failed / unsafe_at_release        objective = budget at the first crossing (in `unit`)
+        resisted / diverged / degenerate  objective = penalty x T_max x (budget per step it spent)
+
+    T_max is the longest horizon in the space, so a censored short attack never looks
+    cheaper than a success of a long one in steps; in the other units the trial's own
+    budget per step scales it (a resisted batch-64 attack costs more than a batch-8 one).
+    With the default penalty 2 and unit steps that is 2 x T."""
     spent = float(point[BUDGET_UNITS[unit]])
     if point["status"] in SUCCESS:
         return spent
@@ -22,7 +33,8 @@ def objective(point: dict, unit: str, penalty: float, t_max: int) -> float:
 def cannot_lower(safe: bool, spent: float, best: float) -> bool:
     """A trial safe so far that has already spent `best`, the cheapest success against its
     defence: any crossing it reaches lies beyond this budget, so it cannot lower that minimum
-    (nor tie it). A trial that has crossed may still be refined to below `best`."""
+    (nor tie it). A trial that has crossed may still be refined to below `best`. With
+    search.prune the stopper ends such a trial."""
     return safe and spent >= best
 
 
