@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import socket
 import time
@@ -72,3 +73,4 @@ def _store_digest(tracking_uri: str) -> str:
     else:
         parts = urlsplit(uri.rstrip("/"))
         uri = parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()).geturl()
+    return hashlib.sha256(uri.encode()).hexdigest()[:12]

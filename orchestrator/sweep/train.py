@@ -27,6 +27,15 @@ FINISH_S = 60.0
 few seconds of it: their loop is over)."""
 
 
+class Forward(UserCallback):
+    """Runs in the Train controller: passes rank 0's report on through the queue."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.queue.put(metrics[0])
+
 
 def train_workers(spec: SweepSpec, loop: dict[str, Any], storage: str, report: Callable[[dict], None]) -> None:
     """One trial's loop in the workers of a Ray Train TorchTrainer. Rank 0's reports reach Tune
@@ -47,17 +56,6 @@ def train_workers(spec: SweepSpec, loop: dict[str, Any], storage: str, report: C
     Where fit() is still running when the trial ends (Tune stopped it before its final result,
     or the workers did not end within FINISH_S of it), the placement group rank 0 named in its
     first report is removed here: that group is this trial's alone, and its workers end with it."""
-
-    from ray.util.queue import Queue
-
-    class Forward(UserCallback):
-        """Runs in the Train controller: passes rank 0's report on through the queue."""
-
-        def __init__(self, queue: Queue):
-            self.queue = queue
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            self.queue.put(metrics[0])
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # reports reach Tune at once
     r = spec.resources
