@@ -1,6 +1,6 @@
 """The sweep driver: runs every defence's search in one Tune run, then the runs beside the
 attacks, under the sweep's lock and its SIGINT handler, and publishes the summary and report.
-(The faults it survives: docs/moved-docstrings.md, "orchestrator/sweep.py".)"""
+(The faults it survives: docs/design-notes.md, "orchestrator/sweep.py".)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The MLflow writer of a sweep: an experiment per sweep name, a parent run per sweep, a child run
-per trial, an adversary run per defence and search (the layout: docs/moved-docstrings.md,
+per trial, an adversary run per defence and search (the layout: docs/design-notes.md,
 "orchestrator/tracking.py"). Every name it writes is spelled once, in trainables/names.py."""
 
 from __future__ import annotations
