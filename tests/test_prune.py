@@ -76,10 +76,13 @@ def test_side_by_side_alternates_when_one_trial_runs_at_a_time():
 @pytest.fixture(scope="module")
 def pruned_sweep(world, ray_local, tmp_path_factory):
     """The toy base and rescaled against three learning rates, the one that breaks both at step 5
-    listed first, two trials at a time: once with search.prune, then again without it."""
+    listed first, two trials at a time: once with search.prune, then again without it. The other
+    two are too low to break either within T, so each is pruned at its first evaluation after the
+    best is known, however the trials' reports interleave (with 1e-4, a trial whose step-5 report
+    beat the crossing's could break the base at step 10 and never be pruned)."""
     tmp = tmp_path_factory.mktemp("prune")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    space = {"learning_rate": {"grid": [3e-3, 1e-4, 3e-4]}, "dataset_size": 32}
+    space = {"learning_rate": {"grid": [3e-3, 1e-6, 3e-6]}, "dataset_size": 32}
     # half a CPU each: two trials at once even where an earlier test's dead worker left a CPU reserved
     half = {"cpu": 0.5}
     pruned = e2e_spec(world, "prune", space=space, resources=half,
