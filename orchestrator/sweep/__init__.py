@@ -11,8 +11,9 @@ orchestrator.sweep.trial, which must not pay for the driver (MLflow, the report)
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from trainables.lazy import exports
 
 _HOMES = {
     "run": "orchestrator.sweep.driver",
@@ -37,13 +38,4 @@ if TYPE_CHECKING:
     from orchestrator.sweep.loop import attack_config
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'orchestrator.sweep' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value  # once: later look-ups skip this hook
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = exports(__name__, _HOMES)
