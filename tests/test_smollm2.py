@@ -13,6 +13,9 @@ from examples.smollm2 import model
 
 _missing = model.missing()
 needs_model = pytest.mark.skipif(bool(_missing), reason=str(_missing))
+# The smoke world (conversion, refusal alignment, defences: ~1.5 min on 2 cores) and its sweep (~1.5 min)
+# are the suite's largest single cost: they run in `make test-slow` (CI runs it after make test).
+slow = pytest.mark.slow
 
 
 def test_splits_share_no_request_and_the_check_catches_one():
@@ -172,6 +175,7 @@ def smoke_world(tmp_path_factory):
     return world.build(tmp_path_factory.mktemp("smollm2") / "world", world.RECIPES["smoke"], log=lambda *a: None)
 
 
+@slow
 @needs_model
 def test_world_converts_aligns_and_defends(smoke_world):
     from examples.smollm2 import world
@@ -202,6 +206,7 @@ def test_world_converts_aligns_and_defends(smoke_world):
         world.build(smoke_world, other)
 
 
+@slow
 @needs_model
 def test_the_smoke_world_passes_preflight_with_the_conditions_block(smoke_world, monkeypatch):
     """sweep.yaml with the smoke overlay, checked the way `attack-sweep validate` checks it: the
@@ -221,6 +226,7 @@ def test_the_smoke_world_passes_preflight_with_the_conditions_block(smoke_world,
     capability.check_tasks(smoke.conditions.stability.lm_eval)   # found in the world's lm_eval folder
 
 
+@slow
 @needs_model
 def test_the_supervised_end_token_is_the_chat_templates_end_of_turn(smoke_world):
     """A supervised token is the response plus the EOS appended to it (trainables/data.py): for
@@ -237,6 +243,7 @@ def test_the_supervised_end_token_is_the_chat_templates_end_of_turn(smoke_world)
     assert pair.labels[-1] == tok.eos_token_id and pair.input_ids[-1] == tok.eos_token_id
 
 
+@slow
 @needs_model
 def test_smoke_sweep_records_budget_to_failure_on_the_aligned_model(smoke_world, ray_local, tmp_path, capsys,
                                                                    monkeypatch):
