@@ -1,7 +1,7 @@
 """attack-sweep: how much fine-tuning compute does it take to break a defended model?
 
     attack-sweep demo                                  # toy world, embedded defaults
-    attack-sweep validate SPEC.yaml [--set k=v ...]     # check a spec, print trials and budget
+    attack-sweep validate SPEC.yaml [--set k=v ...]     # check a spec, print trials, budget and time
     attack-sweep run SPEC.yaml [--set k=v ...] [--address auto] [--tracking-uri URI]
     attack-sweep report --experiment NAME [--unit tokens] [--out DIR]
 
@@ -40,26 +40,21 @@ def _quiet() -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     sp = _load(args)
+    from orchestrator.spec.estimate import estimate
     from orchestrator.spec.preflight import check
     from orchestrator.spec.space import max_horizon
 
     notes = check(sp, checkpoints=not args.skip_checkpoint_checks)
-    s, space = sp.search, dict(sp.space)
-    per_defence = s.num_samples if sp.adaptive else len(sp.attackers())
-    n = per_defence * len(sp.defences)
-    t_max = max_horizon(sp.space, sp.max_steps)
-    max_batch = max([space["batch_size"].largest(),
-                     *(st.batch_size or 0 for v in space["stages"].values if v for st in v)])
+    cost, s, t_max = estimate(sp, args.tracking_uri), sp.search, max_horizon(sp.space, sp.max_steps)
+    n = cost.total.trials
     print(f"spec OK: {sp.name}")
-    print(f"  trials: {n} = {len(sp.defences)} defences x {per_defence} attackers ({s.algorithm} search"
+    print(f"  trials: {n} = {len(sp.defences)} defences x {n // len(sp.defences)} attackers ({s.algorithm} search"
           + (f", {s.n_initial} random first" if sp.adaptive else "") + ")")
     print(f"  adversary minimises budget-to-failure in {s.unit}; resisted/diverged/degenerate count as "
           f"{s.penalty:g} x T_max = {s.penalty * t_max:g} steps' worth"
           + (f"; cap {s.max_compute:g} {s.unit} per defence" if s.max_compute else "")
           + ("; pruned: an attack stops once it has spent, safe, the cheapest success's budget" if s.prune else ""))
-    when = f"every {sp.eval_every} steps" if sp.eval_schedule == "every" else "at steps 1, 2, 4, ..."
-    print(f"  per trial: at most T={t_max} steps, {t_max * max_batch} examples (batch <= {max_batch}); "
-          f"f scored {when}" + (f", crossings refined {sp.refine}x by bisection" if sp.refine else "")
+    print(f"  per trial: {cost.per_trial}" + (f", crossings refined {sp.refine}x by bisection" if sp.refine else "")
           + f"; phi={sp.phi}" + (" (lower end of f's Wilson interval)" if sp.crossing == "lower_bound" else ""))
     names = ", ".join(e.key + (" (primary)" if i == 0 and sp.evaluators else "")
                       for i, e in enumerate(sp.all_evaluators))
@@ -67,7 +62,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if sp.utility:
         print(f"  utility bound: {sp.utility.score} on {sp.utility.data.source}; a crossing with utility more than "
               f"{sp.utility.epsilon:g} below step 0 is degenerate, not a success")
-    print(f"  whole sweep: at most {n * t_max} steps, {n * t_max * max_batch} examples")
+    for line in cost.lines:
+        print(f"  {line}")
     for line in _conditions_lines(sp):
         print(f"  {line}")
     if sp.conditioning:
@@ -78,7 +74,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if sp.g_effect:
         print(f"  diagnostics: G-effect of each attack's gradient at every evaluation point ({sp.g_effect.size} rows "
               "per probe set)")
-    for note in notes:
+    for note in [*notes, *cost.notes]:
         print(f"  note: {note}")
     return 0
 
@@ -106,6 +102,7 @@ def _conditions_lines(sp) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator import sweep
+    from orchestrator.spec.estimate import estimate
     from orchestrator.spec.preflight import check, check_address, check_tracking
 
     check_tracking(args.tracking_uri)
@@ -114,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_dir, unit = _out_dir(args.out, sp.name), args.unit or sp.search.unit
     if rc := _refuse_out(out_dir):  # before the sweep, not after hours of it
         return rc
-    for note in check(sp, checkpoints=not args.skip_checkpoint_checks):
+    for note in [*check(sp, checkpoints=not args.skip_checkpoint_checks), *estimate(sp, args.tracking_uri).notes]:
         print(f"note: {note}")
     # the report publish writes on the sweep run is the one printed and kept in out_dir, unless
     # --unit asks for another unit than the search's (the sweep run's report is in the search's)
@@ -295,9 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--unit", choices=UNITS,
                         help="rank budgets-to-failure in this unit (default: the search's unit; steps)")
 
-    v = sub.add_parser("validate", help="check a spec; print trials and budget")
+    v = sub.add_parser("validate", help="check a spec; print trials, budget and, where recorded, time")
     v.add_argument("spec")
     _overrides(v)
+    v.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
+                   help="read the step times recorded for this sweep here, to estimate its time; read only "
+                        f"where it exists, never created (default {DEFAULT_TRACKING_URI})")
     v.set_defaults(fn=cmd_validate)
 
     for name, fn, spec in (("run", cmd_run, True), ("demo", cmd_demo, False)):

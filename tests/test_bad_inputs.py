@@ -250,6 +250,12 @@ CASES = [
         space={"dataset_size": 32, "batch_size": 3}), ("space.batch_size", "workers", "use multiples of 2")),
     Case("judge-key-unset", _judge_without_key,
          ("evaluator: judge", "MY_JUDGE_KEY (options.api_key_env) is not set", "export MY_JUDGE_KEY")),
+    # --- budget ---------------------------------------------------------------------------
+    Case("stage-draws-more-than-its-domain", lambda c: (c.raw["data"]["attack"].update(domain_field="category"),
+                                                        c.raw["space"].update(attack_domain="cyber", stages=[
+                                                            {"steps": 3, "dataset_size": 60}]))[-1],
+         ("space.stages (stage 1): dataset_size 60 exceeds the 48 rows of domain 'cyber' in data.attack",
+          "lower it to at most 48")),
     # --- the data -------------------------------------------------------------------------
     Case("attack-file-missing", _set("data.attack.source", "/no/such/attack.jsonl"),
          ("data.attack.source: no such file", "fix the path")),

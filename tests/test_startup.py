@@ -66,6 +66,19 @@ def test_a_spec_error_imports_nothing_heavy(world, tmp_path, bad, named):
     assert loaded == set(), f"a spec error imported {sorted(loaded)}"
 
 
+def test_validate_without_a_store_imports_no_mlflow(world, tmp_path):
+    """validate reads the tracking store (for its time estimate) only where the store exists: without
+    one it imports neither MLflow nor Ray, and creates no store."""
+    import yaml
+    from conftest import sweep_dict
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep_dict(world, "light")))
+    rc, loaded, err = probe(["validate", str(tmp_path / "s.yaml"), "--skip-checkpoint-checks"], tmp_path)
+    assert rc == 0, err
+    assert not loaded & {"mlflow", "sqlalchemy", "ray"}, sorted(loaded)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
 def test_report_imports_no_torch_or_ray(tmp_path):
     """`report` needs MLflow (the records) and draws with matplotlib, but never torch,
     transformers or Ray; on an empty store it stops at its one line (no such experiment)."""

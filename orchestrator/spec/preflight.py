@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from orchestrator.spec.budget_notes import notes as budget_notes
 from orchestrator.spec.model import SpecError, SweepSpec, evaluator_places
 from trainables import data as D
 from trainables.config import AttackConfig
@@ -45,6 +46,7 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
                                   for s in stages if s.data == "benign")]),
               "eval": 0}
     prompts: dict[str, list[str]] = {}
+    read: dict[str, list[dict]] = {}  # the splits read here, for the budget notes
     for split, need in wanted.items():
         src = getattr(spec.data, split)
         if src is None:
@@ -54,6 +56,7 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
             notes.append(note)
             continue
         prompts[split], rows = [str(r[src.prompt_field]) for r in loaded], len(loaded)
+        read[split] = loaded
         if need > rows:
             raise SpecError(f"spec error: {'space.dataset_size' if split == 'attack' else 'space.stages'}"
                             f": {need} exceeds the {rows} rows of data.{split}; lower it to at most {rows}")
@@ -88,6 +91,7 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
                 where = ".".join(str(p) for p in first["loc"]) or "attacker"
                 raise SpecError(f"spec error: {where}: {explain(first, field_at(AttackConfig, first['loc']))}") \
                     from None
+    notes += budget_notes(spec, read)
     if spec.evaluator.name == "nll" and not spec.data.eval.response_field:
         raise SpecError("spec error: data.eval.response_field: the nll evaluator needs reference responses; "
                         "set data.eval.response_field to the field that holds them, or use another evaluator")
