@@ -39,7 +39,7 @@ class Stage(Strict):
     dataset_size: int | None = Field(None, gt=0)
     """Examples drawn (by the attacker's seed) from this stage's data split."""
     batch_size: int | None = Field(None, gt=0)
-    """Examples per optimizer step in this stage."""
+    """Examples per optimizer step in this stage: rows drawn into the batch, repeats included."""
     warmup_steps: int | None = Field(None, ge=0)
     """Warmup steps at the start of this stage."""
     warmup_ratio: float | None = Field(None, ge=0, lt=1)
@@ -83,7 +83,8 @@ class Attacker(Strict):
     lora_target_modules: str | list[str] = "all-linear"
     """Module names to adapt, or 'all-linear' (every linear layer but the output head)."""
     batch_size: int = Field(8, gt=0)
-    """Examples per optimizer step."""
+    """Examples per optimizer step: rows drawn into the batch, repeats included (a batch larger than
+    dataset_size holds rows more than once; validate notes it)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from 0 to learning_rate over this many steps."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)

@@ -23,6 +23,7 @@ class Budget:
 
     steps: int = 0
     examples: int = 0
+    """Rows drawn into the batches, repeats included: a batch of 32 over 16 rows counts 32."""
     tokens: int = 0
     """Supervised tokens: response tokens the loss was computed on."""
     flops: float = 0.0

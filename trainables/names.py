@@ -34,7 +34,8 @@ Unit = Literal["steps", "examples", "tokens", "flops", "accelerator_seconds"]
 UNITS: tuple[str, ...] = get_args(Unit)
 BUDGET_UNITS: dict[str, str] = {"steps": "step", "examples": "examples", "tokens": "tokens", "flops": "flops",
                                 "accelerator_seconds": "accelerator_seconds"}
-"""Budget unit -> the EvalPoint field that holds it."""
+"""Budget unit -> the EvalPoint field that holds it. An example is a row drawn into a batch, repeats
+included (docs/concepts.md, "Budget units")."""
 assert tuple(BUDGET_UNITS) == UNITS
 
 CURVE: tuple[str, ...] = ("harmfulness", "harmfulness_lo", "harmfulness_hi", "utility", "train_loss",

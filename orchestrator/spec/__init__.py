@@ -1,6 +1,7 @@
 """The sweep spec, from a YAML file to a validated SweepSpec, and the checks before a sweep:
 the typed models (model.py), reading a file (load.py), the attacker space (space.py), run names
-(attackers.py), the preflight and checkpoint checks, and the embedded toy world.
+(attackers.py), the preflight and checkpoint checks, the budget notes and the sweep's cost and time
+(budget_notes.py, cost.py, estimate.py), and the embedded toy world.
 
 from orchestrator import spec
     sp = spec.load("search_spaces/quickstart.yaml", ["max_steps=50"])
