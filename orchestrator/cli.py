@@ -21,6 +21,7 @@ from pathlib import Path
 
 # Light imports only (pydantic, yaml): --help and a spec's errors answer in about a second. Torch,
 # transformers, MLflow and Ray are imported by the commands that use them (tests/test_startup.py).
+from orchestrator import capacity
 from orchestrator.spec.model import DEFAULT_TRACKING_URI, SpecError, safe_name
 from trainables.names import BUDGET_UNITS
 
@@ -45,6 +46,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.spec.space import max_horizon
 
     notes = check(sp, checkpoints=not args.skip_checkpoint_checks)
+    if note := capacity.local_note(capacity.Ask.trial(sp.resources)):
+        notes.append(note)
     cost, s, t_max = estimate(sp, args.tracking_uri), sp.search, max_horizon(sp.space, sp.max_steps)
     n = cost.total.trials
     print(f"spec OK: {sp.name}")
@@ -111,6 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_dir, unit = _out_dir(args.out, sp.name), args.unit or sp.search.unit
     if rc := _refuse_out(out_dir):  # before the sweep, not after hours of it
         return rc
+    capacity.check_local(capacity.Ask.trial(sp.resources), args.address)
     for note in [*check(sp, checkpoints=not args.skip_checkpoint_checks), *estimate(sp, args.tracking_uri).notes]:
         print(f"note: {note}")
     # the report publish writes on the sweep run is the one printed and kept in out_dir, unless
@@ -142,6 +146,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     check_tracking(args.tracking_uri)
     check_address(args.address)
     sp, defaults = _load(args), None
+    capacity.check_local(capacity.Ask.beside(sp.resources), args.address)
     if sp.conditioning is None:
         print("conditioning: not in the spec, measured with its defaults (add conditioning: {...} to set them)")
         defaults = _load(args, [("conditioning", {})]).conditioning   # the spec's checks of the block

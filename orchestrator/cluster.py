@@ -86,6 +86,29 @@ def start_ray(address: str | None) -> None:
             _watch_local_ray(before)
 
 
+def starts_local(address: str | None) -> bool:
+    """Whether start_ray(address) would start a local Ray rather than join one: as ray.init
+    decides, a cluster named by RAY_ADDRESS or last started here with `ray start` is joined."""
+    if address is not None:
+        return False
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:  # noqa: BLE001 - a private API: where it cannot tell, do not assume local
+        return False
+
+
+def is_local() -> bool:
+    """Whether this process's Ray is one it started itself (one node), not a cluster it joined."""
+    try:
+        import ray._private.worker as ray_worker
+
+        return bool(ray_worker._global_node is not None and ray_worker._global_node.head)
+    except Exception:  # noqa: BLE001 - a private API, or a Ray client: a cluster
+        return False
+
+
 def _children() -> set[int]:
     try:
         import psutil

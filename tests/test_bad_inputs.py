@@ -324,6 +324,16 @@ CASES = [
     Case("run-broken-json-line-42", _broken_json_line, ("attack.jsonl", "line 42", "fix that line"), command="run"),
     Case("run-no-chat-template", _no_template, ("data.chat_template", "set data.chat_template: false"),
          command="run"),
+    # --- resources: what no node of this machine can ever hold (before the local Ray starts) ---
+    Case("run-gpu-on-a-cpu-machine", _set("resources", {"gpu": 1}),
+         ("resources.gpu", "asks for 1 GPU", "this machine has 0", "set resources.gpu: 0 to train on CPU"),
+         command="run"),
+    Case("run-more-cpus-than-the-machine", _set("resources", {"cpu": 64}),
+         ("resources.cpu", "asks for 64 CPUs", "lower resources.cpu to at most"), command="run"),
+    Case("run-workers-beyond-the-machine", _set("resources", {"cpu": 1, "workers": 64}),
+         ("resources.workers", "64 workers x 1 CPU", "lower resources.workers to at most"), command="run"),
+    Case("pending-timeout-negative", _set("resources", {"pending_timeout": -1}),
+         ("resources.pending_timeout", "greater than or equal to 0")),
     # --- report ---------------------------------------------------------------------------
     Case("report-unknown-experiment", lambda c: ["--experiment", "no-such-sweep"],
          ("no MLflow experiment 'no-such-sweep'", "give the sweep's name"), command="report"),

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from orchestrator.capacity import Ask, check_cluster
 from orchestrator.cluster import WORKER_RETRIES, last_line
 from orchestrator.spec.model import Defence, SweepSpec
 from orchestrator.spec.space import digest
@@ -152,6 +153,7 @@ def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ra
 
     start_ray()
     r = spec.resources
+    check_cluster(Ask.beside(r), echo)  # a task no node can hold would wait for ever
     task = ray.remote(_measure).options(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=WORKER_RETRIES)
     echo(f"{head}: {len(todo)} runs ({', '.join(sorted({j['kind'] for j in todo}))}) on "
          f"{len({j['defence'].name for j in todo})} defences")

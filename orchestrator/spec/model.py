@@ -110,6 +110,11 @@ class Resources(_Strict):
     """Ray Train workers per trial: > 1 runs each trial as a TorchTrainer whose workers train
     data-parallel under DeepSpeed (deepspeed.config, ZeRO stage 0 by default), one GPU each
     where gpu > 0, else CPU processes (gloo)."""
+    pending_timeout: float | None = Field(None, ge=0)
+    """Seconds a sweep waits with trials pending for resources and none running before it ends with
+    an error naming what they wait for (its records closed; a rerun resumes). null: 300 on the local
+    Ray a sweep starts itself, no limit on a cluster it joins (--address: an autoscaler may be adding
+    nodes); 0: wait for ever; a number applies everywhere."""
 
 
 class SweepSpec(Evaluation):

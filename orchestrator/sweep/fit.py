@@ -14,7 +14,9 @@ from typing import Any
 import ray
 from ray import tune
 
-from orchestrator.cluster import WORKER_RETRIES, start_ray
+from orchestrator import capacity
+from orchestrator.capacity import DRIVER_CPU, Ask
+from orchestrator.cluster import WORKER_RETRIES, is_local, start_ray
 from orchestrator.spec.attackers import attacker_params, label, run_name
 from orchestrator.spec.model import SweepSpec
 from orchestrator.spec.space import attacker_id
@@ -29,6 +31,7 @@ from orchestrator.sweep.resume import DefenceSearch
 from orchestrator.sweep.signals import Interrupted
 from orchestrator.sweep.stopper import Stopper
 from orchestrator.sweep.trial import run_trial
+from orchestrator.sweep.waiting import PendingWatch
 from orchestrator.tracking.writer import Tracker
 from trainables.names import BUDGET_UNITS, Tag
 
@@ -66,10 +69,11 @@ def fit(spec: SweepSpec, searches: list[DefenceSearch], tracker: Tracker, addres
                          Tag.SEARCH_KEY: skey}}
 
     start_ray(address)
+    r = spec.resources
+    capacity.check_cluster(Ask.trial(r), echo)  # before any trial waits for what no node has
     storage = storage_path or str(Path.cwd() / ".attack-sweep" / "ray_results")
     if "://" not in storage:  # a local path: Tune wants it absolute; s3:// gs:// stay as given
         storage = str(Path(storage).resolve())
-    r = spec.resources
     # a multi-worker trial's own process only drives its TorchTrainer, whose workers hold the
     # resources; without a cap Tune would start every such trial at once
     max_concurrent = s.max_concurrent
@@ -77,13 +81,16 @@ def fit(spec: SweepSpec, searches: list[DefenceSearch], tracker: Tracker, addres
         max_concurrent = max_concurrent or _trials_that_fit(r)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), storage=storage),
-        {"cpu": r.cpu, "gpu": r.gpu} if r.workers == 1 else {"cpu": 0.01})
+        {"cpu": r.cpu, "gpu": r.gpu} if r.workers == 1 else {"cpu": DRIVER_CPU})
     searcher = searchers.SideBySide({x.defence.name: (searchers.Capped(
         searchers.make(spec, x.configs, x.priors, x.recorded,
                        note=lambda line, d=x.defence.name: echo(f"defence {d!r}: {line}")),
         field, s.max_compute, x.progress.compute), x.pending) for x in searches})
     stopper = Stopper(spec, searches)
     guard = InterruptGuard()
+    # what Tune itself waits for: a multi-worker trial's own process (its workers wait inside it)
+    watch = PendingWatch(Ask.trial(r) if r.workers == 1 else Ask(DRIVER_CPU), capacity.pending_timeout(r), display,
+                         local=is_local())
     recorded = sum(x.progress.trials for x in searches)
     pending = sum(x.pending for x in searches)
     tuner = tune.Tuner(
@@ -97,7 +104,8 @@ def fit(spec: SweepSpec, searches: list[DefenceSearch], tracker: Tracker, addres
                                                  {x.defence.name: x.progress for x in searches},
                                                  {x.defence.name: x.adversary for x in searches},
                                                  stopper.pruned, echo, start=recorded),
-                                  *([ProgressFeed(display, describe)] if display is not None else []), guard]),
+                                  *([ProgressFeed(display, describe)] if display is not None else []), watch,
+                                  guard]),
     )
     interrupted = False
     try:
@@ -122,7 +130,7 @@ def fit(spec: SweepSpec, searches: list[DefenceSearch], tracker: Tracker, addres
 
 def _trials_that_fit(r) -> int:
     total = ray.cluster_resources()
-    fits = [int(total.get("CPU", 0) // (r.cpu * r.workers + 0.01))]
+    fits = [int(total.get("CPU", 0) // (r.cpu * r.workers + DRIVER_CPU))]
     if r.gpu:
         fits.append(int(total.get("GPU", 0) // (r.gpu * r.workers)))
     return max(1, min(fits))

@@ -33,6 +33,7 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     ("search", "prune"): False,
     ("g_effect",): None,
     ("conditioning",): None,
+    ("resources", "pending_timeout"): None,
 }
 
 

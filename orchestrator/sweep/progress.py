@@ -72,6 +72,10 @@ class Display:
     durations: list[float] = field(init=False, default_factory=list)
     peak: int = field(init=False, default=0)
     started: float | None = field(init=False, default=None)
+    waiting_for: str | None = field(init=False, default=None)
+    """What pending trials wait for ('waiting for 1 CPU (0 of 2 free)'), while none runs."""
+    waited: float = field(init=False, default=0.0)
+    """Plain mode: when the waiting line was last printed."""
 
     def __post_init__(self) -> None:
         self.rows = {d: DefenceTally(d, 0, self.per_defence) for d in self.defences}
@@ -190,6 +194,17 @@ class Display:
         with self._lock:
             self.running.pop(trial_id, None)
 
+    def waiting(self, what: str | None) -> None:
+        """Trials wait for resources (`what`: 'waiting for 1 CPU (0 of 2 free)'), or no longer
+        (None). Plain mode prints it when it starts, then at most every `heartbeat_s` while it lasts."""
+        with self._lock:
+            now, line = self.clock(), None
+            if what is not None and (self.waiting_for is None or now - self.waited >= max(self.heartbeat_s, 1.0)):
+                self.waited, line = now, what
+            self.waiting_for = what
+        if line is not None and self.mode == "plain":
+            self.echo_to(f"  {line}")
+
     def tick(self) -> None:
         """Plain mode: a heartbeat line for each running trial that is due one. A trial is due
         `heartbeat_s` after it started or after its last line; a line with no evaluation new since
@@ -271,6 +286,8 @@ class Display:
                     state = f"{n} running" if n else ""
                 defences.add_row(row.name, f"{row.done}/{row.total}", best, spent, state)
             parts = [Text(self.header(), style="bold", no_wrap=True, overflow="ellipsis"), defences]
+            if self.waiting_for:
+                parts.append(Text(self.waiting_for, style="yellow", no_wrap=True, overflow="ellipsis"))
             if self.running:
                 trials = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
                 trials.add_column("running trial", overflow="ellipsis", no_wrap=True, max_width=WIDTH - 30)
