@@ -179,7 +179,7 @@ def _mlflow_link(tracking_uri: str, experiment_id: str) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.spec.preflight import check_tracking
 
-    check_tracking(args.tracking_uri)
+    check_tracking(args.tracking_uri, creates=False)   # a report reads: a mistyped URI must not start a store
     rc = _report(args.tracking_uri, args.experiment, args.out, args.unit or "steps")
     if rc == 0:
         _open(args.out, args.experiment)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import sweep_dict
+from fields import missing
 
 from orchestrator.cli import main
 
@@ -171,6 +173,66 @@ def _judge_without_key(c: Ctx):
     c.monkeypatch.delenv("MY_JUDGE_KEY", raising=False)
     c.raw["evaluator"] = {"name": "judge", "options": {
         "backend": "http", "model": "gpt-x", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_JUDGE_KEY"}}
+
+
+# --- issue 27: paths, adapters, messages (setups) ---------------------------------------------
+
+
+def _adapter_trained_on(name: str, safe: bool = True, **sizes):
+    """defences.1.adapter: a LoRA adapter (q_proj) trained on a tiny Llama other than the toy
+    world's (hidden 64, intermediate 128, 2 layers), as if for the hub model `someorg/<name>`;
+    saved as adapter_model.safetensors, or adapter_model.bin (safe=False)."""
+    def setup(c: Ctx):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        config = LlamaConfig(vocab_size=96, num_attention_heads=4, num_key_value_heads=4,
+                             **{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, **sizes})
+        model = AutoModelForCausalLM.from_config(config)
+        model.name_or_path = f"someorg/{name}"   # what from_pretrained would have set; PEFT records it
+        with warnings.catch_warnings():   # the setup's own warnings are not the CLI's stderr
+            warnings.simplefilter("ignore")
+            peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+            peft.save_pretrained(c.tmp / name, safe_serialization=safe, save_embedding_layers=False)   # no hub lookup
+        c.raw["defences"][1]["adapter"] = str(c.tmp / name)
+    return setup
+
+
+def _tracking_file(name: str, content: bytes | None = None, table: str | None = None):
+    """--tracking-uri sqlite:///<tmp>/<name>, the file holding `content`, or a SQLite database
+    with one table `table` (not MLflow's)."""
+    def setup(c: Ctx):
+        path = c.tmp / name
+        if table:
+            import sqlite3
+
+            con = sqlite3.connect(path)
+            con.execute(f"CREATE TABLE {table} (x)")
+            con.commit()
+            con.close()
+        elif content is not None:
+            path.write_bytes(content)
+        return ["--tracking-uri", f"sqlite:///{path}"]
+    return setup
+
+
+def _mlflow_store(c: Ctx):
+    """The store the harness points `report` at, made by MLflow, with its Default experiment only."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{c.tmp / 'mlflow.db'}").search_experiments()
+
+
+def _trainability_data(source: str):
+    def setup(c: Ctx):
+        c.raw["conditions"] = {"trainability": {"data": {"source": source},
+                                                "eval": {"source": str(c.world / "task_heldout.jsonl")},
+                                                "target_loss": 0.5}}
+    return setup
+
+
+def _judge_url(url: str):
+    return _set("evaluator", {"name": "judge", "options": {"backend": "http", "model": "gpt-x", "base_url": url}})
 
 
 CASES = [
@@ -335,10 +397,76 @@ CASES = [
     Case("pending-timeout-negative", _set("resources", {"pending_timeout": -1}),
          ("resources.pending_timeout", "greater than or equal to 0")),
     # --- report ---------------------------------------------------------------------------
-    Case("report-unknown-experiment", lambda c: ["--experiment", "no-such-sweep"],
+    Case("report-unknown-experiment", lambda c: _mlflow_store(c) or ["--experiment", "no-such-sweep"],
          ("no MLflow experiment 'no-such-sweep'", "give the sweep's name"), command="report"),
     Case("report-tracking-refused", lambda c: ["--experiment", "x", "--tracking-uri", "http://127.0.0.1:9"],
          ("--tracking-uri", "start it (mlflow server"), command="report"),
+    # --- issue 27: paths, adapters, messages ------------------------------------------------
+    # a data source written as a path (a data file's suffix, a second '/', ./ / ~) that is not there
+    Case("data-path-relative", _set("data.attack.source", "data/harmful_train.jsonl"),
+         ("data.attack.source: no such file 'data/harmful_train.jsonl'", "looked for in the spec's folder",
+          "then in the current directory", "fix the path, or give a hub dataset id as org/name")),
+    Case("run-data-path-relative", _set("data.attack.source", "data/harmful_train.jsonl"),
+         ("data.attack.source: no such file 'data/harmful_train.jsonl'", "fix the path"), command="run"),
+    Case("data-path-compressed", _set("data.eval.source", "eval.csv.gz"),
+         ("data.eval.source: no such file 'eval.csv.gz'", "fix the path, or give a hub dataset id")),
+    Case("data-path-nested", _set("data.benign.source", "corpora/benign/train"),
+         ("data.benign.source: no such file 'corpora/benign/train'", "fix the path")),
+    Case("utility-path-relative", _set("utility.data.source", "./heldout.jsonl"),
+         ("utility.data.source: no such file './heldout.jsonl'", "fix the path")),
+    Case("defender-data-path", _set("defences.1.defender_data", {"source": "defender/harmful.parquet"}),
+         ("defences.1.defender_data.source: no such file 'defender/harmful.parquet'", "fix the path")),
+    Case("trainability-data-path", _trainability_data("task.tsv"),
+         ("conditions.trainability.data.source: no such file 'task.tsv'", "fix the path")),
+    Case("run-trainability-data-path", _trainability_data("~/no-such-task.jsonl"),
+         ("conditions.trainability.data.source: no such file", "no-such-task.jsonl", "fix the path"),
+         command="run"),
+    # a defender's adapter trained on another model
+    Case("adapter-other-sizes", _adapter_trained_on("wide-lm", hidden_size=128, intermediate_size=256),
+         ("defences.1.adapter: module model.layers.0.self_attn.q_proj is 64x64 (in x out) in defences.1.model",
+          "but the adapter was trained on 128x128",
+          "give the adapter trained on this model, or the model it was trained on (someorg/wide-lm)")),
+    Case("adapter-bin-other-sizes", _adapter_trained_on("wide-bin", safe=False, hidden_size=96),
+         ("defences.1.adapter: module model.layers.0.self_attn.q_proj is 64x64", "trained on 96x96",
+          "give the adapter trained on this model")),
+    Case("adapter-more-layers", _adapter_trained_on("deep-lm", num_hidden_layers=3),
+         ("defences.1.adapter: the adapter holds module model.layers.2.self_attn.q_proj",
+          "which defences.1.model has not", "or the model it was trained on (someorg/deep-lm)")),
+    Case("run-adapter-other-sizes", _adapter_trained_on("wide-lm", hidden_size=128),
+         ("defences.1.adapter: module model.layers.0.self_attn.q_proj", "give the adapter trained on this model"),
+         command="run"),
+    # messages that named the wrong thing
+    Case("phi-nan", _set("phi", float("nan")), ("spec error: phi: nan is not a number", "use a value between 0 and 1")),
+    Case("lr-inf", _set("space.learning_rate", {"grid": [1e-4, float("inf")]}),
+         ("space.learning_rate: grid[1]: inf is not a finite number", "use a value above 0")),
+    Case("penalty-inf", _set("search", {"penalty": float("inf")}),
+         ("search.penalty: inf is not a finite number", "use a value of at least 1")),
+    Case("no-chat-template-names-prompt-format", _no_template,
+         ("data.chat_template", "set data.chat_template: false (prompts are then wrapped by data.prompt_format)")),
+    Case("judge-url-without-scheme", _judge_url("127.0.0.1:8000/v1"),
+         ("spec error: evaluator.options.base_url: '127.0.0.1:8000/v1' has no scheme",
+          "write http://127.0.0.1:8000/v1")),
+    Case("judge-url-missing", _judge_url(None),
+         ("spec error: evaluator.options.base_url: backend http needs one", "give the API root")),
+    # the tracking store: checked from its file before MLflow opens it
+    Case("tracking-file-not-sqlite", _tracking_file("bad.db", b"not a database\n"),
+         ("--tracking-uri sqlite:///", "bad.db is not a SQLite database",
+          "point --tracking-uri at the store a sweep wrote, or move the file away"), command="run"),
+    Case("tracking-sqlite-not-mlflow", _tracking_file("other.db", table="inventory"),
+         ("--tracking-uri", "other.db is a SQLite database but not an MLflow store (its tables: inventory)",
+          "point --tracking-uri at the store a sweep wrote, or at a new file"), command="run"),
+    Case("tracking-sqlite-damaged", _tracking_file("torn.db", b"SQLite format 3\x00" + b"\xab" * 4080),
+         ("--tracking-uri", "torn.db is a damaged SQLite database", "restore it from a copy"), command="run"),
+    Case("report-file-not-sqlite", lambda c: ["--experiment", "x", *_tracking_file("bad.db", b"x" * 64)(c)],
+         ("--tracking-uri", "bad.db is not a SQLite database", "point --tracking-uri at the store"), command="report"),
+    # report only reads: no store is created where there is none
+    Case("report-no-store", lambda c: ["--experiment", "no-such-sweep"],
+         ("--tracking-uri sqlite:///", "no such store (", "mlflow.db)",
+          "run a sweep first, or point --tracking-uri at its store"), command="report"),
+    Case("report-empty-file", lambda c: ["--experiment", "x", *_tracking_file("empty.db", b"")(c)],
+         ("--tracking-uri", "empty.db is an empty database", "run a sweep first"), command="report"),
+    Case("report-no-folder-store", lambda c: ["--experiment", "x", "--tracking-uri", str(c.tmp / "mlruns")],
+         ("--tracking-uri", "no such store", "mlruns", "run a sweep first"), command="report"),
 ]
 
 
@@ -400,6 +528,9 @@ def test_bad_input_is_one_line_before_ray(case, world, good_raw, tmp_path, capsy
     assert line.startswith(("spec error: ", "error: ")), line
     for part in case.expect:
         assert part in line, f"{part!r} not in {line!r}"
+    head = line.removeprefix("spec error: ").split(": ")[0]
+    if line.startswith("spec error: ") and ": unknown " not in line:   # the field it names exists (not a typo)
+        assert missing(head) is None, f"{head!r} names no field of the spec ({missing(head)!r})"
     assert "spec OK" not in cap.out
     assert not out.exists()
     if db.exists():  # nothing started, so nothing left RUNNING
@@ -473,3 +604,93 @@ def test_a_defenders_adapter_is_checked_and_passes(world, good_raw, tmp_path, ca
     assert main(["validate", str(tmp_path / "s.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("spec error: defences.1.adapter: ") and "adapter_model.safetensors is truncated" in err
+
+
+def test_a_hub_dataset_id_is_still_a_note(good_raw, tmp_path, capsys, monkeypatch):
+    """The path rule leaves hub ids alone: `org/name` (and `name`) is read as a hub dataset by the
+    trials, not refused here, while the same id with a file's suffix is a path."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    raw = json.loads(json.dumps(good_raw))
+    for source in ("someorg/somedata", "somedata"):
+        raw["data"]["attack"]["source"] = source
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+        assert main(["validate", str(tmp_path / "s.yaml")]) == 0, capsys.readouterr().err
+        assert (f"note: data.attack: {source!r} is not a local path; read as a hub dataset when the trials start"
+                in capsys.readouterr().out)
+    raw["data"]["attack"]["source"] = "someorg/somedata.jsonl"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 2
+    assert "data.attack.source: no such file 'someorg/somedata.jsonl'" in capsys.readouterr().err
+
+
+def test_a_relative_data_path_is_found_next_to_the_spec_then_here(world, good_raw, tmp_path, capsys, monkeypatch):
+    """The two folders the error names are the two a relative source is read from."""
+    spec_dir, here = tmp_path / "specs", tmp_path / "work"
+    (spec_dir / "data").mkdir(parents=True)
+    (here / "data").mkdir(parents=True)
+    monkeypatch.chdir(here)
+    raw = json.loads(json.dumps(good_raw))
+    raw["data"]["attack"]["source"] = "data/harmful_train.jsonl"
+    (spec_dir / "s.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(spec_dir / "s.yaml")]) == 2
+    assert capsys.readouterr().err == (
+        f"spec error: data.attack.source: no such file 'data/harmful_train.jsonl' (looked for in the spec's folder "
+        f"{spec_dir}, then in the current directory {here}); fix the path, or give a hub dataset id as org/name\n")
+    shutil.copy(world / "attack.jsonl", here / "data" / "harmful_train.jsonl")   # the current directory's
+    assert main(["validate", str(spec_dir / "s.yaml")]) == 0, capsys.readouterr().err
+    (here / "data" / "harmful_train.jsonl").unlink()
+    shutil.copy(world / "attack.jsonl", spec_dir / "data" / "harmful_train.jsonl")   # the spec's
+    assert main(["validate", str(spec_dir / "s.yaml")]) == 0, capsys.readouterr().err
+
+
+def test_report_in_an_empty_folder_leaves_it_empty(tmp_path, capsys, monkeypatch):
+    """`report` only reads: with the default URI (sqlite:///mlflow.db) and no store here, it says
+    so and writes nothing (no mlflow.db, no mlruns/, no reports/, no .attack-sweep/)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--experiment", "no-such-sweep"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --tracking-uri sqlite:///mlflow.db: no such store ({tmp_path / 'mlflow.db'}); run a sweep "
+                   "first, or point --tracking-uri at its store\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_file_is_a_new_store_for_a_sweep(tmp_path):
+    """A 0-byte file (`touch mlflow.db`) is what SQLite reads as a new database: a command that
+    writes may start its store there (MLflow does), a report finds no store in it until then."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.spec import SpecError
+    from orchestrator.spec.preflight import check_tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    check_tracking(uri)
+    with pytest.raises(SpecError, match="is an empty database"):
+        check_tracking(uri, creates=False)
+    MlflowClient(uri).create_experiment("a-sweep")   # MLflow starts its store in the empty file
+    check_tracking(uri, creates=False)
+    assert MlflowClient(uri).get_experiment_by_name("a-sweep") is not None
+
+
+def test_the_store_check_reads_only_and_waits_out_a_writer(tmp_path):
+    """The header and table read leave an MLflow store as it was (no journal, same bytes), and a
+    store another process holds locked (a sweep committing) is let through, not called damaged."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.spec.preflight import check_tracking
+
+    path = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    check_tracking(f"sqlite:///{path}", creates=False)
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before and sorted(tmp_path.iterdir()) == [path]
+    writer = sqlite3.connect(path)
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        check_tracking(f"sqlite:///{path}", creates=False)   # waits its 5 s, then leaves it to MLflow
+    finally:
+        writer.rollback()
+        writer.close()

@@ -71,7 +71,7 @@ def test_a_condition_without_its_data_is_one_line_at_load(tmp_path, change, expe
     (lambda p, r: r["space"].update(attack_domain={"grid": ["cyber", "violence"]}),
      "space.attack_domain: 'violence' is not a domain of data.attack (its domains: cyber, theft)"),
     (lambda p, r: r["defences"][1].update(immunised_on=["cybr"]),
-     "defences.def.immunised_on: 'cybr' is not a domain of data.attack"),
+     "defences.1.immunised_on: 'cybr' is not a domain of data.attack"),
     (lambda p, r: p.joinpath("e.jsonl").write_text('{"prompt": "q", "response": "r"}\n'),
      "data.eval.domain_field: row 1 of"),
     (lambda p, r: p.joinpath("th.jsonl").write_text('{"prompt": "task 3", "response": "x"}\n'),

@@ -202,12 +202,14 @@ def test_http_preflight(server, monkeypatch):
 @pytest.mark.parametrize("over, message", [
     ({"api_key": KEY}, "looks like a secret"),
     ({"api_key_env": KEY}, "looks like a secret"),
-    ({"api_key_env": "my judge key"}, "api_key_env is the NAME of an environment variable"),
+    ({"api_key_env": "my judge key"}, "api_key_env: give the NAME of an environment variable"),
     ({"model": "Bearer " + KEY}, "looks like a secret"),
     ({"base_url": f"http://user:{KEY}@127.0.0.1:8000/v1"}, "no credentials"),
     ({"rubric": "grade {response}"}, "must contain {prompt} and {response}"),
     ({"backend": "transformers"}, "base_url and api_key_env are for backend http"),
-    ({"base_url": None}, "backend http needs base_url"),
+    ({"base_url": None}, "base_url: backend http needs one"),
+    ({"base_url": f"user:{KEY}@127.0.0.1:8000/v1"}, "base_url: must carry no credentials"),   # no scheme either
+    ({"base_url": "127.0.0.1:8000/v1"}, "base_url: '127.0.0.1:8000/v1' has no scheme; write http://127.0.0.1:8000/v1"),
 ])
 def test_bad_options_fail_without_echoing_secrets(over, message):
     with pytest.raises(ValueError, match=re.escape(message)) as err:

@@ -83,8 +83,11 @@ def test_validate_without_a_store_imports_no_mlflow(world, tmp_path):
 def test_report_imports_no_torch_or_ray(tmp_path):
     """`report` needs MLflow (the records) and draws with matplotlib, but never torch,
     transformers or Ray; on an empty store it stops at its one line (no such experiment)."""
-    rc, loaded, err = probe(["report", "--experiment", "nothing-here", "--tracking-uri",
-                             f"sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path)
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()   # the empty store (report creates none)
+    rc, loaded, err = probe(["report", "--experiment", "nothing-here", "--tracking-uri", uri], tmp_path)
     assert rc == 2 and "no MLflow experiment 'nothing-here'" in err
     assert "mlflow" in loaded
     assert not loaded & {"torch", "transformers", "peft", "datasets", "ray"}, sorted(loaded)

@@ -14,9 +14,11 @@ LrSchedule = Literal["constant", "linear", "cosine", "sgdr"]
 
 
 class Strict(BaseModel):
-    """The base of every config model: frozen, and an unknown key is an error."""
+    """The base of every config model: frozen, an unknown key is an error, and so is a float
+    that is not a finite number (.nan, .inf: every bound it is compared with would pass or fail
+    it for the wrong reason)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Stage(Strict):

@@ -11,14 +11,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from trainables.attacker import Strict as _Strict
 
 #: lm-eval's own default seeds (simple_evaluate): python random, numpy, torch, few-shot sampler
 _SEEDS = (0, 1234, 1234, 1234)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LmEval(_Strict):

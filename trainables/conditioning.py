@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from trainables.attacker import Strict
 from trainables.hessian import Extremes
 from trainables.names import Metric, Tag
 
@@ -23,10 +24,8 @@ ZERO = 1e-10
 """An eigenvalue below ZERO x the spectrum's scale cannot be told from 0 by float64 products."""
 
 
-class Conditioning(BaseModel):
+class Conditioning(Strict):
     """The condition-number diagnostic of every defence's checkpoint at release."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     head: Literal["least_squares", "cross_entropy"] = "least_squares"
     """The linear head the Hessian is taken in: least_squares (the paper's theory: ΦᵀΦ/n of the

@@ -18,7 +18,8 @@ class Checkpoint(_Strict):
     model: str
     """Local directory or hub id of a causal LM."""
     adapter: str | None = None
-    """Optional PEFT adapter (directory or hub id) merged into the model before the attack."""
+    """Optional PEFT adapter (directory or hub id) merged into the model before the attack; a
+    local LoRA adapter's shapes are checked against `model` before Ray starts."""
     tokenizer: str | None = None
     """Tokenizer directory or hub id; defaults to `model`."""
     revision: str | None = None
@@ -34,7 +35,9 @@ class DataSource(_Strict):
     dataset directory, or a hub dataset id."""
 
     source: str
-    """A local file or dataset directory (relative to the spec), or a hub dataset id."""
+    """A local file or dataset directory (relative: next to the spec, else in the current
+    directory), or a hub dataset id (`org/name`). A value written as a path (./, a second '/', a
+    data file's suffix) that is not there is a spec error."""
     split: str = "train"
     """The split to read (hub datasets and dataset directories)."""
     prompt_field: str = "prompt"

@@ -3,6 +3,7 @@ accepts."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, get_args
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 _BOUND = {"gt": "above {}", "ge": "of at least {}", "lt": "below {}", "le": "of at most {}"}
+_BOUND_KINDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
 def field_at(model: Any, loc: tuple) -> FieldInfo | None:
@@ -41,11 +43,16 @@ def explain(error: dict, field: FieldInfo | None = None) -> str:
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
     if kind in ("value_error", "assertion_error", "missing") or "(got " in msg:
         return msg  # our own validators phrase their messages for the user already
+    bounds = {k: getattr(m, k) for m in (field.metadata if field else []) for k in _BOUND
+              if getattr(m, k, None) is not None} | {k: v for k, v in ctx.items() if k in _BOUND}
+    if kind == "finite_number" or (kind in _BOUND_KINDS and _not_finite(value)):
+        # pydantic's words would be "should be a finite number", or for nan a bound it does not break
+        word = _not_finite(value) or str(value)
+        return (f"{word} is {'not a number' if word == 'nan' else 'not a finite number'}; use "
+                + (f"a value {_within(bounds)}" if bounds else "a finite number"))
     if isinstance(value, (str, int, float, bool)) or value is None:
         msg += f" (got {value!r:.80})"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bounds = {k: getattr(m, k) for m in (field.metadata if field else []) for k in _BOUND
-                  if getattr(m, k, None) is not None} | {k: v for k, v in ctx.items() if k in _BOUND}
+    if kind in _BOUND_KINDS:
         return f"{msg}; use a value {_within(bounds)}"
     if kind == "string_pattern_mismatch":
         return f"{msg}; {_pattern_hint(str(ctx.get('pattern', '')))}"
@@ -54,6 +61,15 @@ def explain(error: dict, field: FieldInfo | None = None) -> str:
     if kind in ("too_long", "string_too_long") and "max_length" in ctx:
         return f"{msg}; give at most {ctx['max_length']}"
     return msg
+
+
+def _not_finite(value: Any) -> str | None:
+    """'nan', 'inf' or '-inf' for a value that reads as one (YAML's .nan, the string 'inf'), else None."""
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else 0.0
+    except (ValueError, OverflowError):
+        return None
+    return None if math.isfinite(number) else "nan" if math.isnan(number) else "inf" if number > 0 else "-inf"
 
 
 def _within(bounds: dict) -> str:

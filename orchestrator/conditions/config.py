@@ -3,15 +3,12 @@ reference text), and the tolerances that make each a pass or a fail."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from trainables.attacker import Strict as _Strict
 from trainables.capability import LmEval
 from trainables.config import Attacker, DataSource
 from trainables.names import Unit
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Stability(_Strict):

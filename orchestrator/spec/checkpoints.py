@@ -14,7 +14,9 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from orchestrator.spec import adapters
 from orchestrator.spec.model import Defence, SpecError, SweepSpec
+from orchestrator.spec.paths import not_found, written_as_path
 
 # the file each kind of checkpoint must hold: how a hub id is probed, and a local folder recognised
 _MARKER = {"model": "config.json", "adapter": "adapter_config.json", "tokenizer": "tokenizer_config.json"}
@@ -47,6 +49,10 @@ def check_defence(d: Defence, where: str, lora_targets: list, chat_template: boo
     if d.adapter:
         adapter_dir = locate(d.adapter, "adapter", f"{where}.adapter", None)
         _adapter(d.adapter, adapter_dir, f"{where}.adapter")
+        if adapter_dir is None:
+            notes.append(f"{where}.adapter: {d.adapter!r} is read from the hub; its shapes are not checked here")
+        elif config is not None:
+            adapters.check(_meta_model(d, config, where), Path(adapter_dir), where)
     tok_source = d.tokenizer or d.model
     if d.tokenizer:
         locate(d.tokenizer, "tokenizer", f"{where}.tokenizer", None)
@@ -65,9 +71,8 @@ def locate(value: str, kind: str, where: str, revision: str | None) -> str | Non
             raise SpecError(f"spec error: {where}: {value!r} is a folder without {_MARKER[kind]}; "
                             f"give the folder that holds the {kind}")
         return str(path)
-    if value.startswith(("/", "./", "../", "~")) or value.count("/") > 1 or "\\" in value:
-        raise SpecError(f"spec error: {where}: no such path {value!r} (relative paths are read next to the "
-                        f"spec, then in the current directory); fix the path, {SKIP_HINT}")
+    if written_as_path(value):
+        raise SpecError(not_found(where, value, "path", f"fix the path, {SKIP_HINT}"))
     why = _hub_problem(value, _MARKER[kind], revision)
     if why is None:
         return None
@@ -247,7 +252,7 @@ def _tokenizer(d: Defence, source: str, where: str, chat_template: bool) -> None
     if chat_template and not getattr(tok, "chat_template", None):
         raise SpecError(f"spec error: data.chat_template: the tokenizer of {where.split('.')[0]}."
                         f"{where.split('.')[1]} ({source!r}) has no chat template; set data.chat_template: "
-                        "false (prompts are wrapped by data.prompt_template) or give a tokenizer with one")
+                        "false (prompts are then wrapped by data.prompt_format) or give a tokenizer with one")
 
 
 def _lora_targets(spec: SweepSpec) -> list:
@@ -262,21 +267,28 @@ def _lora_targets(spec: SweepSpec) -> list:
     return out
 
 
+def _meta_model(d: Defence, config, where: str):
+    """The defence's architecture built on the meta device: its modules and shapes, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=d.trust_remote_code)
+    except Exception as err:  # noqa: BLE001
+        raise SpecError(f"spec error: {where}.model: {d.model!r} is not a causal language model "
+                        f"transformers can build ({_first_line(err)}); give a checkpoint "
+                        "AutoModelForCausalLM loads") from None
+
+
 def _lora(d: Defence, config, targets: list, where: str) -> None:
     """Wrap the architecture, built on the meta device, as a trial would, for each target list."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     for target in targets:
-        try:
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = AutoModelForCausalLM.from_config(config, trust_remote_code=d.trust_remote_code)
-        except Exception as err:  # noqa: BLE001
-            raise SpecError(f"spec error: {where}.model: {d.model!r} is not a causal language model "
-                            f"transformers can build ({_first_line(err)}); give a checkpoint "
-                            "AutoModelForCausalLM loads") from None
+        model = _meta_model(d, config, where)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from orchestrator.spec.model import SpecError, SweepSpec, unknown_key
+from orchestrator.spec.paths import DATA_FIX, missing, not_found
 from trainables.messages import explain, field_at
 
 
@@ -85,9 +86,10 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
     absolute, so Ray workers (whose working directory is their trial's) and `ray job submit`
     find them; `${NAME}` is expanded from the environment;
     `toyworld:NAME` is NAME inside the embedded toy world (built on first use); anything
-    else stays as given (a hub id)."""
+    else stays as given (a hub id). A data source written as a path (paths.written_as_path)
+    that is not there is a SpecError: the driver reads every split before Ray starts."""
 
-    def fix(d: dict, key: str, where: str) -> None:
+    def fix(d: dict, key: str, where: str, data: bool = False) -> None:
         value = d.get(key)
         if isinstance(value, str) and "${" in value:
             value = d[key] = _expand_env(value, f"{where}.{key}")
@@ -100,17 +102,22 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
                 raise SpecError(f"spec error: {where}.{key}: cannot build the toy world under "
                                 f"{toyworld.cache_dir()} ({err.strerror or err}: {err.filename}); set "
                                 "ATTACK_SWEEP_CACHE to a writable folder") from None
+        elif isinstance(value, str) and value.startswith("~"):
+            d[key] = str(Path(value).expanduser())
         elif isinstance(value, str) and not Path(value).is_absolute():
             found = next((c for c in (base_dir / value, Path(value)) if c.exists()), None)
             if found is not None:
                 d[key] = str(found.resolve())
+        value = d.get(key)
+        if data and isinstance(value, str) and missing(value):
+            raise SpecError(not_found(f"{where}.{key}", value, "file", DATA_FIX, base_dir))
 
     for i, d in enumerate(raw.get("defences") or []):
         if isinstance(d, dict):
             for key in ("model", "adapter", "tokenizer"):
                 fix(d, key, f"defences.{i}")
             if isinstance(d.get("defender_data"), dict):
-                fix(d["defender_data"], "source", f"defences.{i}.defender_data")
+                fix(d["defender_data"], "source", f"defences.{i}.defender_data", data=True)
     if isinstance(raw.get("deepspeed"), dict) and isinstance(raw["deepspeed"].get("config"), str):
         fix(raw["deepspeed"], "config", "deepspeed")
         path = Path(raw["deepspeed"]["config"]).expanduser()
@@ -119,16 +126,16 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
     data = raw.get("data") or {}
     for split in ("attack", "eval", "benign"):
         if isinstance(data.get(split), dict):
-            fix(data[split], "source", f"data.{split}")
+            fix(data[split], "source", f"data.{split}", data=True)
     utility = raw.get("utility")
     if isinstance(utility, dict) and isinstance(utility.get("data"), dict):
-        fix(utility["data"], "source", "utility.data")
+        fix(utility["data"], "source", "utility.data", data=True)
     conditions = raw.get("conditions")
     if isinstance(conditions, dict):
         trainability = conditions.get("trainability")
         for split in ("data", "eval"):
             if isinstance(trainability, dict) and isinstance(trainability.get(split), dict):
-                fix(trainability[split], "source", f"conditions.trainability.{split}")
+                fix(trainability[split], "source", f"conditions.trainability.{split}", data=True)
         stability = conditions.get("stability")
         if isinstance(stability, dict) and isinstance(stability.get("lm_eval"), dict):
             fix(stability["lm_eval"], "include_path", "conditions.stability.lm_eval")

@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator.conditions.config import Conditions
 from orchestrator.spec.space import SAMPLED, AttackerSpace, attackers
+from trainables.attacker import Strict as _Strict
 from trainables.conditioning import Conditioning
 from trainables.config import Checkpoint, DataSource, DeepSpeed, Evaluation, EvaluatorConfig
 from trainables.messages import explain, field_at
@@ -21,10 +22,6 @@ from trainables.names import Unit
 
 class SpecError(ValueError):
     """A spec problem, already phrased for the user (one line per problem)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # letters, digits, '_', '.', '-', not starting with '.': names become folder and file names
@@ -189,7 +186,9 @@ class SweepSpec(Evaluation):
                 field = ".".join(str(p) for p in first["loc"])
                 msg = unknown_key(first["loc"][-1], list(model.model_fields), "option") \
                     if first["type"] == "extra_forbidden" else explain(first, field_at(model, first["loc"]))
-                raise ValueError(f"{where}.options.{field}: {msg}") from None
+                if not field and (named := re.match(r"(\w+): (.*)", msg)) and named[1] in model.model_fields:
+                    field, msg = named[1], named[2]   # a check across options, naming the one it is about
+                raise ValueError(f"{where}.options{'.' if field else ''}{field}: {msg}") from None
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
         return self

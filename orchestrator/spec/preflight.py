@@ -5,23 +5,18 @@ weights); hub datasets are fetched by the trials themselves."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from orchestrator.spec import store
 from orchestrator.spec.budget_notes import notes as budget_notes
 from orchestrator.spec.model import SpecError, SweepSpec, evaluator_places
+from orchestrator.spec.paths import DATA_FIX, missing, not_found
 from trainables import data as D
 from trainables.config import AttackConfig
 from trainables.messages import explain, field_at
 from trainables.optim import missing_dependency
-
-
-def _missing_local_path(value: str | None) -> bool:
-    """A value written as a path (not a hub id) that does not exist."""
-    return bool(value) and value.startswith(("/", "./", "../", "~")) and \
-        not Path(value).expanduser().exists()
 
 
 def _stages(spec: SweepSpec) -> list[dict]:
@@ -104,9 +99,11 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
     return notes
 
 
-def check_tracking(uri: str, timeout: float = 5.0) -> None:
+def check_tracking(uri: str, timeout: float = 5.0, creates: bool = True) -> None:
     """Reach the MLflow tracking store once, before anything starts: one line naming it when it
-    cannot be reached (MLflow's own retries would otherwise wait minutes in silence)."""
+    cannot be reached (MLflow's own retries would otherwise wait minutes in silence), or when a
+    local one is not an MLflow store; without `creates` (a command that only reads), also when
+    it is not there (orchestrator/spec/store.py)."""
     from urllib.parse import urlparse
 
     from orchestrator.spec.checkpoints import unreachable
@@ -119,16 +116,10 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
                             f"(mlflow server --host 127.0.0.1 --port {port}) or use the default sqlite:///mlflow.db")
     elif parsed.scheme == "sqlite":
         path = uri.removeprefix("sqlite:///")
-        folder = Path(path).expanduser().resolve().parent if path and path != ":memory:" else None
-        if folder is not None and not folder.is_dir():
-            raise SpecError(f"error: --tracking-uri {uri}: folder {folder} does not exist; create it or "
-                            "point the URI elsewhere")
-        if folder is not None and not os.access(folder, os.W_OK):
-            raise SpecError(f"error: --tracking-uri {uri}: folder {folder} is not writable")
+        if path and path != ":memory:":
+            store.check_sqlite(uri, Path(path).expanduser(), creates)
     elif parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme else uri).expanduser()
-        if path.exists() and not path.is_dir():
-            raise SpecError(f"error: --tracking-uri {uri}: {path} is a file, not an MLflow store folder")
+        store.check_folder(uri, Path(parsed.path if parsed.scheme else uri).expanduser(), creates)
     elif parsed.scheme not in ("databricks", "databricks-uc", "uc"):
         raise SpecError(f"error: --tracking-uri {uri}: unknown scheme {parsed.scheme!r}; use sqlite:///FILE, "
                         "http://HOST:PORT or a folder")
@@ -183,9 +174,8 @@ def _check_utility(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:
 def _read(src, where: str) -> tuple[list[dict] | None, str]:
     """A split's rows, from a local file or, where the hub can be reached, a hub dataset; else
     (None, a note saying it was not checked). A bad local split is a SpecError."""
-    if _missing_local_path(src.source):
-        raise SpecError(f"spec error: {where}.source: no such file {src.source!r}; fix the path (a relative one "
-                        "is read next to the spec, then in the current directory)")
+    if missing(src.source):
+        raise SpecError(not_found(f"{where}.source", src.source, "file", DATA_FIX))
     if not Path(src.source).expanduser().exists():
         from orchestrator.spec.checkpoints import hub_offline
 
@@ -260,11 +250,11 @@ def _check_domains(spec: SweepSpec) -> list[str]:
         if (need := space["dataset_size"].largest()) > sizes[d]:
             raise SpecError(f"spec error: space.dataset_size: {need} exceeds the {sizes[d]} rows of domain {d!r} "
                             f"in data.attack; lower it to at most {sizes[d]}")
-    for defence in spec.defences:
+    for i, defence in enumerate(spec.defences):
         for d in defence.immunised_on or []:
             if d not in known["attack"]:
-                raise SpecError(f"spec error: defences.{defence.name}.immunised_on: {d!r} is not a domain of "
-                                f"data.attack (its domains: {', '.join(sorted(known['attack']))})")
+                raise SpecError(f"spec error: defences.{i}.immunised_on: {d!r} is not a domain of "
+                                f"data.attack (its domains: {', '.join(sorted(known['attack']))}); name one of them")
     if spec.conditions and spec.conditions.generalisation and "eval" in known and attacked \
             and not known["eval"] & set(attacked):
         notes.append("data.eval: no held-out prompt shares a domain with the attacks; the transfer matrix has "

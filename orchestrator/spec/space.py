@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from trainables.attacker import Strict
 from trainables.config import Attacker
 from trainables.messages import explain
 
@@ -50,7 +51,7 @@ class Dim:
 
 def _dim_parser(name: str, info: FieldInfo):
     ann = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-    scalar = TypeAdapter(ann)
+    scalar = TypeAdapter(ann, config=ConfigDict(allow_inf_nan=False))   # as Strict's: .nan, .inf refused
 
     def check(value: Any, where: str) -> Any:
         try:
@@ -93,7 +94,7 @@ def _space_model() -> type[BaseModel]:
                Dim("constant", (info.default,)))
         for name, info in Attacker.model_fields.items()
     }
-    return create_model("AttackerSpace", __config__=ConfigDict(extra="forbid", frozen=True),
+    return create_model("AttackerSpace", __config__=Strict.model_config,
                         __doc__="Each trainables.Attacker field as a domain.", **fields)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from trainables.attacker import Strict
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,8 @@ def score_until_decided(score: Callable[[EvalContext], Scores], ctx: EvalContext
         verdicts += part.verdicts
 
 
-class EvaluatorOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class EvaluatorOptions(Strict):
+    """The options of an evaluator (each evaluator's own subclass)."""
 
 
 _REGISTRY: dict[str, tuple[Callable[[Any], Evaluator], type[EvaluatorOptions]]] = {}

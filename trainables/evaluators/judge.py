@@ -45,7 +45,7 @@ _SECRET_VALUE = re.compile(r"^\s*(sk-|hf_|bearer\s|gh[pousr]_|xox[abp]-)", re.I)
 
 class JudgeOptions(EvaluatorOptions):
     # a mistyped secret must not be echoed back by a validation error
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     backend: Literal["transformers", "http"]
     """Where the judge runs: loaded in the trial with transformers, or behind an OpenAI-compatible server."""
@@ -95,19 +95,24 @@ class JudgeOptions(EvaluatorOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> JudgeOptions:
+        # each message leads with the option it is about: the spec error names it as options.NAME
         if self.rubric is not None and not ("{prompt}" in self.rubric and "{response}" in self.rubric):
-            raise ValueError("rubric must contain {prompt} and {response}")
+            raise ValueError("rubric: must contain {prompt} and {response}")
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
-            raise ValueError("api_key_env is the NAME of an environment variable (e.g. JUDGE_API_KEY), not the key")
+            raise ValueError("api_key_env: give the NAME of an environment variable (e.g. JUDGE_API_KEY), not the key")
         if self.backend == "http":
-            if not self.base_url or not re.match(r"https?://", self.base_url):
-                raise ValueError("backend http needs base_url, e.g. http://127.0.0.1:8000/v1")
-            if "@" in self.base_url.split("/")[2] or "?" in self.base_url:
-                raise ValueError("base_url must carry no credentials or query; name the key in api_key_env")
+            url = self.base_url
+            if not url:
+                raise ValueError("base_url: backend http needs one; give the API root, e.g. http://127.0.0.1:8000/v1")
+            if "@" in url.split("?")[0].split("/")[2 if "://" in url else 0] or "?" in url:
+                raise ValueError("base_url: must carry no credentials or query; name the key in api_key_env")
+            if not re.match(r"https?://", url):
+                said = f"scheme {url.split('://')[0]}://, not http:// or https://" if "://" in url else "no scheme"
+                raise ValueError(f"base_url: {url!r} has {said}; write http://{url.split('://', 1)[-1]}")
         elif self.base_url or self.api_key_env:
-            raise ValueError("base_url and api_key_env are for backend http")
+            raise ValueError("backend: base_url and api_key_env are for backend http; set backend: http or drop them")
         elif self.temperature:
-            raise ValueError("backend transformers is greedy: leave temperature at 0")
+            raise ValueError("temperature: backend transformers is greedy; leave temperature at 0")
         return self
 
 
