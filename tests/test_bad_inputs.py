@@ -14,6 +14,7 @@ Add to it whatever a user gets wrong next: one entry in CASES.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -528,7 +529,7 @@ def test_bad_input_is_one_line_before_ray(case, world, good_raw, tmp_path, capsy
     assert line.startswith(("spec error: ", "error: ")), line
     for part in case.expect:
         assert part in line, f"{part!r} not in {line!r}"
-    head = line.removeprefix("spec error: ").split(": ")[0]
+    head = re.match(r"[^\s:]*", line.removeprefix("spec error: ")).group(0)   # `space.stages (stage 1): ...`
     if line.startswith("spec error: ") and ": unknown " not in line:   # the field it names exists (not a typo)
         assert missing(head) is None, f"{head!r} names no field of the spec ({missing(head)!r})"
     assert "spec OK" not in cap.out

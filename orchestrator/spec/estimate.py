@@ -11,6 +11,7 @@ from pathlib import Path
 from orchestrator.echo import amount
 from orchestrator.spec import cost as C
 from orchestrator.spec.model import SweepSpec
+from orchestrator.spec.store import is_mlflow
 
 MAX_DEVICE_HOURS = 24.0
 """A whole sweep whose recorded step time puts it beyond a device-day gets a note, with the hours."""
@@ -34,7 +35,7 @@ def recorded(tracking_uri: str, experiment: str) -> tuple[dict[str, Rate], str]:
         path = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
         if not path.is_file():
             return {}, f"no store at {tracking_uri}; validate reads one, never creates one"
-        if not _mlflow_tables(path):
+        if not is_mlflow(path):
             return {}, f"{tracking_uri} is not an MLflow store"
         store = f"sqlite:///{path.resolve()}"  # MLflow keeps a store per URI: a relative one per process
     elif tracking_uri.startswith(("http://", "https://")):
@@ -74,18 +75,6 @@ def recorded(tracking_uri: str, experiment: str) -> tuple[dict[str, Rate], str]:
     rates = {d: Rate(statistics.median(t for t, _ in xs), statistics.median(e for _, e in xs), len(xs))
              for d, xs in per.items()}
     return rates, "" if rates else f"no finished trials of {experiment!r} in {tracking_uri}"
-
-
-def _mlflow_tables(path: Path) -> bool:
-    """Whether the file is an sqlite database with MLflow's tables (opened read-only)."""
-    import sqlite3
-
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-            names = {r[0] for r in db.execute("select name from sqlite_master where type = 'table'")}
-    except sqlite3.Error:
-        return False
-    return {"experiments", "runs", "tags", "metrics"} <= names
 
 
 @dataclass(frozen=True)

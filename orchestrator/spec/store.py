@@ -13,8 +13,8 @@ from orchestrator.spec.model import SpecError
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 """The first 16 bytes of every SQLite database file."""
-MLFLOW_TABLES = {"alembic_version", "experiments"}
-"""Tables every MLflow SQL store has (its schema version, its experiments)."""
+MLFLOW_TABLES = {"alembic_version", "experiments", "runs", "metrics", "tags"}
+"""Tables every MLflow SQL store has (its schema version, and what the readers query)."""
 READ_FIX = "run a sweep first, or point --tracking-uri at its store"
 
 
@@ -52,6 +52,16 @@ def check_sqlite(uri: str, path: Path, creates: bool) -> None:
         raise SpecError(f"{where}: {path} is a SQLite database but not an MLflow store (its tables: "
                         f"{', '.join(sorted(tables)[:6])}{', ...' if len(tables) > 6 else ''}); point --tracking-uri "
                         "at the store a sweep wrote, or at a new file")
+
+
+def is_mlflow(path: Path) -> bool:
+    """Whether `path` is a SQLite file with MLflow's tables, read-only; False for anything else
+    (absent, not SQLite, damaged, locked by a writer)."""
+    try:
+        tables = _tables(path.resolve(), "") if path.is_file() else None
+    except SpecError:
+        return False
+    return bool(tables) and tables >= MLFLOW_TABLES
 
 
 def check_folder(uri: str, path: Path, creates: bool) -> None:
