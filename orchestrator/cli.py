@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import os
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 # Light imports only (pydantic, yaml): --help and a spec's errors answer in about a second. Torch,
 # transformers, MLflow and Ray are imported by the commands that use them (tests/test_startup.py).
-from orchestrator import capacity
+from orchestrator import capacity, sigint
 from orchestrator.spec.model import DEFAULT_TRACKING_URI, SpecError, safe_name
 from trainables.names import BUDGET_UNITS
 
@@ -341,10 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished trials are in MLflow; rerun the same command to resume",
-              file=sys.stderr)
         _leave(130)
-        return 130
     except Exception as err:  # noqa: BLE001 - whatever it is, the user gets one line
         if args.debug:
             raise
@@ -361,18 +358,19 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _leave(code: int) -> None:
-    """Exit now. The sweep closed its MLflow records before the interrupt reached here, but
-    threads Ray and Tune leave behind after a Ctrl-C can hang the interpreter's exit: give
-    ray.shutdown a bounded chance, then leave without waiting for them."""
+def _leave(code: int) -> NoReturn:
+    """Exit now, after the Ctrl-C's one line. The sweep closed its MLflow records before the
+    interrupt reached here, but threads Ray and Tune leave behind after a Ctrl-C can hang the
+    interpreter's exit: give ray.shutdown a bounded chance, then leave without waiting for them.
+    Another Ctrl-C meanwhile is ignored, and a third leaves at once (sigint.leaving)."""
     import threading
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    sigint.leaving(code)
     try:
-        import ray
-
-        if ray.is_initialized():
+        print("interrupted: finished trials are in MLflow; rerun the same command to resume", file=sys.stderr)
+        sigint.flush()
+        ray = sys.modules.get("ray")  # not imported: no Ray of ours to stop
+        if ray is not None and ray.is_initialized():
             stop = threading.Thread(target=ray.shutdown, daemon=True)
             stop.start()
             stop.join(timeout=15)
@@ -384,12 +382,15 @@ def entry() -> None:
     """The console script: main(), then the exit a normal one makes (every atexit handler: Ray's
     shutdown, MLflow's, temporary folders), less the interpreter's teardown after it, which
     spends seconds freeing what torch, transformers and Ray loaded (2.7 s after a one-trial
-    sweep on 2 cores) and can do nothing a command needs: by then only the main thread runs."""
-    code = main()
+    sweep on 2 cores) and can do nothing a command needs: by then only the main thread runs.
+    A Ctrl-C while the handlers run is ignored (sigint.leaving)."""
+    try:
+        code = main()
+        sigint.leaving(code)
+    except KeyboardInterrupt:  # one that came after main's own handling of it began
+        _leave(130)
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a reader that went away (| head)
-            stream.flush()
+    sigint.flush()
     os._exit(code)
 
 

@@ -4,9 +4,12 @@ error line a failed one leaves."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+
+from orchestrator import sigint
 
 WORKER_RETRIES = 2
 """How many times Tune reruns a trial whose process died (tune.FailureConfig.max_failures). Only
@@ -74,14 +77,26 @@ for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 0)):
 
 
 def start_ray(address: str | None) -> None:
-    """Connect to --address, or start a local Ray watched by the watchdog (once per process)."""
+    """Connect to --address, or start a local Ray watched by the watchdog (once per process).
+    A local Ray whose start is cut short (a Ctrl-C, an error) is ended here: ray.shutdown() knows
+    only a Ray that ray.init() finished starting, and the watchdog starts after it. Left alone,
+    the raylet and GCS die with the driver, but the dashboard and runtime-env agents the raylet
+    forked outlive it by about 60 s (measured on Ray 2.60: a Ctrl-C while ray.init waits for its
+    node, which on 2 busy cores takes 5-30 s, and reaches Python only once that wait returns)."""
     import ray
 
     if not ray.is_initialized():
         local = address is None
         before = _children()
-        ray.init(address=address, include_dashboard=False if local else None,
-                 log_to_driver=False, configure_logging=True, logging_level="ERROR")
+        try:
+            ray.init(address=address, include_dashboard=False if local else None,
+                     log_to_driver=False, configure_logging=True, logging_level="ERROR")
+        except BaseException:
+            if local:
+                # held: another Ctrl-C would leave them half-ended; no psutil: nothing to end by
+                with sigint.held(), contextlib.suppress(ImportError):
+                    _end(_started_since(before))
+            raise
         if local:
             _watch_local_ray(before)
 
@@ -116,6 +131,33 @@ def _children() -> set[int]:
         return {p.pid for p in psutil.Process().children()}
     except Exception:  # noqa: BLE001 - no psutil: no watchdog, nothing else changes
         return set()
+
+
+def _started_since(before: set[int]) -> list:
+    """This process's children that are not in `before`, and all their descendants, as
+    psutil.Process objects: each holds its pid's start time, and psutil signals none whose pid
+    was reused since."""
+    import psutil
+
+    procs: dict[int, psutil.Process] = {}
+    for child in psutil.Process().children():
+        if child.pid not in before:
+            with contextlib.suppress(psutil.Error):
+                for p in [child, *child.children(recursive=True)]:
+                    procs.setdefault(p.pid, p)
+    return list(procs.values())
+
+
+def _end(procs: list) -> None:
+    """SIGKILL each of `procs` (psutil.Process) and wait for them (2 s at most). A Ray that never
+    finished starting holds nothing to save, and its GCS and raylet can take more than 3 s to end
+    on SIGTERM on 2 busy cores."""
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=2)
 
 
 def _watch_local_ray(before: set[int]) -> subprocess.Popen | None:
