@@ -191,20 +191,31 @@ def _report(tracking_uri: str, experiment: str, out: str | None, unit: str,
     """Read the records, write the report and print it, or with `brief` its summary (_show)."""
     from orchestrator import report
     from orchestrator.conditions import records as conditions
+    from orchestrator.report.folder import replaced
 
     out_dir = _out_dir(out, experiment)
     if rc := _refuse_out(out_dir):
         return rc
-    rows = report.load(tracking_uri, experiment)
-    text = report.write(rows, experiment, out_dir, unit=unit,
-                        conditions=conditions.load(tracking_uri, experiment)) if rows else ""
+    rows, text = report.load(tracking_uri, experiment), ""
+    if rows:
+        found = conditions.load(tracking_uri, experiment)
+        with replaced(out_dir, report.owned) as staged:  # written beside out_dir, then renamed into place
+            text = report.write(rows, experiment, staged, unit=unit, conditions=found)
     return _show(rows, text, tracking_uri, experiment, out_dir, fail_on_errors, unit=unit if brief else None)
 
 
 def _refuse_out(out_dir: Path) -> int:
-    """2 (after one line) when the report's folder is a file."""
+    """2 (after one line) when the report's folder is a file, or a folder the report cannot
+    replace whole (report/folder.py)."""
+    from orchestrator.report import owned
+    from orchestrator.report.folder import problem
+
     if out_dir.exists() and not out_dir.is_dir():
         print(f"error: --out {out_dir}: is a file; give a folder", file=sys.stderr)
+        return 2
+    if why := problem(out_dir, owned):
+        print(f"error: --out {out_dir}: {why}; the report replaces its folder whole: give it a folder of its own",
+              file=sys.stderr)
         return 2
     return 0
 

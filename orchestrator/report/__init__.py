@@ -32,7 +32,8 @@ from orchestrator.report.tables import (
 from trainables.names import UNITS
 
 __all__ = ["UNITS", "DefenceRow", "Progress", "Trial", "attacker_table", "csv_table", "evaluator_table", "files",
-           "load", "notes", "progress_table", "ranking", "render_text", "summary", "table", "trial_table", "write"]
+           "load", "notes", "owned", "progress_table", "ranking", "render_text", "summary", "table", "trial_table",
+           "write"]
 
 FILES = ("report.csv", "trials.csv", "evaluators.csv", "progress.csv", "survival.csv", "paired.csv", "report.md",
          "report.html")
@@ -45,6 +46,13 @@ def files(out_dir: Path) -> list[Path]:
     """What `write` put in out_dir (figures/ holds the PNGs)."""
     return [out_dir / name for name in FILES] + [p for name in CONDITION_FILES if (p := out_dir / name).exists()] \
         + sorted((out_dir / "figures").glob("*.png"))
+
+
+def owned(rel: Path) -> bool:
+    """Whether a path in the report's folder (relative to it) is the report's: FILES,
+    CONDITION_FILES, figures/ and the PNGs in it. Anything else there is the user's, kept."""
+    return rel.as_posix() in (*FILES, *CONDITION_FILES, "figures") or (
+        rel.parent.as_posix() == "figures" and rel.suffix == ".png")
 
 
 def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "steps", figures: bool = True,

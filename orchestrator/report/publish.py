@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.conditions import verdicts as V
 from orchestrator.conditions.records import rirs
 from orchestrator.echo import say
+from orchestrator.report.folder import replaced
 from orchestrator.report.tables import median_cell, worst_cell
 from orchestrator.tracking.readers import ui_path
 from trainables.conditioning import TASKS
@@ -35,8 +36,8 @@ class Published:
 def publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str = "steps",
             echo: Callable[[str], None] = say, out_dir: Path | None = None) -> Published | None:
     """Write the summary, the description and the report onto the sweep run, the report written
-    into `out_dir` (a temporary folder if None) and logged from there; None (after one printed
-    line) when that failed."""
+    into `out_dir` whole (folder.replaced; a temporary folder if None) and logged from there; None
+    (after one printed line) when that failed."""
     try:
         return _publish(tracking_uri, experiment, parent_run_id, unit, out_dir)
     except Exception as err:  # noqa: BLE001 - the trials are recorded; the summary is a convenience
@@ -74,8 +75,13 @@ def _publish(tracking_uri: str, experiment: str, parent_run_id: str, unit: str, 
     if not rows:
         return Published(rows, "")
     with contextlib.ExitStack() as stack:
-        folder = out_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="attack-sweep-report-")))
-        text = report.write(rows, experiment, folder, unit, conditions=cond)
+        if out_dir is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="attack-sweep-report-")))
+            text = report.write(rows, experiment, folder, unit, conditions=cond)
+        else:  # written beside out_dir, then renamed into place (folder.py)
+            with replaced(out_dir, report.owned) as staged:
+                text = report.write(rows, experiment, staged, unit, conditions=cond)
+            folder = out_dir
         for path in report.files(folder):  # what write wrote, never whatever else the folder holds
             client.log_artifact(parent_run_id, str(path), (Path("report") / path.relative_to(folder).parent).as_posix())
     return Published(rows, text)
