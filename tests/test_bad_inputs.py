@@ -466,8 +466,12 @@ CASES = [
           "run a sweep first, or point --tracking-uri at its store"), command="report"),
     Case("report-empty-file", lambda c: ["--experiment", "x", *_tracking_file("empty.db", b"")(c)],
          ("--tracking-uri", "empty.db is an empty database", "run a sweep first"), command="report"),
-    Case("report-no-folder-store", lambda c: ["--experiment", "x", "--tracking-uri", str(c.tmp / "mlruns")],
+    Case("report-no-folder-store", _env("MLFLOW_ALLOW_FILE_STORE", "true", lambda c: [
+        "--experiment", "x", "--tracking-uri", str(c.tmp / "mlruns")]),
          ("--tracking-uri", "no such store", "mlruns", "run a sweep first"), command="report"),
+    Case("run-folder-store", lambda c: ["--tracking-uri", str(c.tmp / "mlruns")],
+         ("--tracking-uri", "mlruns", "refuses them", "use sqlite:///mlflow.db", "MLFLOW_ALLOW_FILE_STORE=true"),
+         command="run"),
 ]
 
 

@@ -68,6 +68,10 @@ def check_folder(uri: str, path: Path, creates: bool) -> None:
     """SpecError unless `path` is an MLflow file store (a folder), or, for `creates`, may become one."""
     if path.exists() and not path.is_dir():
         raise SpecError(f"error: --tracking-uri {uri}: {path} is a file, not an MLflow store folder")
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+        raise SpecError(f"error: --tracking-uri {uri}: MLflow 3 keeps folder stores read-only (maintenance mode) and "
+                        "refuses them; use sqlite:///mlflow.db (`mlflow migrate-filestore` moves a folder's runs "
+                        "there), or set MLFLOW_ALLOW_FILE_STORE=true to use the folder")
     if creates:
         return
     path = path.resolve()
