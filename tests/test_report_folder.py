@@ -104,19 +104,28 @@ def test_an_error_or_a_ctrl_c_mid_write_leaves_the_previous_report_whole(swept, 
     assert snapshot(out) == tokens and beside(out) == []
 
 
+def report_mid_write(swept: str, out: Path, stderr) -> subprocess.Popen:
+    """`attack-sweep report --unit tokens` into `out`, returned once it is mid-write (its tables
+    written into the partial folder beside `out`, its figures not yet)."""
+    cmd = [sys.executable, "-m", "orchestrator.cli", "report", "--experiment", "grid", "--tracking-uri", swept,
+           "--out", str(out), "--unit", "tokens"]
+    proc = subprocess.Popen(cmd, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 120
+    while not list(out.parent.glob(f".{out.name}.partial-*/report.md")):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError("the write was not seen mid-way")
+        time.sleep(0.01)
+    return proc
+
+
 def test_a_write_killed_mid_way_leaves_a_partial_folder_that_the_next_write_removes(swept, whole, tmp_path):
     out = tmp_path / "out"
     assert run_report(swept, out) == 0
     steps = snapshot(out)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "report", "--experiment", "grid", "--tracking-uri", swept,
-           "--out", str(out), "--unit", "tokens"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = report_mid_write(swept, out, subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while not list(tmp_path.glob(".out.partial-*/report.md")):   # mid-write: its tables are written
-            assert proc.poll() is None and time.time() < deadline, "the write was not seen mid-way"
-            time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -203,15 +212,8 @@ def test_ctrl_c_while_the_report_is_written_leaves_the_previous_one_whole(swept,
     out = tmp_path / "out"
     assert run_report(swept, out) == 0
     steps = snapshot(out)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "report", "--experiment", "grid", "--tracking-uri", swept,
-           "--out", str(out), "--unit", "tokens"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = report_mid_write(swept, out, subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while not list(tmp_path.glob(".out.partial-*/report.md")):   # mid-write: its tables are written
-            assert proc.poll() is None and time.time() < deadline, "the write was not seen mid-way"
-            time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
