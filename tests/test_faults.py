@@ -378,6 +378,7 @@ def test_patience_is_bounded_and_a_refusal_is_never_retried():
 # --- two runs of one sweep at once ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test)
 def test_a_second_run_of_the_same_sweep_is_refused_while_the_first_runs(world, tmp_path):
     """Two real `attack-sweep run` of one spec: the second, started from another directory with
     the store spelled as a relative path, exits 2 at once with one line naming the first, whose
@@ -476,6 +477,7 @@ def test_a_trial_recorded_twice_counts_once_in_the_report(tmp_path):
 # --- the driver killed ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test)
 def test_a_killed_driver_leaves_no_process_of_its_ray_behind(world, tmp_path):
     """`attack-sweep run` SIGKILLed while its local Ray runs a trial: within 30 s no process the
     run started (raylet, GCS, agents, trial workers) is left, and the sweep's lock is free."""
