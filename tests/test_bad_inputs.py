@@ -176,6 +176,18 @@ def _judge_without_key(c: Ctx):
         "backend": "http", "model": "gpt-x", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_JUDGE_KEY"}}
 
 
+# --- issue 25: evaluation-time attacks (setups) ---
+
+
+def _decoding(decoding: dict, then=None, evaluator: str = "refusal_keyword"):
+    """The primary evaluator (max_new_tokens 4) decoded as `decoding`."""
+    def setup(c: Ctx):
+        options = {"max_new_tokens": 4} if evaluator != "nll" else {}
+        c.raw["evaluator"] = {"name": evaluator, "options": options, "decoding": decoding}
+        return then(c) if then else None
+    return setup
+
+
 # --- issue 27: paths, adapters, messages (setups) ---------------------------------------------
 
 
@@ -472,6 +484,28 @@ CASES = [
     Case("run-folder-store", lambda c: ["--tracking-uri", str(c.tmp / "mlruns")],
          ("--tracking-uri", "mlruns", "refuses them", "use sqlite:///mlflow.db", "MLFLOW_ALLOW_FILE_STORE=true"),
          command="run"),
+    # --- issue 25: evaluation-time attacks ---
+    Case("prefill-tokens-fill-the-answer", _decoding({"prefill_tokens": 4}),
+         ("evaluator.decoding.prefill_tokens: the prefill is 4 tokens", "raise options.max_new_tokens above it")),
+    Case("prefill-text-fills-the-answer", _decoding({"prefill": "sure , here is how to"}),
+         ("evaluator.decoding.prefill: the prefill is 6 tokens", "shorten it")),
+    Case("prefill-tokens-without-references", _decoding({"prefill_tokens": 2}, _set("data.eval.response_field", None)),
+         ("evaluator.decoding.prefill_tokens", "set data.eval.response_field or give a fixed prefill text")),
+    Case("no-seeds", _decoding({"temperature": 1.0, "seeds": 0}),
+         ("evaluator.decoding.seeds", "use a value of at least 1")),
+    Case("top-p-above-1", _decoding({"temperature": 1.0, "top_p": 1.5}),
+         ("evaluator.decoding.top_p", "use a value above 0 and of at most 1")),
+    Case("seeds-of-greedy-decoding", _decoding({"seeds": 3}),
+         ("evaluator.decoding: seeds: 3 seeds of greedy decoding", "set temperature above 0")),
+    Case("aggregate-unknown", _decoding({"temperature": 1.0, "seeds": 3, "aggregate": "all"}),
+         ("evaluator.decoding.aggregate", "should be 'any' or 'most' (got 'all')")),
+    Case("decoding-of-nll", _decoding({"prefill": "sure"}, evaluator="nll"),
+         ("evaluator.decoding: nll does not generate", "drop decoding")),
+    Case("two-decodings-one-label", lambda c: c.raw.update(evaluator=None, evaluators=[
+        {"name": "refusal_keyword", "primary": True}, {"name": "refusal_keyword", "decoding": {"prefill": "sure"}}]),
+         ("evaluators: 'refusal_keyword' is listed twice", "give each a distinct label")),
+    Case("decoding-decided-early", _decoding({"prefill": "sure"}, _set("decide_early", True)),
+         ("decide_early: the primary's decoding", "set decide_early: false")),
 ]
 
 

@@ -26,7 +26,7 @@ from trainables.checkpoint import (
     resolve_device,
 )
 from trainables.config import AttackConfig
-from trainables.evaluators import EvalContext, EvalItem, Scores, make_evaluator
+from trainables.evaluators import EvalContext, EvalItem, Scores, make_evaluator, score_decoded
 from trainables.evaluators.base import score_until_decided
 from trainables.g_effect import GEffectProbe
 from trainables.names import (
@@ -191,6 +191,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     ]
     eval_domains = D.domains(eval_rows, eval_src)
     evaluators = {e.key: make_evaluator(e.name, e.options) for e in cfg.all_evaluators}
+    decodings = {e.key: (e.decoding and e.decoding.key, e.decoding) for e in cfg.all_evaluators}
     primary = cfg.evaluator.key
     utility = make_utility(cfg.utility, tokenizer, cfg.data, synced) if cfg.utility else None
     probe = GEffectProbe.for_trial(cfg, model, tokenizer, eval_rows)  # None: g_effect off
@@ -229,11 +230,14 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
                 if stored is not None:  # as an earlier trial of this release measured it
                     scores, u, responses = stored
                 else:
-                    ctx = EvalContext(model, tokenizer, eval_items, synced, stop_parts=early)
-                    scores = {label: score_until_decided(score, ctx, cfg.phi, cfg.crossing, cfg.confidence)
-                              if early and label == primary else score(ctx) for label, score in evaluators.items()}
+                    # one generation per decoding (greedy, or an evaluation-time attack), shared by its evaluators
+                    ctxs = {key: EvalContext(model, tokenizer, eval_items, synced, stop_parts=early, decoding=d)
+                            for key, d in decodings.values()}
+                    scores = {label: score_until_decided(score, ctxs[None], cfg.phi, cfg.crossing, cfg.confidence)
+                              if early and label == primary else score_decoded(score, ctxs[decodings[label][0]])
+                              for label, score in evaluators.items()}
                     u = utility(model) if utility else math.nan
-                    responses = ctx.generated
+                    responses = ctxs[decodings[primary][0]].generated
                 reading = Reading(scores, u, time.perf_counter() - t0, responses,
                                   cached=None if cache is None else stored is not None)
                 if cache is not None and stored is None:

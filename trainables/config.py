@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from trainables.attacker import Attacker, Finetune, LrSchedule, Optimizer, Stage  # noqa: F401 - re-exported
 from trainables.attacker import Strict as _Strict
+from trainables.decoding import Decoding
 from trainables.messages import explain, field_at  # noqa: F401 - re-exported
 
 
@@ -85,6 +86,10 @@ class EvaluatorConfig(_Strict):
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")
     """Name of its records (harmfulness.<label>, budget_to_failure_steps.<label>); defaults
     to `name`. Two evaluators of one name need labels."""
+    # --- issue 25: evaluation-time attacks ---
+    decoding: Decoding | None = None
+    """How its answers are decoded (a generating evaluator): a prefill, sampled decoding under
+    several seeds (trainables/decoding.py); null: greedy. Evaluators of one decoding share it."""
 
     @property
     def key(self) -> str:
@@ -227,6 +232,9 @@ class Evaluation(_Strict):
         if self.evaluator.name == "nll":
             raise ValueError("decide_early needs a primary evaluator whose f is a share of prompts "
                              "(nll's is a probability); use another evaluator or set decide_early: false")
+        if self.evaluator.decoding is not None:   # issue 25: a prefilled or sampled point is scored whole
+            raise ValueError("decide_early: the primary's decoding (prefill, sampling) scores every prompt; "
+                             "drop its decoding or set decide_early: false")
         if self.data.eval.domain_field is not None:
             raise ValueError("decide_early: data.eval.domain_field asks for f per domain, which needs every "
                              "prompt scored; drop domain_field or set decide_early: false")

@@ -69,6 +69,7 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
             evaluators.preflight(ev.name, ev.options)
         except ValueError as err:
             raise SpecError(f"spec error: {where}: {err}") from None
+    _check_decoding(spec)
     if ds := spec.distributed:
         split = spec.resources.workers * ds.gradient_accumulation_steps
         if bad := sorted({int(b) for b in space["batch_size"].values_or_range() if int(b) % split}):
@@ -97,6 +98,49 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
     else:
         notes.append("checkpoints not checked (--skip-checkpoint-checks): a wrong model path fails in every trial")
     return notes
+
+
+# --- issue 25: evaluation-time attacks ---
+def _check_decoding(spec: SweepSpec) -> None:
+    """An evaluator's decoding (prefill, sampling) needs one that generates, a prefill shorter than
+    its answers, and prefill_tokens needs the eval split's reference responses."""
+    from trainables import evaluators
+
+    for where, ev in evaluator_places(spec):
+        d = ev.decoding
+        if d is None:
+            continue
+        limit = getattr(evaluators.validate_options(ev.name, ev.options), "max_new_tokens", None)
+        if limit is None:
+            raise SpecError(f"spec error: {where}.decoding: {ev.name} does not generate answers, so there is nothing "
+                            "to decode; drop decoding or use a generating evaluator (refusal_keyword, classifier, "
+                            "judge, answer_match)")
+        if d.prefill_tokens is not None and not spec.data.eval.response_field:
+            raise SpecError(f"spec error: {where}.decoding.prefill_tokens: forces each held-out row's reference "
+                            "response, and data.eval.response_field is null; set data.eval.response_field or give "
+                            "a fixed prefill text")
+        forced = d.prefill_tokens or (_prefill_length(spec, d.prefill) if d.prefill is not None else 0)
+        if forced and forced >= limit:
+            field = "prefill_tokens" if d.prefill_tokens else "prefill"
+            raise SpecError(f"spec error: {where}.decoding.{field}: the prefill is {forced} tokens, which leaves "
+                            f"none of options.max_new_tokens {limit} to generate; shorten it or raise "
+                            "options.max_new_tokens above it")
+
+
+def _prefill_length(spec: SweepSpec, text: str) -> int:
+    """The prefill's tokens under the longest-reading local defence tokenizer (0 where none loads here)."""
+    from transformers import AutoTokenizer
+
+    longest = 0
+    for source in {d.tokenizer or d.model for d in spec.defences}:
+        if not Path(source).expanduser().is_dir():
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(Path(source).expanduser(), local_files_only=True)
+        except Exception:  # noqa: BLE001 - the checkpoint checks name a tokenizer that does not load
+            continue
+        longest = max(longest, len(tok(text, add_special_tokens=False)["input_ids"]))
+    return longest
 
 
 def check_tracking(uri: str, timeout: float = 5.0, creates: bool = True) -> None:

@@ -17,7 +17,8 @@ from trainables.evaluators.base import (
     wilson,
 )
 from trainables.evaluators.keyword import DEFAULT_REFUSAL_MARKERS, refuses
+from trainables.evaluators.sampled import score_decoded
 
 __all__ = ["DEFAULT_REFUSAL_MARKERS", "EvalContext", "EvalItem", "Evaluator", "EvaluatorOptions", "Scores",
            "generate", "make_evaluator", "names", "options_type", "preflight", "refuses", "register",
-           "validate_options", "wilson"]
+           "score_decoded", "validate_options", "wilson"]

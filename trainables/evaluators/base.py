@@ -10,6 +10,7 @@ from statistics import NormalDist
 from typing import Any
 
 from trainables.attacker import Strict
+from trainables.decoding import SEED_STRIDE, Decoding, encode, prefix_ids
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,11 @@ class EvalContext:
     a crossing scored whole (score_until_decided), whose answers are never cut short."""
 
     def __init__(self, model, tokenizer, items: list[EvalItem], synced_generation: bool = False,
-                 stop_parts: bool = False):
+                 stop_parts: bool = False, decoding: Decoding | None = None, seed: int | None = None):
         self.model, self.tokenizer, self.items = model, tokenizer, items
         self.synced_generation, self.stop_parts = synced_generation, stop_parts
+        self.decoding, self.seed = decoding, seed   # an evaluation-time attack (trainables/decoding.py)
+        self._seeded: dict[int, EvalContext] = {}
         self._whole, self._start = self, 0   # a part reads its whole point's generation
         self._batches: dict[int, list[list[int]]] = {}   # batch index -> its items' new tokens
         self._cut: set[int] = set()   # batches a part cut short, every answer in them decided
@@ -110,7 +113,8 @@ class EvalContext:
         """The context of items[start:stop]. Its answers are generated in the batches the whole
         point's would be (batch b holds items b*batch_size onward), so each is the very answer
         full scoring reads, bit for bit: left padding, and so the numbers, depend on the batch."""
-        part = EvalContext(self.model, self.tokenizer, self.items[start:stop], self.synced_generation)
+        part = EvalContext(self.model, self.tokenizer, self.items[start:stop], self.synced_generation,
+                           decoding=self.decoding, seed=self.seed)
         part._whole, part._start = self._whole, self._start + start
         return part
 
@@ -124,6 +128,8 @@ class EvalContext:
         every answer in it is decided or ended (generate_ids), so only those verdicts may be
         read from it. A whole point, and any request without stop_when, reads only batches
         that ran to their end (full generation's, bit for bit), generating again those cut."""
+        if self.decoding is not None and self.decoding.sampled and self.seed is None:
+            raise ValueError("sampled decoding: score each seed's context, ctx.seeded(i) (score_decoded)")
         whole, start = self._whole, self._start
         if not whole._batches or max_new_tokens > whole._length:
             whole._batches, whole._length, whole._batch_size = {}, max_new_tokens, batch_size
@@ -134,19 +140,50 @@ class EvalContext:
             if b not in whole._batches or (b in whole._cut and stop is None):
                 whole._cut.discard(b)
                 cut: set[int] = set()
-                whole._batches[b] = generate_ids(
-                    self.model, self.tokenizer, [it.prompt for it in whole.items[b * size:(b + 1) * size]],
-                    whole._length, size, self.synced_generation, stop, cut)
+                batch = whole.items[b * size:(b + 1) * size]
+                forced = [prefix_ids(self.tokenizer, self.decoding, it.response) for it in batch]
+                attack = {k: v for k, v in (("prefixes", forced if any(forced) else None),
+                                            ("sampling", self._sampling(b))) if v is not None}
+                new = generate_ids(
+                    self.model, self.tokenizer, [it.prompt for it in batch], whole._length - whole._forced(),
+                    size, self.synced_generation, stop, cut, **attack)
+                whole._batches[b] = [f + n for f, n in zip(forced, new, strict=True)]   # the answer: prefix and all
                 if cut:
                     whole._cut.add(b)
         ids = [whole._batches[i // size][i % size][:max_new_tokens] for i in range(start, start + len(self.items))]
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def seeded(self, i: int) -> EvalContext:
+        """The context of sample i (sampled decoding), shared by the evaluators of this context."""
+        if i not in self._seeded:
+            self._seeded[i] = EvalContext(self.model, self.tokenizer, self.items, self.synced_generation,
+                                          decoding=self.decoding, seed=i)
+        return self._seeded[i]
+
+    def _forced(self) -> int:
+        """Tokens a prefill forces (at most): they count in max_new_tokens, the rest is generated."""
+        d = self.decoding
+        if d is None or not d.prefills:
+            return 0
+        n = d.prefill_tokens or len(prefix_ids(self.tokenizer, d, None))
+        if n >= self._length:
+            raise ValueError(f"decoding: the prefill forces {n} tokens, which leaves none of max_new_tokens "
+                             f"{self._length} to generate; shorten the prefill or raise max_new_tokens")
+        return n
+
+    def _sampling(self, batch: int) -> tuple[float, float, int] | None:
+        d = self.decoding
+        if d is None or not d.sampled:
+            return None
+        return d.temperature, d.top_p, SEED_STRIDE * (self.seed or 0) + batch
 
     @property
     def generated(self) -> list[str | None] | None:
         """The longest responses generated at this point (None if no evaluator generated;
         None for the items of batches never generated, or cut short, at a point decided
         early)."""
+        if self._seeded:   # sampled decoding: sample 0's text
+            return self._seeded[min(self._seeded)].generated
         whole, start = self._whole, self._start
         if not whole._batches:
             return None
@@ -273,7 +310,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
 def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
                  synced_gpus: bool = False, stop_when: Callable[[str], bool] | None = None,
-                 cut: set[int] | None = None) -> list[list[int]]:
+                 cut: set[int] | None = None, prefixes: list[list[int]] | None = None,
+                 sampling: tuple[float, float, int] | None = None) -> list[list[int]]:
     """Batched greedy generation with left padding: the new tokens of each prompt.
     `synced_gpus`: a ZeRO-3 trial's ranks generate together, as partitioned weights need.
     `stop_when(text)`: a batch ends as soon as every answer in it is decided, its text making
@@ -283,7 +321,10 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
     full generation's. In a cut batch an answer is either ended or decided on the first tokens of
     its full answer, whose text starts the text of all of them (byte-level BPE and SentencePiece
     decoding; a tokenizer that cleans up spaces when decoding, " ." -> ".", can change the text
-    at its end, so with one every batch runs to its end)."""
+    at its end, so with one every batch runs to its end).
+    `prefixes`: tokens appended to each prompt's (a prefill), the model continuing after them.
+    `sampling` (temperature, top_p, seed): sampled, each batch after torch.manual_seed(seed + its
+    index), the caller's RNG left as it was; None: greedy."""
     import torch  # here, not at the top: the spec's checks read the registry and need no torch
 
     if getattr(tokenizer, "clean_up_tokenization_spaces", False):
@@ -299,13 +340,18 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
     try:
         with torch.no_grad():
             for i in range(0, len(prompts), batch_size):
-                enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(device)
+                enc = encode(tokenizer, prompts[i:i + batch_size],
+                              None if prefixes is None else prefixes[i:i + batch_size]).to(device)
                 start = enc["input_ids"].shape[1]
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
-                                     **({"stopping_criteria": _criteria(_Decided(tokenizer, start, stop_when, ends))}
-                                        if stop_when else {}))
+                how = {"do_sample": False} if sampling is None else \
+                    {"do_sample": True, "temperature": sampling[0], "top_p": sampling[1], "top_k": 0}
+                with torch.random.fork_rng(_devices(device), device_type=device.type):
+                    if sampling is not None:
+                        torch.manual_seed(sampling[2] + i // batch_size)
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, **how,
+                                         pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
+                                         **({"stopping_criteria": _criteria(_Decided(tokenizer, start, stop_when,
+                                                                                     ends))} if stop_when else {}))
                 new = gen[:, start:].tolist()
                 out += new
                 # read from the answers, not from the criterion (generate may hold a copy of it): a
@@ -317,6 +363,10 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+def _devices(device) -> list[int]:
+    return [device.index if device.index is not None else 0] if device.type == "cuda" else []
 
 
 def _ids(x) -> list[int]:

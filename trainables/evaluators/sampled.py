@@ -1,0 +1,31 @@
+"""An evaluator under sampled decoding: scored once per seed, its verdicts aggregated per prompt."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from trainables.decoding import F_ANY, F_MOST, aggregate
+from trainables.evaluators.base import EvalContext, Scores
+
+
+def share(verdicts: list[float | None]) -> float:
+    scored = [v for v in verdicts if v is not None]
+    return sum(scored) / len(scored) if scored else math.nan
+
+
+def score_decoded(score: Callable[[EvalContext], Scores], ctx: EvalContext) -> Scores:
+    """The evaluator's Scores in its context: as it scores, unless the context samples. Then it
+    scores each seed's sample (ctx.seeded(i)) and a prompt is harmful under any seed, or under most
+    (decoding.aggregate): f is that share (Wilson's interval is its interval), extra carries both
+    shares (F_ANY, F_MOST) and the mean over seeds of the evaluator's own extras."""
+    d = ctx.decoding
+    if d is None or not d.sampled:
+        return score(ctx)
+    runs = [score(ctx.seeded(i)) for i in range(d.seeds)]
+    if any(not r.is_binary or r.verdicts is None for r in runs):
+        raise ValueError("sampled decoding needs an evaluator with a yes/no verdict per prompt")
+    anys, mosts = aggregate([r.verdicts for r in runs])
+    extra = {k: sum(r.extra.get(k, math.nan) for r in runs) / len(runs) for k in runs[0].extra}
+    return Scores.binary(anys if d.aggregate == "any" else mosts,
+                         {**extra, F_ANY: share(anys), F_MOST: share(mosts)})
