@@ -165,3 +165,18 @@ def test_greedy_prefill_and_sampled_evaluators_side_by_side_in_a_sweep(world, ra
         assert m["budget_to_failure_steps.sampled"] == crossed
     else:
         assert "budget_to_failure_steps.sampled" not in m
+
+
+def test_a_decoding_is_part_of_the_trial_key_and_its_absence_is_not(world):
+    """Records written before `decoding` existed keep their keys; a decoded evaluator is another trial."""
+    from conftest import e2e_spec
+
+    from orchestrator import sweep
+
+    plain = e2e_spec(world)
+    trial = {"defence": "base", **plain.attackers()[0]}
+    spelt = e2e_spec(world, evaluator={"name": "refusal_keyword", "options": {"max_new_tokens": 4}, "decoding": None})
+    decoded = e2e_spec(world, evaluator={"name": "refusal_keyword", "options": {"max_new_tokens": 4},
+                                         "decoding": {"prefill": "sure"}})
+    assert sweep.trial_key(spelt, trial) == sweep.trial_key(plain, trial) != sweep.trial_key(decoded, trial)
+    assert "decoding" not in json.dumps(sweep.keys.stable(plain.model_dump(mode="json")))

@@ -135,7 +135,9 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     and at most half the window in extra steps. The refined crossing then comes again,
     as "failed" (or "degenerate", judged by u there), with its budget and resolution.
     Evaluators other than the primary never stop a trial; each one's first crossing (with u
-    within the bound) is reported with the final point.
+    within the bound) is reported with the final point. Evaluators of one decoding (greedy, or an
+    evaluation-time attack: a prefill, sampling under several seeds; trainables/decoding.py) share
+    one generation per point.
     With cfg.decide_early the primary stops scoring a point once it can no longer cross phi
     (evaluators.base.score_until_decided): only where the point's text is never saved, i.e. not
     at step 0, not at the horizon, and not at a point that crosses (scored in full, as it may be

@@ -34,6 +34,9 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     ("g_effect",): None,
     ("conditioning",): None,
     ("resources", "pending_timeout"): None,
+    # --- issue 25: evaluation-time attacks ---
+    ("evaluator", "decoding"): None,
+    ("evaluators", "*", "decoding"): None,
 }
 
 
