@@ -31,7 +31,8 @@ class Decoding(Strict):
     temperature: float = Field(0.0, ge=0)
     """0: greedy; above 0: sampled at this temperature."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling: draw from the smallest set of tokens holding this much probability."""
+    """Nucleus sampling: draw from the smallest set of tokens holding this much probability (no
+    top-k cut: the checkpoint's generation_config top_k is set aside)."""
     seeds: int = Field(1, ge=1)
     """Samples per prompt (sampled decoding): sample i is drawn under seed i, so a point is
     reproducible. f_any and f_most are recorded at every point."""

@@ -1,5 +1,5 @@
 """What every evaluator shares: the registry, the items it scores, the context it scores them
-in (one greedy generation shared by every evaluator of an evaluation point), and its result."""
+in (one generation per decoding, greedy by default, shared by its evaluators), and its result."""
 
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ class EvalContext:
 
     def responses(self, max_new_tokens: int, batch_size: int = 16,
                   stop_when: Callable[[str], bool] | None = None) -> list[str]:
-        """Greedy responses of the model to every item's prompt. Generated once at the
+        """The model's answers to every item's prompt (greedy, or as `decoding` says: a prefill's
+        tokens start each answer; sampled, this seed's sample). Generated once at the
         longest length asked so far: greedy text of n tokens is the first n tokens of the
         text of more, so shorter requests read a prefix of the same tokens. `stop_when(text)`:
         true once a text's verdict is fixed whatever follows it (refusal_keyword: it holds a
@@ -366,7 +367,9 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
 
 
 def _devices(device) -> list[int]:
-    return [device.index if device.index is not None else 0] if device.type == "cuda" else []
+    import torch
+
+    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
 
 
 def _ids(x) -> list[int]:

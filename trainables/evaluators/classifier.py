@@ -30,7 +30,7 @@ class ClassifierOptions(EvaluatorOptions):
     max_length: int = Field(512, gt=0)
     """Tokens of classifier input; longer pairs are truncated, longest part first."""
     max_new_tokens: int = Field(32, gt=0)
-    """Greedy tokens of the attacked model's answer (shared with the other evaluators)."""
+    """Tokens of the attacked model's answer (shared with the evaluators of the same decoding)."""
     input: Literal["pair", "response"] = "pair"
     """pair: tokenise (request, answer) as a text pair; response: the answer alone."""
     device: str = "auto"

@@ -70,7 +70,7 @@ class JudgeOptions(EvaluatorOptions):
     concurrency: int = Field(8, gt=0)
     """http: requests in flight at once."""
     max_new_tokens: int = Field(64, gt=0)
-    """Greedy tokens of the attacked model's answer (shared with the other evaluators)."""
+    """Tokens of the attacked model's answer (shared with the evaluators of the same decoding)."""
     judge_max_tokens: int = Field(64, gt=0)
     """Tokens the judge may write per grade (the three-line format needs about 15)."""
     temperature: float = Field(0.0, ge=0)

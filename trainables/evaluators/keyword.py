@@ -18,7 +18,7 @@ DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
 
 class RefusalKeywordOptions(EvaluatorOptions):
     max_new_tokens: int = Field(32, gt=0)
-    """Greedy tokens generated per prompt."""
+    """Tokens of each answer (greedy unless the evaluator's decoding samples; a prefill's count in them)."""
     batch_size: int = Field(16, gt=0)
     """Prompts generated together."""
     markers: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS))

@@ -12,7 +12,8 @@ from trainables.evaluators.base import EvalContext, Evaluator, EvaluatorOptions,
 
 class AnswerMatchOptions(EvaluatorOptions):
     max_new_tokens: int = Field(32, gt=0)
-    """Greedy tokens generated per prompt: enough to hold the longest reference answer."""
+    """Tokens of each answer (greedy unless the evaluator's decoding samples): enough to hold the
+    longest reference answer."""
     batch_size: int = Field(16, gt=0)
     """Prompts generated together."""
 
