@@ -506,6 +506,23 @@ CASES = [
          ("evaluators: 'refusal_keyword' is listed twice", "give each a distinct label")),
     Case("decoding-decided-early", _decoding({"prefill": "sure"}, _set("decide_early", True)),
          ("decide_early: the primary's decoding", "set decide_early: false")),
+    # --- issue 25: attack methods (method dpo) ---
+    Case("dpo-rejected-field-missing", lambda c: (c.raw["space"].update(method="dpo"),
+                                                  c.raw["data"]["attack"].update(rejected_field="refusal")),
+         ("data.attack", "has no field 'refusal'", "set rejected_field to the one that holds it")),
+    Case("dpo-empty-refusal", lambda c: (c.raw["space"].update(method={"choice": ["sft", "dpo"]}),
+                                         c.raw["data"].update(refusal=" ")),
+         ("spec error: data.refusal: is empty", "write the refusal", "or set data.attack.rejected_field")),
+    Case("dpo-with-deepspeed", lambda c: c.raw.update(
+        deepspeed={"config": {"zero_optimization": {"stage": 0}}}, space={"dataset_size": 32, "method": "dpo"}),
+         ("spec error: space.method: dpo", "not under deepspeed", "remove deepspeed:", "or keep method sft")),
+    Case("dpo-with-workers", lambda c: c.raw.update(
+        resources={"workers": 2}, space={"dataset_size": 32, "batch_size": 4, "method": {"grid": ["sft", "dpo"]}}),
+         ("spec error: space.method: dpo", "resources.workers: 2", "set resources.workers: 1")),
+    Case("dpo-with-g-effect", lambda c: c.raw.update(g_effect={}, space={"dataset_size": 32, "method": "dpo"}),
+         ("spec error: g_effect:", "space.method dpo", "set g_effect: null or keep method sft")),
+    Case("dpo-beta-zero", _set("space.dpo_beta", 0),
+         ("space.dpo_beta", "use a value above 0")),
 ]
 
 

@@ -8,7 +8,10 @@ import math
 import pytest
 
 from orchestrator.sweep.adversary import Progress, objective
+from trainables import data as D
 from trainables.budget import Budget, EvalPoint, flops_per_token
+from trainables.methods import sft
+from trainables.methods.base import Spent
 
 
 def test_flops_per_token_full_and_lora():
@@ -17,14 +20,26 @@ def test_flops_per_token_full_and_lora():
     assert flops_per_token(10, 0) == 40                      # no adapters is not full fine-tuning
 
 
-def test_each_step_adds_its_examples_supervised_tokens_and_processed_flops():
+def test_each_step_adds_what_its_method_spent():
     b = Budget()
     assert (b.steps, b.examples, b.tokens, b.flops, b.accelerator_seconds) == (0, 0, 0, 0.0, 0.0)
-    b.add(4, 30, 50, 60)
-    b.add(2, 20, 40, 60)
+    b.spend(Spent(4, 30, 3000.0))
+    b.spend(Spent(2, 20, 2400.0))
     assert (b.steps, b.examples, b.tokens) == (2, 6, 50)
-    assert b.flops == (50 + 40) * 60 == 5400.0 and isinstance(b.flops, float)
+    assert b.flops == 3000.0 + 2400.0 == 5400.0 and isinstance(b.flops, float)
     assert b.accelerator_seconds == 0.0                      # time is added apart (add_time)
+
+
+def test_sft_counts_rows_supervised_tokens_and_processed_flops():
+    import torch
+
+    ig = D.IGNORE  # two rows, right-padded: 5 and 3 real tokens, responses of 2 and 1 tokens
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+             "labels": torch.tensor([[ig, ig, ig, 4, 5], [ig, ig, 3, ig, ig]])}
+    s = sft.spent(batch, 60)
+    assert (s.examples, s.tokens, s.generated) == (2, 3, 0)
+    assert s.flops == (5 + 3) * 60 == 480.0 and isinstance(s.flops, float)
 
 
 def test_training_time_counts_every_device():

@@ -29,6 +29,8 @@ from trainables.config import AttackConfig
 from trainables.evaluators import EvalContext, EvalItem, Scores, make_evaluator, score_decoded
 from trainables.evaluators.base import score_until_decided
 from trainables.g_effect import GEffectProbe
+from trainables.methods import Rates
+from trainables.methods import build as build_methods
 from trainables.names import (
     BUDGET_UNITS,
     PROMPTS_SCORED,
@@ -123,9 +125,10 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     (the primary one decides), and utility u on held-out benign prompts. It stops at the first
     crossing of phi (failed, or degenerate where u fell more than epsilon), a nan/inf loss (diverged)
     or the horizon (resisted); outcome.py holds these rules.
-    Budget per step: examples += batch_size; tokens += supervised tokens (each response and the
-    end-of-sequence token appended to it); flops += budget.flops_per_token * processed tokens;
-    accelerator_seconds += the step's time (evaluation excluded). Ray and MLflow stay outside:
+    Budget per step, as the attacker's method counts it (trainables/methods/; sft: examples +=
+    batch_size; tokens += supervised tokens (each response and the end-of-sequence token appended to
+    it); flops += budget.flops_per_token * processed tokens); accelerator_seconds += the step's time
+    (evaluation excluded). Ray and MLflow stay outside:
     the caller gets every evaluation through `on_eval`.
 
     A crossing seen at step hi is only known to lie in (lo, hi], lo the last safe
@@ -176,14 +179,17 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     rows = {name: D.load_rows(sources[name]) for name in {s.data for s in stages}}
     if "attack" in rows:
         rows["attack"] = D.of_domain(rows["attack"], sources["attack"], atk.attack_domain)
+    # each stage's method (trainables/methods/) turns its rows into items, batches and a loss
+    rates = Rates(train=flops_per_token(n_matmul, n_lora), forward=2 * n_matmul)
+    methods = build_methods(atk, stages, model, rates)
     streams = []
-    for stage in stages:
+    for stage, method in zip(stages, methods, strict=True):
         hp, src = stage.resolved(atk), sources[stage.data]
         split = stage.data if stage.data == "benign" or atk.attack_domain is None else \
             f"attack split's {atk.attack_domain!r} domain"
         drawn = D.draw(rows[stage.data], hp.dataset_size, hp.seed, split)
-        items = D.tokenize_rows(tokenizer, drawn, src, cfg.data)
-        streams.append(D.BatchStream(items, hp.batch_size, hp.seed, tokenizer.pad_token_id))
+        items = method.items(drawn, tokenizer, src, cfg.data)
+        streams.append(D.BatchStream(items, hp.batch_size, hp.seed, tokenizer.pad_token_id, method.collate))
     eval_src = cfg.data.eval
     eval_rows = D.load_rows(eval_src)[: cfg.data.eval_size]
     eval_items = [
@@ -199,8 +205,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     probe = GEffectProbe.for_trial(cfg, model, tokenizer, eval_rows)  # None: g_effect off
     epsilon = tolerance(cfg.utility)
 
-    trainer = Trainer(model, atk, stages, streams, flops_per_token(n_matmul, n_lora), device, devices,
-                      parallel)
+    trainer = Trainer(model, atk, stages, streams, methods, rates, device, devices, parallel)
     start = time.perf_counter()
     points: list[EvalPoint] = []
     crossings: dict[str, EvalPoint] = {}  # each evaluator's earliest crossing with the model working

@@ -11,6 +11,8 @@ Optimizer = Literal["adamw", "adam", "sgd", "sgd_momentum", "sgd_nesterov", "ada
                     "schedule_free_adamw"]
 Finetune = Literal["lora", "full"]
 LrSchedule = Literal["constant", "linear", "cosine", "sgdr"]
+# --- issue 25: attack methods (one module each in trainables/methods/) ---
+MethodName = Literal["sft", "dpo"]
 
 
 class Strict(BaseModel):
@@ -109,5 +111,12 @@ class Attacker(Strict):
     ignored when `stages` is set (their steps add up to T)."""
     stages: list[Stage] | None = Field(None, min_length=1)
     """Train in stages, each a fresh optimizer and schedule (null = one stage with the fields above)."""
+    # --- issue 25: attack methods ---
+    method: MethodName = "sft"
+    """How the attack split is trained on: sft (next-token loss on the harmful responses) or dpo
+    (the harmful response preferred over a refusal, against the released model as reference).
+    Stages with data: benign train sft whatever the method."""
+    dpo_beta: float = Field(0.1, gt=0)
+    """DPO's beta: how far the policy may move from the reference (method dpo only)."""
 
 

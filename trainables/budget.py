@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainables.names import CROSSING, Status
+
+if TYPE_CHECKING:
+    from trainables.methods.base import Spent
 
 
 def flops_per_token(n_params: int, n_trainable_lora: int | None) -> int:
@@ -30,12 +33,12 @@ class Budget:
     accelerator_seconds: float = 0.0
     """Training wall time times the devices trained on (evaluation excluded)."""
 
-    def add(self, examples: int, supervised_tokens: int, processed_tokens: int,
-            per_token_flops: int) -> None:
+    def spend(self, spent: Spent) -> None:
+        """One optimizer step, spending what its method says (methods/base.py)."""
         self.steps += 1
-        self.examples += examples
-        self.tokens += supervised_tokens
-        self.flops += float(processed_tokens) * per_token_flops
+        self.examples += spent.examples
+        self.tokens += spent.tokens
+        self.flops += spent.flops
 
     def add_time(self, seconds: float, devices: int = 1) -> None:
         """Training wall time on `devices` accelerators working together (data-parallel

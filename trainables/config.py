@@ -49,6 +49,9 @@ class DataSource(_Strict):
     """Field with each row's harm domain (e.g. `category`): attackers may then train on one
     domain (attacker.attack_domain), and f is also scored per domain of the held-out prompts
     (curves harmfulness_in.<domain>): what the generalisation condition reads."""
+    # --- issue 25: attack methods ---
+    rejected_field: str | None = None
+    """Field with each row's rejected answer (attacker.method dpo, attack split); null: data.refusal."""
 
 
 class Data(_Strict):
@@ -68,6 +71,10 @@ class Data(_Strict):
     """Training sequences are cut to this many tokens."""
     eval_size: int | None = Field(None, gt=0)
     """Score f on the first eval_size held-out prompts only (all if null)."""
+    # --- issue 25: attack methods ---
+    refusal: str = "I'm sorry, but I can't help with that."
+    """The rejected answer of every DPO pair (attacker.method dpo) unless data.attack.rejected_field
+    names a per-row one; best written as the defended model refuses."""
 
     @model_validator(mode="after")
     def _format_has_prompt(self) -> Data:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,7 +74,9 @@ def _check_fields(rows: list, src: DataSource, where: list[str]) -> None:
     if not rows:
         raise ValueError(f"data source {src.source!r} (split {src.split!r}) has no rows; point source (and split) "
                          "at data with rows")
-    wanted = [f for f in (src.prompt_field, src.response_field) if f]
+    named = {"prompt_field": src.prompt_field, "response_field": src.response_field,
+             "rejected_field": src.rejected_field}  # issue 25: a DPO attack's per-row rejected answers
+    wanted = [f for f in named.values() if f]
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"data source {src.source!r}, {where[i]}: expected an object with fields "
@@ -83,8 +85,8 @@ def _check_fields(rows: list, src: DataSource, where: list[str]) -> None:
             at = "" if i == 0 else f", {where[i]}"
             raise ValueError(
                 f"data source {src.source!r}{at} has no field {missing[0]!r}; "
-                f"its fields are {sorted(row)}; set {'prompt' if missing[0] == src.prompt_field else 'response'}"
-                f"_field to the one that holds it")
+                f"its fields are {sorted(row)}; set {next(k for k, v in named.items() if v == missing[0])} "
+                f"to the one that holds it")
 
 
 def shared_prompts(a: list[str], b: list[str]) -> list[str]:
@@ -187,8 +189,11 @@ class BatchStream:
     by index: batch i depends on (seed, i) alone, so a run restored to step i sees exactly
     the batches an uninterrupted run would have."""
 
-    def __init__(self, items: list[Tokenized], batch_size: int, seed: int, pad_id: int):
+    def __init__(self, items: list, batch_size: int, seed: int, pad_id: int,
+                 collate: Callable[[list, int], dict[str, torch.Tensor]] = collate):
         self.items, self.batch_size, self.seed, self.pad_id = items, batch_size, seed, pad_id
+        self.collate = collate
+        """Turns the drawn items into a batch: the attack method's (methods/), data.collate by default."""
         self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
@@ -203,7 +208,7 @@ class BatchStream:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         n = len(self.items)
         positions = range(i * self.batch_size, (i + 1) * self.batch_size)
-        return collate([self.items[self._order(p // n)[p % n]] for p in positions], self.pad_id)
+        return self.collate([self.items[self._order(p // n)[p % n]] for p in positions], self.pad_id)
 
 
 def batches(items: list[Tokenized], batch_size: int, seed: int,

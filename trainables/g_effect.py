@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainables import data as D
+from trainables.methods.sft import supervised_loss
 from trainables.names import G_EFFECT_RISKS, G_EFFECT_SECONDS, G_TOTAL, g_effect
-from trainables.trainer import supervised_loss
 
 if TYPE_CHECKING:
     from trainables.config import AttackConfig

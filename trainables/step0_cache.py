@@ -28,8 +28,8 @@ SCHEDULE_FIELDS = frozenset({"eval_every", "eval_schedule", "refine", "max_steps
 """Evaluation fields that only place later points: never part of the key."""
 BESIDE_READING = frozenset({"g_effect"})
 """Evaluation fields measured beside the reading (the G-effect probe), never part of it."""
-UNREAD_DATA = frozenset({"attack", "benign"})
-"""data splits the step-0 reading never reads (they are trained on)."""
+UNREAD_DATA = frozenset({"attack", "benign", "refusal"})
+"""data fields the step-0 reading never reads (splits and answers trained on)."""
 WRAP_FIELDS = ("finetune", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 """The attacker fields checkpoint.make_trainable reads: how the release is wrapped before step 0."""
 
@@ -138,6 +138,8 @@ def payload(cfg: AttackConfig, device: torch.device, model, tokenizer, eval_item
     evaluation = cfg.model_dump(mode="json", exclude={*SCHEDULE_FIELDS, *BESIDE_READING, "device", "checkpoint",
                                                       "attacker", "deepspeed", "data", "evaluator", "evaluators"})
     evaluation["data"] = cfg.data.model_dump(mode="json", exclude=set(UNREAD_DATA))
+    for split in (evaluation["data"]["eval"], (evaluation.get("utility") or {}).get("data") or {}):
+        split.pop("rejected_field", None)  # issue 25: DPO's rejected answers are trained on, never read here
     evaluation["evaluators"] = [  # options with their defaults: one reading however they are spelt
         {**e.model_dump(mode="json"), "options": validate_options(e.name, e.options).model_dump(mode="json")}
         for e in cfg.all_evaluators]

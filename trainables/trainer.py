@@ -14,6 +14,7 @@ import torch
 from trainables import data as D
 from trainables.budget import Budget
 from trainables.config import Attacker, Stage
+from trainables.methods import Method, Rates, sft
 from trainables.optim import build_optimizer, build_scheduler
 from trainables.outcome import diverges
 from trainables.parallel import DataParallel
@@ -52,22 +53,17 @@ def _cpu_copy(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-def supervised_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """What each step minimises: the mean next-token loss over the batch's supervised tokens (the
-    responses and their end token; data.collate sets every other label to IGNORE)."""
-    return model(**{k: v.to(device) for k, v in batch.items()}).loss
-
-
 class Trainer:
-    """Trains `model` through `stages`, batch i of stage s being streams[s][i]."""
+    """Trains `model` through `stages`, batch i of stage s being streams[s][i], its loss and
+    budget those of methods[s] (trainables/methods/)."""
 
     def __init__(self, model: torch.nn.Module, attacker: Attacker, stages: list[Stage],
-                 streams: list[D.BatchStream], per_token_flops: int, device: torch.device,
+                 streams: list[D.BatchStream], methods: list[Method], rates: Rates, device: torch.device,
                  devices: int = 1, parallel: DataParallel | None = None):
         self.parallel = parallel
-        """Set: each step runs on a DeepSpeed engine, the global batch split across workers."""
+        """Set: each step runs on a DeepSpeed engine, the global batch split across workers (SFT only)."""
         self.model, self.attacker, self.stages, self.streams = model, attacker, stages, streams
-        self.per_token_flops, self.device, self.devices = per_token_flops, device, devices
+        self.methods, self.rates, self.device, self.devices = methods, rates, device, devices
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.budget = Budget()
         self.trained_steps = 0
@@ -107,18 +103,17 @@ class Trainer:
 
     def _step(self) -> float:
         batch = self.streams[self.index][self.local]  # the global batch: budgets count all of it
-        supervised = int((batch["labels"][:, 1:] != D.IGNORE).sum())
-        processed = int(batch["attention_mask"].sum())
-        self.budget.add(batch["input_ids"].shape[0], supervised, processed, self.per_token_flops)
         self.local += 1
         self.trained_steps += 1
         if self.parallel is not None:
+            self.budget.spend(sft.spent(batch, self.rates.train))
             loss = self.parallel.step(self.engine, batch)
             if not diverges(loss):
                 self._note(loss)
             return loss
 
-        loss = supervised_loss(self.model, batch, self.device)
+        loss, spent = self.methods[self.index].loss(self.model, batch, self.device)
+        self.budget.spend(spent)
         value = float(loss.item())
         if diverges(value):  # its gradient would make every weight nan: no update
             return value

@@ -59,6 +59,7 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
         raise SpecError(f"spec error: data.eval: {len(shared)} held-out prompt(s) also in data.attack "
                         f"(first: {shared[0][:80]!r}); remove them from data.eval: evaluate on prompts the "
                         "attacker never trains on")
+    _check_methods(spec)
     notes += _check_defender_data(spec, prompts)
     notes += _check_utility(spec, prompts)
     notes += _check_conditions(spec, prompts)
@@ -189,6 +190,25 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
     if why := unreachable(host, int(port), timeout):
         raise SpecError(f"error: --address {address}: no Ray cluster answers ({why}); check the address "
                         "and that the cluster is up (ray status)")
+
+
+# --- issue 25: attack methods ---
+def _check_methods(spec: SweepSpec) -> None:
+    """What method dpo needs: the single-process loop (DeepSpeed steps run SFT only), a rejected
+    answer for every pair, and no G-effect probe (it measures the SFT gradient)."""
+    if "dpo" not in dict(spec.space)["method"].values_or_range():
+        return
+    if spec.distributed is not None:
+        where = "deepspeed" if spec.deepspeed else f"resources.workers: {spec.resources.workers}"
+        raise SpecError(f"spec error: space.method: dpo trains in the single-process loop only, not under {where}; "
+                        "remove deepspeed: and set resources.workers: 1, or keep method sft")
+    if spec.g_effect is not None:
+        raise SpecError("spec error: g_effect: the probe measures the SFT gradient, not space.method dpo's; "
+                        "set g_effect: null or keep method sft")
+    if not spec.data.attack.rejected_field and not spec.data.refusal.strip():
+        raise SpecError("spec error: data.refusal: is empty and data.attack.rejected_field is unset, so method "
+                        "dpo has no rejected answer; write the refusal as the defended model words it, or set "
+                        "data.attack.rejected_field")
 
 
 def _check_utility(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:

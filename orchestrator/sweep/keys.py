@@ -9,7 +9,7 @@ from typing import Any
 from orchestrator.spec.model import SweepSpec
 from orchestrator.spec.space import digest, searched
 from orchestrator.sweep.loop import attack_config
-from trainables.config import Evaluation, EvaluatorConfig
+from trainables.config import Attacker, Data, Evaluation, EvaluatorConfig
 
 # Fields added after the first records were written: at their defaults they stay out of every
 # digest, so trial keys, search keys and sweep runs recorded before them stay valid (setting
@@ -37,6 +37,21 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     # --- issue 25: evaluation-time attacks ---
     ("evaluator", "decoding"): None,
     ("evaluators", "*", "decoding"): None,
+    # --- issue 25: attack methods ---
+    ("attacker", "method"): Attacker.model_fields["method"].default,
+    ("attacker", "dpo_beta"): Attacker.model_fields["dpo_beta"].default,
+    ("space", "method"): Attacker.model_fields["method"].default,
+    ("space", "dpo_beta"): Attacker.model_fields["dpo_beta"].default,
+    ("data", "refusal"): Data.model_fields["refusal"].default,
+    ("data", "attack", "rejected_field"): None,
+    ("data", "eval", "rejected_field"): None,
+    ("data", "benign", "rejected_field"): None,
+    ("utility", "data", "rejected_field"): None,
+    ("defences", "*", "defender_data", "rejected_field"): None,
+    ("conditions", "trainability", "data", "rejected_field"): None,
+    ("conditions", "trainability", "eval", "rejected_field"): None,
+    ("conditions", "trainability", "attacker", "method"): Attacker.model_fields["method"].default,
+    ("conditions", "trainability", "attacker", "dpo_beta"): Attacker.model_fields["dpo_beta"].default,
 }
 
 
