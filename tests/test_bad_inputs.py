@@ -248,6 +248,16 @@ def _judge_url(url: str):
     return _set("evaluator", {"name": "judge", "options": {"backend": "http", "model": "gpt-x", "base_url": url}})
 
 
+# --- issue 25: attack methods ---
+def _dpo(method="dpo", attack: dict | None = None, **data):
+    """Method dpo in the space, with data (and data.attack) fields set."""
+    def setup(c: Ctx):
+        c.raw["space"]["method"] = method
+        c.raw["data"].update(data)
+        c.raw["data"]["attack"].update(attack or {})
+    return setup
+
+
 CASES = [
     # --- the spec file --------------------------------------------------------------------
     Case("spec-missing", lambda c: ["__missing__"], ("spec file", "not found", "check the path")),
@@ -507,11 +517,9 @@ CASES = [
     Case("decoding-decided-early", _decoding({"prefill": "sure"}, _set("decide_early", True)),
          ("decide_early: the primary's decoding", "set decide_early: false")),
     # --- issue 25: attack methods (method dpo) ---
-    Case("dpo-rejected-field-missing", lambda c: (c.raw["space"].update(method="dpo"),
-                                                  c.raw["data"]["attack"].update(rejected_field="refusal")),
+    Case("dpo-rejected-field-missing", _dpo(attack={"rejected_field": "refusal"}),
          ("data.attack", "has no field 'refusal'", "set rejected_field to the one that holds it")),
-    Case("dpo-empty-refusal", lambda c: (c.raw["space"].update(method={"choice": ["sft", "dpo"]}),
-                                         c.raw["data"].update(refusal=" ")),
+    Case("dpo-empty-refusal", _dpo({"choice": ["sft", "dpo"]}, refusal=" "),
          ("spec error: data.refusal: is empty", "write the refusal", "or set data.attack.rejected_field")),
     Case("dpo-with-deepspeed", lambda c: c.raw.update(
         deepspeed={"config": {"zero_optimization": {"stage": 0}}}, space={"dataset_size": 32, "method": "dpo"}),
