@@ -137,3 +137,13 @@ def test_dpo_beta_must_be_positive():
     with pytest.raises(ValueError, match="dpo_beta"):
         Attacker(method="dpo", dpo_beta=0)
     assert Data(attack=DataSource(source="a"), eval=DataSource(source="b")).refusal.startswith("I'm sorry")
+
+
+def test_benign_stages_train_sft_whatever_the_method():
+    from trainables.config import Stage
+    from trainables.methods import build
+
+    atk = Attacker(method="dpo", stages=[Stage(steps=2, data="benign"), Stage(steps=3), Stage(steps=1)])
+    made = build(atk, atk.stages, torch.nn.Linear(2, 2), Rates(train=6, forward=2))
+    assert [type(m).__name__ for m in made] == ["SFT", "DPO", "DPO"]
+    assert made[1] is made[2]  # one DPO, one frozen reference copy per trial
