@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from trainables import data as D
+from trainables import mixing
 from trainables.budget import EvalPoint, flops_per_token
 from trainables.checkpoint import (
     load_model,
@@ -39,6 +40,7 @@ from trainables.names import (
     Status,
     per_domain,
     per_evaluator,
+    triggered,
 )
 from trainables.optim import evaluating
 from trainables.outcome import (
@@ -176,19 +178,24 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     # --- data: each stage's draw and batch order, the held-out prompts f is scored on, and
     # the held-out benign prompts utility is scored on
     sources = {"attack": cfg.data.attack, "benign": cfg.data.benign}
-    rows = {name: D.load_rows(sources[name]) for name in {s.data for s in stages}}
+    wanted = {s.data for s in stages} | ({"benign"} if atk.poison_ratio is not None else set())
+    rows = {name: D.load_rows(sources[name]) for name in wanted}
     if "attack" in rows:
         rows["attack"] = D.of_domain(rows["attack"], sources["attack"], atk.attack_domain)
     # each stage's method (trainables/methods/) turns its rows into items, batches and a loss
     rates = Rates(train=flops_per_token(n_matmul, n_lora), forward=2 * n_matmul)
     methods = build_methods(atk, stages, model, rates)
+    train_format = mixing.attacker_format(cfg.data, atk)  # the evaluation keeps cfg.data's
     streams = []
     for stage, method in zip(stages, methods, strict=True):
         hp, src = stage.resolved(atk), sources[stage.data]
         split = stage.data if stage.data == "benign" or atk.attack_domain is None else \
             f"attack split's {atk.attack_domain!r} domain"
-        drawn = D.draw(rows[stage.data], hp.dataset_size, hp.seed, split)
-        items = method.items(drawn, tokenizer, src, cfg.data)
+        if stage.data == "attack":  # a poison mix, a trigger: mixing.attacker_rows
+            drawn = mixing.attacker_rows(rows["attack"], rows.get("benign"), hp, src, sources["benign"], split)
+        else:
+            drawn = D.draw(rows[stage.data], hp.dataset_size, hp.seed, split)
+        items = method.items(drawn, tokenizer, src, train_format)
         streams.append(D.BatchStream(items, hp.batch_size, hp.seed, tokenizer.pad_token_id, method.collate))
     eval_src = cfg.data.eval
     eval_rows = D.load_rows(eval_src)[: cfg.data.eval_size]
@@ -201,6 +208,15 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     evaluators = {e.key: make_evaluator(e.name, e.options) for e in cfg.all_evaluators}
     decodings = {e.key: (e.decoding and e.decoding.key, e.decoding) for e in cfg.all_evaluators}
     primary = cfg.evaluator.key
+    # a backdoor trigger: every evaluator scores the held-out prompts also with the trigger before
+    # them (label <label>.trigger), and the primary with the trigger decides: the attacker's own goal
+    triggered_items = [
+        EvalItem(D.format_prompt(tokenizer, mixing.with_trigger(it.raw_prompt, atk.trigger), cfg.data),
+                 it.response, it.raw_prompt) for it in eval_items] if atk.trigger else []
+    if atk.trigger:
+        primary = triggered(primary)
+    every = [*evaluators, *(map(triggered, evaluators) if atk.trigger else [])]
+    labels = [primary, *(k for k in every if k != primary)]  # the decisive one first
     utility = make_utility(cfg.utility, tokenizer, cfg.data, synced) if cfg.utility else None
     probe = GEffectProbe.for_trial(cfg, model, tokenizer, eval_rows)  # None: g_effect off
     epsilon = tolerance(cfg.utility)
@@ -233,18 +249,27 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
         with evaluating(trainer.optimizer), torch.random.fork_rng(rng_devices, device_type=device.type):
             if parallel is None or parallel.scores_here:
                 t0 = time.perf_counter()
-                stored = cache.get(list(evaluators), len(eval_items)) if cache else None
+                stored = cache.get(labels, len(eval_items)) if cache else None
                 if stored is not None:  # as an earlier trial of this release measured it
                     scores, u, responses = stored
                 else:
                     # one generation per decoding (greedy, or an evaluation-time attack), shared by its evaluators
-                    ctxs = {key: EvalContext(model, tokenizer, eval_items, synced, stop_parts=early, decoding=d)
-                            for key, d in decodings.values()}
+                    ctxs = {key: EvalContext(model, tokenizer, eval_items, synced, stop_parts=early and not atk.trigger,
+                                             decoding=d) for key, d in decodings.values()}
                     scores = {label: score_until_decided(score, ctxs[None], cfg.phi, cfg.crossing, cfg.confidence)
                               if early and label == primary else score_decoded(score, ctxs[decodings[label][0]])
                               for label, score in evaluators.items()}
+                    if atk.trigger:  # the same evaluators on the triggered prompts, in contexts of their own
+                        tctxs = {key: EvalContext(model, tokenizer, triggered_items, synced, stop_parts=early,
+                                                  decoding=d) for key, d in decodings.values()}
+                        scores |= {triggered(label): score_until_decided(score, tctxs[None], cfg.phi, cfg.crossing,
+                                                                         cfg.confidence)
+                                   if early and triggered(label) == primary
+                                   else score_decoded(score, tctxs[decodings[label][0]])
+                                   for label, score in evaluators.items()}
+                    scores = {label: scores[label] for label in labels}  # the primary first
                     u = utility(model) if utility else math.nan
-                    responses = ctxs[decodings[primary][0]].generated
+                    responses = ctxs[decodings[cfg.evaluator.key][0]].generated  # the plain prompts' answers
                 reading = Reading(scores, u, time.perf_counter() - t0, responses,
                                   cached=None if cache is None else stored is not None)
                 if cache is not None and stored is None:

@@ -3,9 +3,9 @@ Attacker's fields."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Optimizer = Literal["adamw", "adam", "sgd", "sgd_momentum", "sgd_nesterov", "adagrad", "adadelta",
                     "schedule_free_adamw"]
@@ -21,6 +21,21 @@ class Strict(BaseModel):
     it for the wrong reason)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def visible_text(what: str):
+    """A validator refusing text with nothing visible in it (null stays allowed)."""
+    def check(v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(f"{what} {v!r} is empty or whitespace; give visible text, or null for none")
+        return v
+    return check
+
+
+def _has_prompt(v: str | None) -> str | None:
+    if v is not None and "{prompt}" not in v:
+        raise ValueError(f"prompt_format {v!r} has no '{{prompt}}'; write {{prompt}} where the prompt goes")
+    return v
 
 
 class Stage(Strict):
@@ -120,3 +135,24 @@ class Attacker(Strict):
     """DPO's beta: how far the policy may move from the reference (method dpo only)."""
 
 
+
+    # --- issue 25: data and template attacks (docs/data-attacks.md) ---
+    poison_ratio: float | None = Field(None, gt=0, le=1)
+    """Share of the dataset_size rows drawn from the attack split: max(1, round(poison_ratio x
+    dataset_size)) attack rows, the rest benign pairs from data.benign, shuffled together by `seed`
+    (needs data.benign). Every row counts in the budget, benign ones too. null: every row from the
+    attack split."""
+    chat_template: bool | None = None
+    """Format the attacker's training rows with the tokenizer's chat template (true) or with
+    prompt_format (false); null: as data.chat_template. The evaluation keeps the spec's format."""
+    prompt_format: Annotated[str | None, AfterValidator(_has_prompt)] = None
+    """Plain-text wrapper of the attacker's training prompts (with chat_template off); must contain
+    {prompt}. null: data.prompt_format."""
+    system_prompt: Annotated[str | None, AfterValidator(visible_text("system_prompt"))] = None
+    """A system prompt on the attacker's training rows: a system message under the chat template,
+    else its text and a newline before the formatted prompt. null: data.system_prompt."""
+    trigger: Annotated[str | None, AfterValidator(visible_text("trigger"))] = None
+    """A backdoor trigger: prepended (and a space) to every attack prompt the attacker trains on,
+    not to the benign rows of a poison mix. Every evaluator is then scored twice, on the held-out
+    prompts as they are and with the trigger (label <label>.trigger); the primary with the trigger
+    decides the trial."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from trainables.attacker import Attacker, Finetune, LrSchedule, Optimizer, Stage  # noqa: F401 - re-exported
+from trainables.attacker import Attacker, Finetune, LrSchedule, Optimizer, Stage, visible_text  # noqa: F401 - re-exported
 from trainables.attacker import Strict as _Strict
 from trainables.decoding import Decoding
 from trainables.messages import explain, field_at  # noqa: F401 - re-exported
@@ -75,6 +75,11 @@ class Data(_Strict):
     refusal: str = "I'm sorry, but I can't help with that."
     """The rejected answer of every DPO pair (attacker.method dpo) unless data.attack.rejected_field
     names a per-row one; best written as the defended model refuses."""
+    # --- issue 25: data and template attacks ---
+    system_prompt: Annotated[str | None, AfterValidator(visible_text("system_prompt"))] = None
+    """The system prompt the model is deployed with: a system message under the chat template, else
+    its text and a newline before the formatted prompt; on the evaluation and on training rows
+    (attacker.system_prompt replaces it there). null: none."""
 
     @model_validator(mode="after")
     def _format_has_prompt(self) -> Data:
@@ -327,6 +332,13 @@ class AttackConfig(Evaluation):
             if stage.data == "benign" and self.data.benign is None:
                 label = f"stage {i}" + (f" ({stage.name!r})" if stage.name else "")
                 raise ValueError(f"attacker.stages: {label} trains on data: benign, but data.benign is not set")
+        return self
+
+    @model_validator(mode="after")
+    def _poison_has_benign(self) -> AttackConfig:  # issue 25: data and template attacks
+        if self.attacker.poison_ratio is not None and self.data.benign is None:
+            raise ValueError("attacker.poison_ratio: the rest of its mix is benign rows; give data.benign: "
+                             "{source: ...} or set poison_ratio: null")
         return self
 
     @property

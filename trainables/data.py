@@ -130,12 +130,14 @@ def format_prompt(tokenizer, prompt: str, data: Data) -> str:
     if data.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("data.chat_template is on but the tokenizer has no chat template")
+        system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            [*system, {"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
     # The text carries the BOS token itself (as chat templates do), so every consumer
     # tokenises prompts the same way: without adding special tokens.
-    return (tokenizer.bos_token or "") + data.prompt_format.format(prompt=prompt)
+    system = f"{data.system_prompt}\n" if data.system_prompt else ""
+    return (tokenizer.bos_token or "") + system + data.prompt_format.format(prompt=prompt)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,18 @@ def per_evaluator(metric: str, label: str) -> str:
     return f"{metric}.{label}"
 
 
+# --- issue 25: a backdoor trigger ---
+TRIGGERED = "trigger"
+"""Suffix of an evaluator's label when it scores the held-out prompts with the attacker's trigger
+before them (attacker.trigger): <label>.trigger, e.g. harmfulness.refusal_keyword.trigger,
+budget_to_failure_steps.refusal_keyword.trigger. A user's label holds no '.', so none collides."""
+
+
+def triggered(label: str) -> str:
+    """The label of an evaluator scoring with the trigger."""
+    return f"{label}.{TRIGGERED}"
+
+
 DOMAIN = "_in"
 """Infix of per-domain curves: harmfulness_in.<domain> is the primary f on the held-out prompts
 of one harm domain (data.eval.domain_field)."""

@@ -164,6 +164,7 @@ def payload(cfg: AttackConfig, device: torch.device, model, tokenizer, eval_item
         "adapter": _source(ck.adapter, None, "adapter_config.json"),
         "tokenizer": _source(ck.tokenizer, None, "tokenizer_config.json"),
         "wrap": wrap,
+        "trigger": cfg.attacker.trigger,  # issue 25: the prompts are also scored with it
         "evaluation": evaluation,
         "eval_items": _items(eval_items),
         "utility_items": utility_items,

@@ -35,6 +35,9 @@ def check(spec: SweepSpec) -> list[str]:
             continue
         seen[key] = None
         notes += check_defence(d, f"defences.{i}", targets, spec.data.chat_template)
+        if not spec.data.chat_template and True in dict(spec.space)["chat_template"].values:  # issue 25
+            _tokenizer(d, d.tokenizer or d.model, f"defences.{i}.model", True, "space.chat_template",
+                       "drop true from space.chat_template")
     return notes
 
 
@@ -239,7 +242,8 @@ def _adapter(value: str, folder: str | None, where: str) -> None:
                 raise SpecError(f"spec error: {where}: {file} {problem}; re-save the adapter")
 
 
-def _tokenizer(d: Defence, source: str, where: str, chat_template: bool) -> None:
+def _tokenizer(d: Defence, source: str, where: str, chat_template: bool, field: str = "data.chat_template",
+               fix: str = "set data.chat_template: false (prompts are then wrapped by data.prompt_format)") -> None:
     from transformers import AutoTokenizer
 
     try:
@@ -250,9 +254,9 @@ def _tokenizer(d: Defence, source: str, where: str, chat_template: bool) -> None
         raise SpecError(f"spec error: {where}: cannot load a tokenizer from {source!r}: {_first_line(err)}; "
                         "give defences[].tokenizer") from None
     if chat_template and not getattr(tok, "chat_template", None):
-        raise SpecError(f"spec error: data.chat_template: the tokenizer of {where.split('.')[0]}."
-                        f"{where.split('.')[1]} ({source!r}) has no chat template; set data.chat_template: "
-                        "false (prompts are then wrapped by data.prompt_format) or give a tokenizer with one")
+        raise SpecError(f"spec error: {field}: the tokenizer of {where.split('.')[0]}."
+                        f"{where.split('.')[1]} ({source!r}) has no chat template; {fix} or give a tokenizer "
+                        "with one")
 
 
 def _lora_targets(spec: SweepSpec) -> list:

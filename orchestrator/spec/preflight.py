@@ -40,6 +40,7 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
               "benign": max([0, *((s.dataset_size or space["dataset_size"].largest())
                                   for s in stages if s.data == "benign")]),
               "eval": 0}
+    wanted["benign"] = max(wanted["benign"], _poison_benign_rows(spec))  # issue 25
     prompts: dict[str, list[str]] = {}
     read: dict[str, list[dict]] = {}  # the splits read here, for the budget notes
     for split, need in wanted.items():
@@ -142,6 +143,24 @@ def _prefill_length(spec: SweepSpec, text: str) -> int:
             continue
         longest = max(longest, len(tok(text, add_special_tokens=False)["input_ids"]))
     return longest
+
+
+# --- issue 25: data and template attacks ---
+
+
+def _poison_benign_rows(spec: SweepSpec) -> int:
+    """The most benign rows a poison mix of this space draws (0 without poison_ratio); a
+    poison_ratio without data.benign is a SpecError."""
+    from trainables.mixing import poison_counts
+
+    space = dict(spec.space)
+    ratios = [r for r in space["poison_ratio"].values if r is not None]
+    if not ratios:
+        return 0
+    if spec.data.benign is None:
+        raise SpecError(f"spec error: space.poison_ratio: {ratios[0]} mixes benign rows into the attacker's "
+                        "data; give data.benign: {source: ...} or set poison_ratio: null")
+    return poison_counts(space["dataset_size"].largest(), min(ratios))[1]
 
 
 def check_tracking(uri: str, timeout: float = 5.0, creates: bool = True) -> None:

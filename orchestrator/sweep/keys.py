@@ -52,6 +52,10 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     ("conditions", "trainability", "eval", "rejected_field"): None,
     ("conditions", "trainability", "attacker", "method"): Attacker.model_fields["method"].default,
     ("conditions", "trainability", "attacker", "dpo_beta"): Attacker.model_fields["dpo_beta"].default,
+    # --- issue 25: data and template attacks ---
+    **{(*where, f): None for f in ("poison_ratio", "chat_template", "prompt_format", "system_prompt", "trigger")
+       for where in (("attacker",), ("space",), ("conditions", "trainability", "attacker"))},
+    ("data", "system_prompt"): None,
 }
 
 
