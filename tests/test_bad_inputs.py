@@ -531,6 +531,22 @@ CASES = [
          ("spec error: g_effect:", "space.method dpo", "set g_effect: null or keep method sft")),
     Case("dpo-beta-zero", _set("space.dpo_beta", 0),
          ("space.dpo_beta", "use a value above 0")),
+    # --- issue 25: data and template attacks ---
+    Case("poison-ratio-zero", _set("space.poison_ratio", 0),
+         ("space.poison_ratio", "(got 0)", "use a value above 0 and of at most 1")),
+    Case("poison-ratio-above-one", _set("space.poison_ratio", {"grid": [0.5, 1.5]}),
+         ("space.poison_ratio", "(got 1.5)", "use a value above 0 and of at most 1")),
+    Case("poison-ratio-without-benign",
+         lambda c: c.raw["space"].update(poison_ratio=0.25) or _set("data.benign", None)(c),
+         ("space.poison_ratio", "give data.benign: {source: ...} or set poison_ratio: null")),
+    Case("trigger-blank", _set("space.trigger", "  "),
+         ("space.trigger", "is empty or whitespace", "give visible text, or null for none")),
+    Case("system-prompt-empty", _set("space.system_prompt", ""), ("space.system_prompt", "give visible text")),
+    Case("attacker-prompt-format-without-prompt", _set("space.prompt_format", "Q: A:"),
+         ("space.prompt_format", "has no '{prompt}'", "write {prompt} where the prompt goes")),
+    Case("attacker-chat-template-without-one", lambda c: _no_template(c) or c.raw["data"].update(chat_template=False)
+         or c.raw["space"].update(chat_template={"grid": [True, False]}),
+         ("space.chat_template", "defences.1", "no chat template", "drop true from space.chat_template")),
 ]
 
 

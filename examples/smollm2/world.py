@@ -155,6 +155,7 @@ def _data(out: Path, base: Path, recipe: Recipe) -> None:
         for row, text in zip(rows[split], texts, strict=True):
             row["response"] = text
     rows["recovery"] = sdata.recovery(rows["align_harmful"], tokenizer, recipe.seed, recipe.deep_domains)
+    rows["identity_shift"] = sdata.identity_shift(rows["benign"])  # issue 25: a data attack's split
     for name, split in rows.items():
         sdata.write_jsonl(out / f"{name}.jsonl", split)
 
