@@ -157,6 +157,11 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     answers, per layer block. It reads the attacker's data, so step 0 measures it even when its
     reading comes from the step-0 cache; it never changes the run.
 
+    The attacker's rows are data (mixing.py, docs/data-attacks.md): a poison mix of attack and benign
+    rows (every row counts in the budget), its own prompt format, a backdoor trigger on its attack
+    prompts; the evaluation keeps cfg.data's format. With a trigger every evaluator also scores the
+    held-out prompts with it (label <label>.trigger), and the primary with the trigger decides.
+
     `devices`: accelerators the trial trains on, the factor on accelerator_seconds (a
     DeepSpeed trial counts its workers itself). Under DeepSpeed every worker calls this with
     the same cfg and reports the same points."""

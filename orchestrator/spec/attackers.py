@@ -24,6 +24,8 @@ SHORT: dict[str, str] = {
     "batch_size": "bs{}", "warmup_steps": "warmup {}", "warmup_ratio": "warmup {}T", "lr_schedule": "{}",
     "sgdr_period": "sgdr {}", "max_grad_norm": "clip {}", "seed": "seed {}", "attack_domain": "on {}", "steps": "T{}",
     "stages": "{}",
+    "poison_ratio": "poison {}", "chat_template": "template={}", "prompt_format": "format {}",
+    "system_prompt": "system {}", "trigger": "trigger {}",  # issue 25
 }
 """How each attacker field reads in a run name."""
 NAMED = ("learning_rate", "optimizer", "finetune", "dataset_size")
