@@ -54,7 +54,7 @@ def benign_config(spec: SweepSpec, defence: Defence) -> AttackConfig:
     return AttackConfig(
         checkpoint=defence.checkpoint(), attacker=t.attacker, evaluator=evaluator, phi=phi,
         data=Data(attack=t.data, eval=t.eval, eval_size=t.eval_size,
-                  **spec.data.model_dump(include={"chat_template", "prompt_format", "max_length"})),
+                  **spec.data.model_dump(include={"chat_template", "prompt_format", "max_length", "system_prompt"})),
         eval_every=t.eval_every, max_steps=t.max_steps, device=spec.device,
         refine=spec.refine if one_process and spec.deepspeed is None else 0,
         deepspeed=spec.deepspeed if one_process else None)
