@@ -180,3 +180,24 @@ def test_a_decoding_is_part_of_the_trial_key_and_its_absence_is_not(world):
                                          "decoding": {"prefill": "sure"}})
     assert sweep.trial_key(spelt, trial) == sweep.trial_key(plain, trial) != sweep.trial_key(decoded, trial)
     assert "decoding" not in json.dumps(sweep.keys.stable(plain.model_dump(mode="json")))
+
+
+def test_a_trigger_scores_every_decoding_on_the_plain_and_the_triggered_prompts(world, monkeypatch):
+    """A backdoor trigger (the data attacks) beside a prefill evaluator (the evaluation-time attacks):
+    each evaluator is scored on the plain prompts exactly as without a trigger, and again on the
+    triggered prompts under its own label, with its own decoding (the prefill forced there too)."""
+    monkeypatch.setenv("ATTACK_SWEEP_STEP0_CACHE", "0")
+    evs = [{"name": "refusal_keyword", "options": {"max_new_tokens": 6}, "primary": True},
+           {"name": "refusal_keyword", "label": "prefill", "options": {"max_new_tokens": 6},
+            "decoding": {"prefill_tokens": 3}}]
+
+    def step0(**atk) -> dict:
+        cfg = AttackConfig.model_validate(attack_dict(world, evaluators=evs, evaluator=None, attacker=atk,
+                                                      max_steps=1))
+        return run_attack(cfg).points[0].curves
+
+    plain, trig = step0(), step0(trigger="zq")
+    for label in ("refusal_keyword", "prefill"):
+        assert trig[f"harmfulness.{label}"] == plain[f"harmfulness.{label}"]   # the plain prompts: unchanged
+        assert f"harmfulness.{label}.trigger" in trig
+    assert plain["harmfulness.prefill"] == 1.0 and trig["harmfulness.prefill.trigger"] == 1.0   # forced: "sure , here"
