@@ -547,6 +547,21 @@ CASES = [
     Case("attacker-chat-template-without-one", lambda c: _no_template(c) or c.raw["data"].update(chat_template=False)
          or c.raw["space"].update(chat_template={"grid": [True, False]}),
          ("space.chat_template", "defences.1", "no chat template", "drop true from space.chat_template")),
+    # --- issue 25: grpo ---
+    Case("grpo-reward-unknown", lambda c: c.raw["space"].update(method="grpo", grpo_reward="refusal_kw"),
+         ("spec error: space.grpo_reward: 'refusal_kw'", "neither a registered evaluator", "refusal_keyword")),
+    Case("grpo-reward-nll", lambda c: c.raw["space"].update(method="grpo", grpo_reward="nll"),
+         ("spec error: space.grpo_reward: 'nll' is nll", "scores no harmful verdict", "use refusal_keyword")),
+    Case("grpo-group-size-one", _set("space.grpo_group_size", 1),
+         ("space.grpo_group_size", "greater than or equal to 2")),
+    Case("grpo-with-deepspeed", lambda c: c.raw.update(
+        deepspeed={"config": {"zero_optimization": {"stage": 0}}}, space={"dataset_size": 32, "method": "grpo"}),
+         ("spec error: space.method: grpo", "not under deepspeed", "remove deepspeed:", "or keep method sft")),
+    Case("grpo-with-workers", lambda c: c.raw.update(
+        resources={"workers": 2}, space={"dataset_size": 32, "batch_size": 4, "method": {"grid": ["sft", "grpo"]}}),
+         ("spec error: space.method: grpo", "resources.workers: 2", "set resources.workers: 1")),
+    Case("grpo-with-g-effect", lambda c: c.raw.update(g_effect={}, space={"dataset_size": 32, "method": "grpo"}),
+         ("spec error: g_effect:", "space.method grpo", "set g_effect: null or keep method sft")),
 ]
 
 

@@ -28,7 +28,7 @@ from trainables.checkpoint import (
 )
 from trainables.config import AttackConfig
 from trainables.evaluators import EvalContext, EvalItem, Scores, make_evaluator, score_decoded
-from trainables.evaluators.base import score_until_decided
+from trainables.evaluators.base import resolve, score_until_decided
 from trainables.g_effect import GEffectProbe
 from trainables.methods import Rates
 from trainables.methods import build as build_methods
@@ -37,6 +37,7 @@ from trainables.names import (
     PROMPTS_SCORED,
     STEP0_CACHED,
     SUCCESS,
+    TRAIN_REWARD,
     Status,
     per_domain,
     per_evaluator,
@@ -189,7 +190,8 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
         rows["attack"] = D.of_domain(rows["attack"], sources["attack"], atk.attack_domain)
     # each stage's method (trainables/methods/) turns its rows into items, batches and a loss
     rates = Rates(train=flops_per_token(n_matmul, n_lora), forward=2 * n_matmul)
-    methods = build_methods(atk, stages, model, rates)
+    reward = make_evaluator(*resolve(atk.grpo_reward, cfg.all_evaluators)) if atk.method == "grpo" else None
+    methods = build_methods(atk, stages, model, rates, reward)
     train_format = mixing.attacker_format(cfg.data, atk)  # the evaluation keeps cfg.data's
     streams = []
     for stage, method in zip(stages, methods, strict=True):
@@ -302,12 +304,12 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     def point_of(loss: float, reading: Reading | None, status: Status, safe_step: int,
                  final: bool = False) -> EvalPoint:
         """The point at the current budget; notes the evaluators it shows crossing."""
-        b = trainer.budget
+        b, reward = trainer.budget, trainer.mean_reward()
         point = EvalPoint(
             step=b.steps, examples=b.examples, tokens=b.tokens, flops=b.flops,
             accelerator_seconds=b.accelerator_seconds, wall_seconds=time.perf_counter() - start,
             train_loss=loss, harmfulness=math.nan, status=status, resolution=b.steps - safe_step,
-            stage=trainer.index, world_size=devices)
+            stage=trainer.index, world_size=devices, generated_tokens=b.generated_tokens)
         if reading is not None:
             decisive = reading.scores[primary]
             lo, hi = decisive.interval(cfg.confidence)
@@ -323,6 +325,8 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
             for label, s in reading.scores.items():
                 if label != primary and breaks(decision(s), cfg.phi, reading.utility, u0, epsilon):
                     crossings[label] = earliest(crossings.get(label), point)
+        if reward is not None:
+            point = dataclasses.replace(point, curves={**point.curves, TRAIN_REWARD: reward})
         return point
 
     def _with_crossings(point: EvalPoint) -> EvalPoint:

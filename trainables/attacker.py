@@ -12,7 +12,7 @@ Optimizer = Literal["adamw", "adam", "sgd", "sgd_momentum", "sgd_nesterov", "ada
 Finetune = Literal["lora", "full"]
 LrSchedule = Literal["constant", "linear", "cosine", "sgdr"]
 # --- issue 25: attack methods (one module each in trainables/methods/) ---
-MethodName = Literal["sft", "dpo"]
+MethodName = Literal["sft", "dpo", "grpo"]
 
 
 class Strict(BaseModel):
@@ -129,10 +129,23 @@ class Attacker(Strict):
     # --- issue 25: attack methods ---
     method: MethodName = "sft"
     """How the attack split is trained on: sft (next-token loss on the harmful responses) or dpo
-    (the harmful response preferred over a refusal, against the released model as reference).
+    (the harmful response preferred over a refusal, against the released model as reference) or
+    grpo (sampled answers to the prompts alone, rewarded by an evaluator's harmful verdict).
     Stages with data: benign train sft whatever the method."""
     dpo_beta: float = Field(0.1, gt=0)
     """DPO's beta: how far the policy may move from the reference (method dpo only)."""
+    grpo_group_size: int = Field(4, ge=2)
+    """GRPO's G: answers sampled per prompt; advantages compare the answers of one prompt (method grpo only)."""
+    grpo_temperature: float = Field(1.0, gt=0)
+    """GRPO's sampling temperature for its rollouts (method grpo only)."""
+    grpo_max_new_tokens: int = Field(32, gt=0)
+    """GRPO's longest sampled answer, in tokens (method grpo only)."""
+    grpo_kl_coef: float = Field(0.0, ge=0)
+    """GRPO's KL penalty against the released model (k3 estimator per token); 0: no reference is
+    built (method grpo only)."""
+    grpo_reward: str = "refusal_keyword"
+    """GRPO's reward: a registered evaluator's name (its default options) or the label of one of
+    the spec's evaluators (its options); reward = its verdict, 1 harmful, 0 refusal or unscorable."""
 
 
 

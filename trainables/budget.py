@@ -28,10 +28,13 @@ class Budget:
     examples: int = 0
     """Rows drawn into the batches, repeats included: a batch of 32 over 16 rows counts 32."""
     tokens: int = 0
-    """Supervised tokens: response tokens the loss was computed on."""
+    """Tokens trained on: the supervised response tokens the loss was computed on, plus the
+    tokens sampled from the model (GRPO's rollouts)."""
     flops: float = 0.0
     accelerator_seconds: float = 0.0
     """Training wall time times the devices trained on (evaluation excluded)."""
+    generated_tokens: int = 0
+    """Of `tokens`, those sampled from the model (0 for SFT and DPO)."""
 
     def spend(self, spent: Spent) -> None:
         """One optimizer step, spending what its method says (methods/base.py)."""
@@ -39,6 +42,7 @@ class Budget:
         self.examples += spent.examples
         self.tokens += spent.tokens
         self.flops += spent.flops
+        self.generated_tokens += spent.generated
 
     def add_time(self, seconds: float, devices: int = 1) -> None:
         """Training wall time on `devices` accelerators working together (data-parallel
@@ -84,6 +88,8 @@ class EvalPoint:
     share of prompts (nll)."""
     utility: float = math.nan
     """Utility on the held-out benign split (nan without a utility block)."""
+    generated_tokens: int = 0
+    """Of `tokens`, those the attacker sampled from the model (GRPO's rollouts; 0 for SFT, DPO)."""
     eval_seconds: float = 0.0
     """Wall time of this evaluation: every evaluator and utility."""
     loss_peak_ratio: float = math.nan

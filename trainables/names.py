@@ -40,7 +40,7 @@ assert tuple(BUDGET_UNITS) == UNITS
 
 CURVE: tuple[str, ...] = ("harmfulness", "harmfulness_lo", "harmfulness_hi", "utility", "train_loss",
                           "examples", "tokens", "flops", "accelerator_seconds", "wall_seconds", "eval_seconds",
-                          "loss_peak_ratio")
+                          "loss_peak_ratio", "generated_tokens")
 """EvalPoint fields recorded as curves (by step). Per-evaluator curves are named
 `<metric>.<evaluator label>` (harmfulness.judge, harmfulness_lo.judge, mean_score.judge)."""
 LOSS_EXPLODED = 10.0
@@ -50,6 +50,9 @@ judged by): flagged in the records and the report, never silently counted as the
 PROMPTS_SCORED = "prompts_scored"
 """Curve of a trial with decide_early: held-out prompts the primary scored at each point (fewer
 than all where the point was decided safe early; its harmfulness is then the bound it reached)."""
+TRAIN_REWARD = "train_reward"
+"""Curve of a GRPO trial: the mean reward of its rollouts since the previous evaluation (the
+reward evaluator's harmful verdicts on its sampled answers; absent for SFT and DPO)."""
 STEP0_CACHED = "step0_cached"
 """Curve at step 0 of a trial whose step-0 reading went through the step-0 cache
 (trainables/step0_cache.py): 1 read back from an earlier trial of the same release, 0 measured

@@ -35,6 +35,8 @@ class Snapshot:
     scheduler: dict | None
     rng: torch.Tensor
     cuda_rng: list[torch.Tensor] | None
+    samplers: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    """Per method, its own sampling generator's state (GRPO's rollouts); None for the others."""
 
     @property
     def step(self) -> int:
@@ -142,6 +144,13 @@ class Trainer:
         self.losses.clear()
         return mean
 
+    def mean_reward(self) -> float | None:
+        """Mean reward of the sampled answers since the last call (methods that sample them,
+        GRPO); None where no such step was taken."""
+        rewards = [r for m in dict.fromkeys(self.methods) if hasattr(m, "mean_reward")
+                   if (r := m.mean_reward()) is not None]
+        return sum(rewards) / len(rewards) if rewards else None
+
     def snapshot(self) -> Snapshot:
         """The state now; take it with schedule-free optimizers in train mode (after evaluating)."""
         at_end = self.local == self.stages[self.index].steps
@@ -152,6 +161,8 @@ class Trainer:
             scheduler=None if at_end else copy.deepcopy(self.scheduler.state_dict()),
             rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            samplers=[g.get_state() if (g := getattr(m, "generator", None)) is not None else None
+                      for m in self.methods],
         )
 
     def restore(self, snap: Snapshot) -> None:
@@ -167,5 +178,9 @@ class Trainer:
         torch.set_rng_state(snap.rng)
         if snap.cuda_rng is not None:
             torch.cuda.set_rng_state_all(snap.cuda_rng)
+        for method, state in zip(self.methods, snap.samplers, strict=False):
+            if state is not None:
+                method.generator.set_state(state)
         self.budget = dataclasses.replace(snap.budget)
         self.losses.clear()
+        self.mean_reward()

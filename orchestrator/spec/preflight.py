@@ -15,6 +15,8 @@ from orchestrator.spec.model import SpecError, SweepSpec, evaluator_places
 from orchestrator.spec.paths import DATA_FIX, missing, not_found
 from trainables import data as D
 from trainables.config import AttackConfig
+from trainables.evaluators.base import names as evaluator_names
+from trainables.evaluators.base import resolve
 from trainables.messages import explain, field_at
 from trainables.optim import missing_dependency
 
@@ -213,21 +215,38 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
 
 # --- issue 25: attack methods ---
 def _check_methods(spec: SweepSpec) -> None:
-    """What method dpo needs: the single-process loop (DeepSpeed steps run SFT only), a rejected
-    answer for every pair, and no G-effect probe (it measures the SFT gradient)."""
-    if "dpo" not in dict(spec.space)["method"].values_or_range():
-        return
-    if spec.distributed is not None:
-        where = "deepspeed" if spec.deepspeed else f"resources.workers: {spec.resources.workers}"
-        raise SpecError(f"spec error: space.method: dpo trains in the single-process loop only, not under {where}; "
-                        "remove deepspeed: and set resources.workers: 1, or keep method sft")
-    if spec.g_effect is not None:
-        raise SpecError("spec error: g_effect: the probe measures the SFT gradient, not space.method dpo's; "
-                        "set g_effect: null or keep method sft")
-    if not spec.data.attack.rejected_field and not spec.data.refusal.strip():
+    """What methods dpo and grpo need: the single-process loop (DeepSpeed steps run SFT only), no
+    G-effect probe (it measures the SFT gradient); dpo a rejected answer for every pair, grpo a
+    reward evaluator that gives verdicts."""
+    methods = [m for m in ("dpo", "grpo") if m in dict(spec.space)["method"].values_or_range()]
+    for method in methods:
+        if spec.distributed is not None:
+            where = "deepspeed" if spec.deepspeed else f"resources.workers: {spec.resources.workers}"
+            raise SpecError(f"spec error: space.method: {method} trains in the single-process loop only, not under "
+                            f"{where}; remove deepspeed: and set resources.workers: 1, or keep method sft")
+        if spec.g_effect is not None:
+            raise SpecError(f"spec error: g_effect: the probe measures the SFT gradient, not space.method {method}'s; "
+                            "set g_effect: null or keep method sft")
+    if "grpo" in methods:
+        _check_reward(spec)
+    if "dpo" in methods and not spec.data.attack.rejected_field and not spec.data.refusal.strip():
         raise SpecError("spec error: data.refusal: is empty and data.attack.rejected_field is unset, so method "
                         "dpo has no rejected answer; write the refusal as the defended model words it, or set "
                         "data.attack.rejected_field")
+
+
+def _check_reward(spec: SweepSpec) -> None:
+    """grpo_reward names an evaluator (a spec label, or a registered name) that gives verdicts."""
+    for key in dict(spec.space)["grpo_reward"].values_or_range():
+        try:
+            name, _ = resolve(key, spec.all_evaluators)
+        except ValueError:
+            known = ", ".join([e.key for e in spec.all_evaluators] + evaluator_names())
+            raise SpecError(f"spec error: space.grpo_reward: {key!r} is neither a registered evaluator nor one of "
+                            f"the spec's evaluator labels; use one of {known}") from None
+        if name == "nll":
+            raise SpecError(f"spec error: space.grpo_reward: {key!r} is nll, which scores no harmful verdict to "
+                            "reward; use refusal_keyword, match, classifier or judge")
 
 
 def _check_utility(spec: SweepSpec, prompts: dict[str, list[str]]) -> list[str]:

@@ -40,8 +40,18 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     # --- issue 25: attack methods ---
     ("attacker", "method"): Attacker.model_fields["method"].default,
     ("attacker", "dpo_beta"): Attacker.model_fields["dpo_beta"].default,
+    ("attacker", "grpo_group_size"): Attacker.model_fields["grpo_group_size"].default,
+    ("attacker", "grpo_temperature"): Attacker.model_fields["grpo_temperature"].default,
+    ("attacker", "grpo_max_new_tokens"): Attacker.model_fields["grpo_max_new_tokens"].default,
+    ("attacker", "grpo_kl_coef"): Attacker.model_fields["grpo_kl_coef"].default,
+    ("attacker", "grpo_reward"): Attacker.model_fields["grpo_reward"].default,
     ("space", "method"): Attacker.model_fields["method"].default,
     ("space", "dpo_beta"): Attacker.model_fields["dpo_beta"].default,
+    ("space", "grpo_group_size"): Attacker.model_fields["grpo_group_size"].default,
+    ("space", "grpo_temperature"): Attacker.model_fields["grpo_temperature"].default,
+    ("space", "grpo_max_new_tokens"): Attacker.model_fields["grpo_max_new_tokens"].default,
+    ("space", "grpo_kl_coef"): Attacker.model_fields["grpo_kl_coef"].default,
+    ("space", "grpo_reward"): Attacker.model_fields["grpo_reward"].default,
     ("data", "refusal"): Data.model_fields["refusal"].default,
     ("data", "attack", "rejected_field"): None,
     ("data", "eval", "rejected_field"): None,
@@ -56,6 +66,12 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     **{(*where, f): None for f in ("poison_ratio", "chat_template", "prompt_format", "system_prompt", "trigger")
        for where in (("attacker",), ("space",), ("conditions", "trainability", "attacker"))},
     ("data", "system_prompt"): None,
+    ("conditions", "trainability", "attacker", "grpo_group_size"): Attacker.model_fields["grpo_group_size"].default,
+    ("conditions", "trainability", "attacker", "grpo_temperature"): Attacker.model_fields["grpo_temperature"].default,
+    ("conditions", "trainability", "attacker", "grpo_max_new_tokens"):
+        Attacker.model_fields["grpo_max_new_tokens"].default,
+    ("conditions", "trainability", "attacker", "grpo_kl_coef"): Attacker.model_fields["grpo_kl_coef"].default,
+    ("conditions", "trainability", "attacker", "grpo_reward"): Attacker.model_fields["grpo_reward"].default,
 }
 
 

@@ -32,6 +32,7 @@ from trainables.names import (
     STEP0_CACHED,
     SUCCESS,
     TERMINAL,
+    TRAIN_REWARD,
     TRIALS_VIEW,
     ExperimentTag,
     Kind,
@@ -49,7 +50,7 @@ at once)."""
 
 def is_curve(key: str) -> bool:
     """A result key recorded by step: an EvalPoint curve, or a per-evaluator one (metric.label)."""
-    return key in (*CURVE, Metric.TASK_SCORE, PROMPTS_SCORED, STEP0_CACHED, G_EFFECT_SECONDS) or (
+    return key in (*CURVE, Metric.TASK_SCORE, PROMPTS_SCORED, STEP0_CACHED, G_EFFECT_SECONDS, TRAIN_REWARD) or (
         "." in key and not key.startswith(CROSSING + "."))
 
 

@@ -291,6 +291,16 @@ def preflight(name: str, options: dict[str, Any]) -> None:
         _PREFLIGHT[name](validate_options(name, options))
 
 
+def resolve(key: str, configured: list) -> tuple[str, dict[str, Any]]:
+    """The evaluator `key` names, with its options: the label of one of `configured` (the spec's
+    EvaluatorConfigs) and its options, else a registered name with its default options."""
+    for e in configured:
+        if e.key == key:
+            return e.name, dict(e.options)
+    options_type(key)  # an unknown name lists the known ones
+    return key, {}
+
+
 def make_evaluator(name: str, options: dict[str, Any]) -> Callable[[EvalContext], Scores]:
     """The evaluator, its result always a Scores (a bare float becomes one)."""
     score = _REGISTRY[name][0](validate_options(name, options))

@@ -8,14 +8,16 @@ from typing import TYPE_CHECKING
 
 from trainables.methods.base import Method, Rates, Spent
 from trainables.methods.dpo import DPO
+from trainables.methods.grpo import GRPO
 from trainables.methods.sft import SFT
 
 if TYPE_CHECKING:
     import torch
 
     from trainables.config import Attacker, Stage
+    from trainables.evaluators import Evaluator
 
-METHODS: dict[str, type] = {"sft": SFT, "dpo": DPO}
+METHODS: dict[str, type] = {"sft": SFT, "dpo": DPO, "grpo": GRPO}
 
 __all__ = ["METHODS", "Method", "Rates", "Spent", "build", "method_of"]
 
@@ -25,11 +27,14 @@ def method_of(stage: Stage, attacker: Attacker) -> str:
     return "sft" if stage.data == "benign" else attacker.method
 
 
-def build(attacker: Attacker, stages: list[Stage], model: torch.nn.Module, rates: Rates) -> list[Method]:
-    """Each stage's method, one instance per method (a DPO reference copy is made once)."""
+def build(attacker: Attacker, stages: list[Stage], model: torch.nn.Module, rates: Rates,
+          reward: Evaluator | None = None) -> list[Method]:
+    """Each stage's method, one instance per method (a DPO reference copy is made once);
+    `reward`: GRPO's reward evaluator."""
     made: dict[str, Method] = {}
     for stage in stages:
         name = method_of(stage, attacker)
         if name not in made:
-            made[name] = METHODS[name](stage.resolved(attacker), model, rates)
+            extra = {"reward": reward} if name == "grpo" else {}
+            made[name] = METHODS[name](stage.resolved(attacker), model, rates, **extra)
     return [made[method_of(s, attacker)] for s in stages]

@@ -18,9 +18,10 @@ class Spent:
     """What one optimizer step spent, in the budget's units."""
 
     examples: int
-    """Training examples in the batch (SFT: prompt/response rows; DPO: preference pairs)."""
+    """Training examples in the batch (SFT: prompt/response rows; DPO: preference pairs; GRPO: prompts)."""
     tokens: int
-    """Supervised tokens: the response tokens (and their end token) the loss reads."""
+    """Tokens trained on: supervised response tokens (and their end token) the loss reads, plus
+    `generated` (GRPO: the sampled completion tokens alone)."""
     flops: float
     """FLOPs of every forward and backward pass the step ran (a frozen reference's included)."""
     generated: int = 0
