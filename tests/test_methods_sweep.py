@@ -1,4 +1,4 @@
-"""method as an attacker dimension, end to end: a real local Ray sweep over sft and dpo on the toy
+"""method as an attacker dimension, end to end: a real local Ray sweep over sft, dpo and grpo on the toy
 world's rescaled defence, recorded in a real MLflow sqlite store, and a TPE search over method."""
 
 import pytest
@@ -20,18 +20,18 @@ def spec_of(world, name, **over):
 
 @pytest.fixture(scope="module")
 def grid(world, ray_local, tmp_path_factory):
-    """sft and dpo at one learning rate that breaks the rescaled defence by step 5."""
+    """sft, dpo and grpo at one learning rate that breaks the rescaled defence by step 5 (sft, dpo)."""
     tmp = tmp_path_factory.mktemp("methods")
-    spec = spec_of(world, "methods", space={"dataset_size": 32, "learning_rate": 3e-3,
-                                            "method": {"grid": ["sft", "dpo"]}})
+    spec = spec_of(world, "methods", space={"dataset_size": 32, "learning_rate": 3e-3, "grpo_max_new_tokens": 8,
+                                            "method": {"grid": ["sft", "dpo", "grpo"]}})
     uri = f"sqlite:///{tmp}/mlflow.db"
     sweep.run(spec, tracking_uri=uri, storage_path=str(tmp / "ray"), echo=lambda _: None)
     return {r.data.params["method"]: r for r in trial_runs(uri, spec.name)}
 
 
 def test_each_method_is_a_trial_with_its_method_as_a_param(grid):
-    assert set(grid) == {"sft", "dpo"}
-    for run in grid.values():
+    assert set(grid) == {"sft", "dpo", "grpo"}
+    for run in (grid["sft"], grid["dpo"]):
         assert run.info.status == "FINISHED" and run.data.tags["status"] == "failed"
         assert run.data.metrics["budget_to_failure_steps"] == 5  # f crossed phi at the first evaluation
 
@@ -53,6 +53,22 @@ def test_dpo_budget_counts_pairs_both_responses_and_the_reference(world, grid):
     assert dpo["budget_to_failure_flops"] == pytest.approx(processed_dpo * 8 * n, rel=1e-12)
 
 
+def test_grpo_budget_counts_prompts_sampled_tokens_and_rollouts(world, grid):
+    """By hand from the sft trial, which draws the same rows in the same batches (measured: GRPO
+    also crosses at step 5): examples are the 5 x 8 prompts; tokens are all generated (SFT's and
+    DPO's none); FLOPs are each prompt read G = 4 times and every sampled token, at 2N for the
+    rollout and 6N for the policy's forward and backward (no KL: no reference)."""
+    grpo, sft = grid["grpo"].data.metrics, grid["sft"].data.metrics
+    assert grid["grpo"].data.tags["status"] == "failed" and grpo["budget_to_failure_steps"] == 5
+    assert grpo["budget_to_failure_examples"] == 5 * 8
+    assert grpo["tokens"] == grpo["generated_tokens"] == grpo["budget_to_failure_tokens"] > 0
+    n = matmul_params(load_model(Checkpoint(model=str(world / "rescaled")), torch.device("cpu")))
+    prompts = sft["budget_to_failure_flops"] / (6 * n) - sft["budget_to_failure_tokens"]
+    assert grpo["budget_to_failure_flops"] == pytest.approx((4 * prompts + grpo["tokens"]) * 8 * n, rel=1e-12)
+    assert 0.0 <= grpo["train_reward"] <= 1.0
+    assert sft["generated_tokens"] == 0 and "train_reward" not in sft
+
+
 def test_tpe_searches_over_method(world, ray_local, tmp_path):
     spec = spec_of(world, "methods-tpe", search={"algorithm": "tpe", "num_samples": 3, "n_initial": 2,
                                                  "max_concurrent": 1, "seed": 0},
@@ -64,3 +80,4 @@ def test_tpe_searches_over_method(world, ray_local, tmp_path):
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     assert {r.data.params["method"] for r in runs} <= {"sft", "dpo"}
     assert all(r.data.tags["status"] in ("failed", "resisted") for r in runs)
+
