@@ -560,6 +560,8 @@ CASES = [
     Case("grpo-with-workers", lambda c: c.raw.update(
         resources={"workers": 2}, space={"dataset_size": 32, "batch_size": 4, "method": {"grid": ["sft", "grpo"]}}),
          ("spec error: space.method: grpo", "resources.workers: 2", "set resources.workers: 1")),
+    Case("sft-without-responses", lambda c: c.raw["data"]["attack"].update(response_field=None),
+         ("spec error: data.attack.response_field: is null", "space.method sft", "or use method grpo")),
     Case("grpo-with-g-effect", lambda c: c.raw.update(g_effect={}, space={"dataset_size": 32, "method": "grpo"}),
          ("spec error: g_effect:", "space.method grpo", "set g_effect: null or keep method sft")),
 ]

@@ -218,7 +218,12 @@ def _check_methods(spec: SweepSpec) -> None:
     """What methods dpo and grpo need: the single-process loop (DeepSpeed steps run SFT only), no
     G-effect probe (it measures the SFT gradient); dpo a rejected answer for every pair, grpo a
     reward evaluator that gives verdicts."""
-    methods = [m for m in ("dpo", "grpo") if m in dict(spec.space)["method"].values_or_range()]
+    chosen = dict(spec.space)["method"].values_or_range()
+    if spec.data.attack.response_field is None and (trained := [m for m in chosen if m != "grpo"]):
+        raise SpecError(f"spec error: data.attack.response_field: is null, but space.method {trained[0]} trains "
+                        "on the attack split's responses; set data.attack.response_field, or use method grpo "
+                        "(prompts alone)")
+    methods = [m for m in ("dpo", "grpo") if m in chosen]
     for method in methods:
         if spec.distributed is not None:
             where = "deepspeed" if spec.deepspeed else f"resources.workers: {spec.resources.workers}"
