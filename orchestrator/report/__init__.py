@@ -42,16 +42,21 @@ CONDITION_FILES = ("verdicts.csv", "transfer.csv", "conditioning.csv")
 defences' conditioning (conditioning.csv)."""
 
 
+FAMILY_FILES = ("families.csv",)
+"""Written when the sweep varied an attack family (method, a data or template attack)."""
+
+
 def files(out_dir: Path) -> list[Path]:
     """What `write` put in out_dir (figures/ holds the PNGs)."""
-    return [out_dir / name for name in FILES] + [p for name in CONDITION_FILES if (p := out_dir / name).exists()] \
+    return [out_dir / name for name in FILES] + [p for name in (*CONDITION_FILES, *FAMILY_FILES)
+                                                 if (p := out_dir / name).exists()] \
         + sorted((out_dir / "figures").glob("*.png"))
 
 
 def owned(rel: Path) -> bool:
     """Whether a path in the report's folder (relative to it) is the report's: FILES,
     CONDITION_FILES, figures/ and the PNGs in it. Anything else there is the user's, kept."""
-    return rel.as_posix() in (*FILES, *CONDITION_FILES, "figures") or (
+    return rel.as_posix() in (*FILES, *CONDITION_FILES, *FAMILY_FILES, "figures") or (
         rel.parent.as_posix() == "figures" and rel.suffix == ".png")
 
 
@@ -74,7 +79,11 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
         judged = V.judge(rows, conditions, unit)
         tables_out["verdicts.csv"] = C.verdict_csv(judged)
         tables_out["transfer.csv"] = C.transfer_csv(rows)
-    for name in CONDITION_FILES:  # a folder reused for a sweep without conditions keeps no stale verdicts
+    from orchestrator.report import families
+
+    if families.varied(rows):
+        tables_out["families.csv"] = families.csv_rows(rows, unit)
+    for name in (*CONDITION_FILES, *FAMILY_FILES):  # a folder reused for another sweep keeps no stale tables
         (out_dir / name).unlink(missing_ok=True)
     diagnosed = conditions.diagnostic if conditions is not None else {}
     if diagnosed:
@@ -111,6 +120,7 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
     if paired[1]:
         sections.append((f"Paired with the base ({unit}): each attacker against each defence and the base", "",
                          paired))
+    sections += families.sections(rows, unit)
     sections.append((titles["attackers"], "", (a_header, a_body)))
     if several_evaluators:
         sections.append((titles["evaluators"], "", (e_header, e_body)))
@@ -126,6 +136,9 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
     from orchestrator.report import html
 
     drawn = fig.draw(rows, unit, out_dir, conditions=conditions) if figures else []
+    if figures:  # the survival curve by method right after the survival curves
+        after = sum(f.group == "survival" for f in drawn)
+        drawn[after:after] = families.draw(rows, unit, out_dir)
     brief, order = summary(rows, unit), ranking(rows, unit)
     (out_dir / "report.html").write_text(html.page(
         experiment, unit, _headline(rows, unit), order, brief, drawn,

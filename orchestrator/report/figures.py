@@ -20,6 +20,7 @@ from orchestrator.conditions.records import Records  # noqa: E402
 from orchestrator.report.conditions import trainability_unit  # noqa: E402
 from orchestrator.report.records import DefenceRow, Trial, defence_label, varying  # noqa: E402
 from orchestrator.report.tables import order_key  # noqa: E402
+from orchestrator.stats.survival import Curve  # noqa: E402
 from trainables.names import CENSORED, G_EFFECT_RISKS, UNITS  # noqa: E402
 
 COLOURS = {"failed": "#d62728", "unsafe_at_release": "#8c1c13", "resisted": "#1f77b4", "diverged": "#ff7f0e",
@@ -65,12 +66,16 @@ def draw(rows: list[DefenceRow], unit: str, out_dir: Path, conditions: Records |
         made = make()
         if made is None:
             continue
-        fig, caption = made
-        path = out_dir / "figures" / f"{name}.png"
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")
-        plt.close(fig)
-        drawn.append(Drawn(name, title, caption, path, group=name.split("-")[0] if "-" in name else ""))
+        drawn.append(save(*made, name, title, out_dir))
     return drawn
+
+
+def save(fig: Figure, caption: str, name: str, title: str, out_dir: Path) -> Drawn:
+    """The figure written to out_dir/figures/<name>.png (names 'group-member' are alternatives)."""
+    path = out_dir / "figures" / f"{name}.png"
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return Drawn(name, title, caption, path, group=name.split("-")[0] if "-" in name else "")
 
 
 def survival(rows: list[DefenceRow], unit: str) -> tuple[Figure, str] | None:
@@ -79,11 +84,16 @@ def survival(rows: list[DefenceRow], unit: str) -> tuple[Figure, str] | None:
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    survival_axes(ax, [(r.label, c) for r, c in curves], unit)
+    return fig, survival_caption([c for _, c in curves])
+
+
+def survival_axes(ax, curves: list[tuple[str, Curve]], unit: str) -> None:
+    """Survival curves on one axes, each with its band and censoring ticks, labelled 'name  n=...'."""
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (r, c) in enumerate(curves):
+    for k, (name, c) in enumerate(curves):
         colour = colours[k % len(colours)]
-        ax.step(c.times, c.surviving, where="post", color=colour, lw=2,
-                label=f"{r.label}  n={c.n}")
+        ax.step(c.times, c.surviving, where="post", color=colour, lw=2, label=f"{name}  n={c.n}")
         ax.fill_between(c.times, c.lower, c.upper, step="post", color=colour, alpha=0.15, lw=0)
         if c.censored_times:
             ax.plot(c.censored_times, [c.at(t) for t in c.censored_times], ls="none", marker="|", ms=12, mew=2,
@@ -94,10 +104,13 @@ def survival(rows: list[DefenceRow], unit: str) -> tuple[Figure, str] | None:
     ax.axhline(0.5, color="#999", lw=0.8, ls=":")
     ax.legend(loc="best", frameon=False)
     ax.grid(alpha=0.3)
-    method = {c.method for _, c in curves}
-    return fig, (f"{' / '.join(sorted(m.title() for m in method))} estimate with its 95% pointwise band; a tick marks "
-                 "an attack censored there (it resisted up to its own horizon). Diverged and degenerate attacks "
-                 "are competing events, never successes. The dotted line is the median.")
+
+
+def survival_caption(curves: list[Curve]) -> str:
+    method = {c.method for c in curves}
+    return (f"{' / '.join(sorted(m.title() for m in method))} estimate with its 95% pointwise band; a tick marks "
+            "an attack censored there (it resisted up to its own horizon). Diverged and degenerate attacks "
+            "are competing events, never successes. The dotted line is the median.")
 
 
 def harmfulness(rows: list[DefenceRow]) -> tuple[Figure, str] | None:

@@ -27,6 +27,7 @@ from trainables.names import (
     Tag,
     g_effect,
     per_domain,
+    per_evaluator,
 )
 
 
@@ -322,7 +323,7 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> list[Defenc
             spent={u: metrics[Metric.spent(u)] for u in UNITS if Metric.spent(u) in metrics},
             resolution_steps=metrics.get(Metric.RESOLUTION), objective=metrics.get(Metric.OBJECTIVE),
             by_evaluator=_by_evaluator(metrics), loss_peak_ratio=metrics.get(Metric.LOSS_PEAK_RATIO),
-            evaluators=tuple((params.get("evaluators") or params.get("evaluator") or "").split(",")),
+            evaluators=_labels(params, metrics),
             by_domain={k.split(".", 1)[1]: v for k, v in metrics.items()
                        if k.startswith(per_domain("harmfulness", ""))})
         for risk in G_EFFECT_RISKS:
@@ -365,6 +366,15 @@ def _once(runs: list) -> tuple[list, list]:
         kept.append(first)
         dropped += [r for r in group if r is not first]
     return kept, dropped
+
+
+def _labels(params: dict[str, str], metrics: dict[str, float]) -> tuple[str, ...]:
+    """Every evaluator label the trial recorded: the spec's (the primary first), then those only its
+    metrics name (harmfulness.<label>, budget_to_failure_<unit>.<label>), such as <label>.trigger."""
+    labels = [x for x in (params.get("evaluators") or params.get("evaluator") or "").split(",") if x]
+    scored = per_evaluator("harmfulness", "")
+    found = {k.removeprefix(scored) for k in metrics if k.startswith(scored)} | set(_by_evaluator(metrics))
+    return tuple(labels + sorted(found - set(labels)))
 
 
 def _by_evaluator(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
