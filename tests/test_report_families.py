@@ -85,6 +85,20 @@ def test_survival_by_method_draws_a_hand_kaplan_meier_per_method_per_defence(sto
         for x, expected in points.items():
             assert abs(_step_at(panels[panel][label], x) - expected) < 1e-9, (panel, label, x)
     assert "one curve per method" in caption
+    colour = {label: ln.get_color() for lines in panels.values() for label, ln in lines.items()
+              if label.startswith("method")}
+    assert colour["method dpo  n=3"] == colour["method dpo  n=2"] != colour["method sft  n=3"] == \
+        colour["method sft  n=2"]
+
+
+def test_a_method_keeps_its_colour_in_a_panel_without_the_other_methods(store):
+    s = Sweep(store, "methods-colour")
+    s.trial("d", "failed", group="a", attacker={"method": "dpo"}, btf={"steps": 5}, spent={"steps": 5})
+    s.trial("d", "failed", group="b", attacker={"method": "sft"}, btf={"steps": 9}, spent={"steps": 9})
+    s.trial("e", "failed", group="a", attacker={"method": "sft"}, btf={"steps": 7}, spent={"steps": 7})
+    figure, _ = families.survival(report.load(store, "methods-colour"), "steps")
+    colour = {(ax.get_title(), ln.get_label()): ln.get_color() for ax in figure.axes for ln in ax.lines}
+    assert colour[("d", "method sft  n=1")] == colour[("e", "method sft  n=1")]
 
 
 def test_a_sweep_of_one_method_keeps_its_report(store, tmp_path):

@@ -87,8 +87,9 @@ def survival(rows: list[DefenceRow], unit: str, field: str = "method"):
     cols = min(len(shown), 3)
     lines = -(-len(shown) // cols)
     figure, axes = fig.plt.subplots(lines, cols, figsize=(4.6 * cols, 3.6 * lines), squeeze=False, sharey=True)
+    values = sorted({v for _, curves in shown for v, _ in curves}, key=order_key)  # a value's colour in every panel
     for ax, (r, curves) in zip(axes.flat, shown, strict=False):
-        fig.survival_axes(ax, [(f"{field} {v}", c) for v, c in curves], unit)
+        fig.survival_axes(ax, [(f"{field} {v}", c) for v, c in curves], unit, [values.index(v) for v, _ in curves])
         ax.set_title(r.label)
     for ax in list(axes.flat)[len(shown):]:
         ax.set_visible(False)

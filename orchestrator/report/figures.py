@@ -88,11 +88,12 @@ def survival(rows: list[DefenceRow], unit: str) -> tuple[Figure, str] | None:
     return fig, survival_caption([c for _, c in curves])
 
 
-def survival_axes(ax, curves: list[tuple[str, Curve]], unit: str) -> None:
-    """Survival curves on one axes, each with its band and censoring ticks, labelled 'name  n=...'."""
+def survival_axes(ax, curves: list[tuple[str, Curve]], unit: str, slots: list[int] | None = None) -> None:
+    """Survival curves on one axes, each with its band and censoring ticks, labelled 'name  n=...';
+    curve k in colour slots[k] of the cycle (default k: one name keeps its colour across panels)."""
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (name, c) in enumerate(curves):
-        colour = colours[k % len(colours)]
+        colour = colours[(slots[k] if slots else k) % len(colours)]
         ax.step(c.times, c.surviving, where="post", color=colour, lw=2, label=f"{name}  n={c.n}")
         ax.fill_between(c.times, c.lower, c.upper, step="post", color=colour, alpha=0.15, lw=0)
         if c.censored_times:
