@@ -13,8 +13,6 @@ from orchestrator.report.tables import Table, _number, median_cell, order_key, w
 
 FAMILIES = ("method", "poison_ratio", "chat_template", "prompt_format", "system_prompt", "trigger")
 """Attacker fields that choose a kind of attack rather than tune one."""
-UNSET = {"method": "sft"}
-"""A trial recorded without the field ran this (before `method` existed every attack was sft)."""
 NONE = "none"
 """How a trial without a data/template field reads: that attack was not applied."""
 
@@ -25,11 +23,12 @@ LEGEND = ("Per defence and value of the field: the trials run, how many broke th
 
 def family(trial: Trial, field: str) -> str:
     """The trial's value of an attack-family field."""
-    return trial.params.get(field, UNSET.get(field, NONE))
+    return trial.params.get(field, NONE)  # records.load gives a trial recorded before `method` existed sft
 
 
 def varied(rows: list[DefenceRow]) -> list[str]:
-    """The family fields that take more than one value across the sweep (a trial without one counts as UNSET)."""
+    """The family fields that take more than one value across the sweep (a trial without a data or
+    template field reads NONE)."""
     everyone = [t for r in rows for t in r.trials]
     return [f for f in FAMILIES if len({family(t, f) for t in everyone}) > 1]
 

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.spec.attackers import field_order
 from orchestrator.stats import bootstrap, survival
 from orchestrator.tracking.readers import kept_first
+from trainables.config import Attacker
 from trainables.names import (
     CENSORED,
     FAILED_ATTACK,
@@ -111,6 +112,8 @@ class Trial:
         return self.btf.get(unit) if self.status in SUCCESS else math.inf
 
 
+UNSET_METHOD = Attacker.model_fields["method"].default
+"""A trial recorded before the attacker's `method` existed ran this (as its trial key reads it)."""
 REFERENCE = "reference"
 """How the base defence is marked wherever defences are named: the undefended reference."""
 
@@ -316,7 +319,8 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> list[Defenc
         number = tags.get(Tag.TRIAL_NUMBER, "")
         trial = Trial(
             defence=tags[Tag.DEFENCE], is_base=tags.get(Tag.BASE) == "true", status=tags[Tag.STATUS],
-            params=params, max_steps=int(params.get("max_steps", 0)), run_id=run.info.run_id,
+            params={"method": UNSET_METHOD, **params}, max_steps=int(params.get("max_steps", 0)),
+            run_id=run.info.run_id,
             attacker_id=tags.get(Tag.ATTACKER_ID, ""), attacker_group=tags.get(Tag.ATTACKER_GROUP, ""),
             trial_number=int(number) if number.isdigit() else None, start_time=run.info.start_time or 0,
             btf={u: metrics[Metric.btf(u)] for u in UNITS if Metric.btf(u) in metrics},
