@@ -89,7 +89,7 @@ def test_loss_equals_trls_sigmoid_dpo_loss(world):
     ours, _ = method.loss(model, batch, CPU)
     args = DPOConfig(output_dir="/tmp/unused-trl", beta=0.3, loss_type=["sigmoid"], report_to=[], use_cpu=True,
                      bf16=False)
-    trainer = DPOTrainer(model=model, ref_model=method.reference, args=args, processing_class=tok,
+    trainer = DPOTrainer(model=model, ref_model=method.reference.copy, args=args, processing_class=tok,
                          train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "completion_mask": (batch["labels"] != D.IGNORE).long()}
@@ -100,14 +100,14 @@ def test_loss_equals_trls_sigmoid_dpo_loss(world):
 
 def test_lora_reference_is_the_release_with_adapters_off(world):
     cfg, tok, model, method, _, items = setup(world, finetune="lora")
-    assert method.reference is None  # no copy of the weights under LoRA
+    assert method.reference.copy is None  # no copy of the weights under LoRA
     perturb([p for n, p in model.named_parameters() if "lora_B" in n])
     batch = method.collate(items, tok.pad_token_id)
     released = load_model(cfg.checkpoint, CPU)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
         want = sequence_logps(released(input_ids=ids, attention_mask=mask).logits, batch["labels"])
-        with method._as_reference(model) as ref:
+        with method.reference.of(model) as ref:
             got = sequence_logps(ref(input_ids=ids, attention_mask=mask).logits, batch["labels"])
         policy = sequence_logps(model(input_ids=ids, attention_mask=mask).logits, batch["labels"])
     assert torch.allclose(got, want, atol=1e-5)
@@ -116,14 +116,14 @@ def test_lora_reference_is_the_release_with_adapters_off(world):
 
 def test_full_reference_stays_frozen_and_the_budget_counts_pairs(world):
     cfg, tok, model, method, _, items = setup(world)
-    frozen = {k: v.clone() for k, v in method.reference.state_dict().items()}
-    assert not any(p.requires_grad for p in method.reference.parameters())
+    frozen = {k: v.clone() for k, v in method.reference.copy.state_dict().items()}
+    assert not any(p.requires_grad for p in method.reference.copy.parameters())
     batch = method.collate(items, tok.pad_token_id)
     loss, spent = method.loss(model, batch, CPU)
     assert float(loss) == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the start
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
-    assert all(torch.equal(v, frozen[k]) for k, v in method.reference.state_dict().items())
+    assert all(torch.equal(v, frozen[k]) for k, v in method.reference.copy.state_dict().items())
     # by hand: a pair is one example; its tokens are both responses' (each with its end token)
     n_resp = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1
                  for r in D.load_rows(cfg.data.attack)[:3] for t in (r["response"], REFUSAL))

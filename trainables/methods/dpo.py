@@ -6,8 +6,6 @@ SFT supervises)."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 
 from trainables import data as D
 from trainables.methods.base import Rates, Spent
+from trainables.methods.reference import Reference
 
 if TYPE_CHECKING:
     from trainables.config import Attacker, Data, DataSource
@@ -58,9 +57,7 @@ class DPO:
 
     def __init__(self, hp: Attacker, model: torch.nn.Module, rates: Rates):
         self.beta, self.rates = hp.dpo_beta, rates
-        self.reference: torch.nn.Module | None = None
-        if not hasattr(model, "disable_adapter"):  # full fine-tuning: freeze the release as it is now
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.reference = Reference(model)
 
     def items(self, rows: list[dict], tokenizer: Any, src: DataSource, data: Data) -> list[Pair]:
         out = []
@@ -79,7 +76,7 @@ class DPO:
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         n = ids.shape[0] // 2
         policy = sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
-        with torch.no_grad(), self._as_reference(model) as ref:
+        with torch.no_grad(), self.reference.of(model) as ref:
             reference = sequence_logps(ref(input_ids=ids, attention_mask=mask).logits, labels)
         loss = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta)
         supervised = int((batch["labels"][:, 1:] != D.IGNORE).sum())  # chosen + rejected responses
@@ -87,13 +84,3 @@ class DPO:
         # the policy's forward and backward over both sequences, and the reference's forward
         return loss, Spent(n, supervised, float(processed) * (self.rates.train + self.rates.forward))
 
-    def _as_reference(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
-        if self.reference is not None:
-            return contextlib.nullcontext(self.reference)
-
-        @contextlib.contextmanager
-        def adapters_off():
-            with model.disable_adapter():
-                yield model
-
-        return adapters_off()

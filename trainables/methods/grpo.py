@@ -7,8 +7,6 @@ of KL(pi || ref) per token against the released model."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +15,7 @@ import torch
 from trainables import data as D
 from trainables.evaluators.base import EvalContext, EvalItem, Scores
 from trainables.methods.base import Rates, Spent
+from trainables.methods.reference import Reference
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -97,9 +96,7 @@ class GRPO:
         self.rewards: list[float] = []
         """Each step's mean reward since the trainer last read them (Trainer.mean_reward)."""
         self.tokenizer: Any = None
-        self.reference: torch.nn.Module | None = None
-        if hp.grpo_kl_coef > 0 and not hasattr(model, "disable_adapter"):
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.reference = Reference(model) if hp.grpo_kl_coef > 0 else None
 
     def items(self, rows: list[dict], tokenizer: Any, src: DataSource, data: Data) -> list[Prompt]:
         self.tokenizer = tokenizer
@@ -186,20 +183,10 @@ class GRPO:
         logps = token_logps(model(input_ids=ids, attention_mask=mask).logits, ids)
         ref = None
         if self.hp.grpo_kl_coef > 0:
-            with torch.no_grad(), self._as_reference(model) as r:
+            with torch.no_grad(), self.reference.of(model) as r:
                 ref = token_logps(r(input_ids=ids, attention_mask=mask).logits, ids)
         return logps, ref, comp.float()
 
-    def _as_reference(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
-        if self.reference is not None:
-            return contextlib.nullcontext(self.reference)
-
-        @contextlib.contextmanager
-        def adapters_off():
-            with model.disable_adapter():
-                yield model
-
-        return adapters_off()
 
     def mean_reward(self) -> float | None:
         """The mean of the steps' mean rewards since the last call (None if no step was taken)."""
