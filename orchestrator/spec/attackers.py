@@ -26,6 +26,8 @@ SHORT: dict[str, str] = {
     "stages": "{}",
     "poison_ratio": "poison {}", "chat_template": "template={}", "prompt_format": "format {}",
     "system_prompt": "system {}", "trigger": "trigger {}",  # issue 25
+    "method": "{}", "dpo_beta": "beta {}", "grpo_group_size": "G{}", "grpo_temperature": "temp {}",
+    "grpo_max_new_tokens": "gen {}", "grpo_kl_coef": "kl {}", "grpo_reward": "reward {}",
 }
 """How each attacker field reads in a run name."""
 NAMED = ("learning_rate", "optimizer", "finetune", "dataset_size")
