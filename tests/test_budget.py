@@ -110,3 +110,13 @@ def test_progress_counts_every_trial_and_keeps_the_cheapest_success():
     assert (p.trials, p.compute, p.best) == (5, 66.0, 15.0)
     p.add("unsafe_at_release", 0.0, 0.0)
     assert (p.trials, p.compute, p.best) == (6, 66.0, 0.0)
+
+
+def test_spend_adds_each_steps_units_generated_tokens_apart():
+    """Two steps, by hand: each unit is the sum of what the steps spent (GRPO's sampled tokens kept apart)."""
+    from trainables.methods.base import Spent
+
+    b = Budget()
+    b.spend(Spent(examples=2, tokens=10, flops=100.0, generated=3))
+    b.spend(Spent(examples=4, tokens=20, flops=50.0, generated=5))
+    assert (b.steps, b.examples, b.tokens, b.flops, b.generated_tokens) == (2, 6, 30, 150.0, 8)
