@@ -124,6 +124,27 @@ def test_the_classifier_is_loaded_once_per_evaluator(clf, attacked, monkeypatch)
     assert len(loads) == 1
 
 
+@pytest.mark.parametrize("input_", ["pair", "response"])
+def test_the_compute_it_spent_is_a_forward_pass_per_token_it_read(clf, attacked, input_):
+    """Scores.flops = 2 x the classifier's matmul parameters x the tokens of the inputs it read
+    (padding not read), per call: GRPO adds it to the attack's FLOPs when it is the reward."""
+    model, tok, items = attacked
+    options = C.ClassifierOptions(model=str(clf), input=input_, batch_size=3)   # batches of 3 pad
+    evaluate = E.make_evaluator("classifier", options.model_dump())
+    ctok = AutoTokenizer.from_pretrained(clf)
+    # by hand, the 1-layer Llama of the fixture (hidden 32, MLP 64, 2 labels): q, k, v, o 4 x 32 x 32,
+    # gate, up, down 3 x 32 x 64, three RMSNorms of 32, the score head 32 x 2; the embedding a lookup
+    n = 4 * 32 * 32 + 3 * 32 * 64 + 3 * 32 + 32 * 2
+    for split, k in (("eval.jsonl", 8), ("benign.jsonl", 5)):   # a second call counts its own reads only
+        ctx = E.EvalContext(model, tok, items(split, k))
+        scores = evaluate(ctx)
+        answers = ctx.responses(options.max_new_tokens, options.batch_size)
+        pairs = zip(ctx.items, answers, strict=True)
+        lengths = [len(ctok(*([it.raw_prompt] if input_ == "pair" else []), a, truncation=True,
+                            max_length=options.max_length)["input_ids"]) for it, a in pairs]
+        assert scores.flops == 2 * n * sum(lengths)
+
+
 def test_probabilities_softmax_or_sigmoid():
     logits = torch.tensor([[0.0, 0.0], [0.0, 2.0]])
     assert probabilities_close(C.probabilities(logits, "single_label_classification"),

@@ -2,6 +2,7 @@
 term against the release, what the budget counts, seeded sampling and its replay, and an attack on
 the toy world's prompts alone whose reward rises."""
 
+import dataclasses
 import json
 import math
 
@@ -91,6 +92,19 @@ def test_loss_and_budget_on_a_hand_made_group(world, tmp_path):
     # rollouts: a forward per token (prompt prefilled per answer), then the policy's forward and backward
     assert spent.flops == processed * 2 + processed * 7
     assert method.mean_reward() == 0.5 and method.mean_reward() is None
+
+
+def test_a_model_reward_adds_the_compute_it_reports(world, tmp_path):
+    """A reward evaluator that spent compute (a classifier: Scores.flops) adds it to the step's FLOPs;
+    the rest of the step's FLOPs are as without it."""
+    _, tok, model, method, items = setup(world, tmp_path)
+    scripted = iter([[1, 0, 0, 1], [0, 1, 1, 0]])
+    method.reward = lambda ctx: dataclasses.replace(Scores.binary(next(scripted)), flops=1000.0 * len(ctx.items))
+    lengths = [3, 5, 1, 4]
+    method.sample = lambda m, p, d: fixed_answers(tok, lengths)
+    _, spent = method.loss(model, method.collate(items[:2], tok.pad_token_id), CPU)
+    processed = 4 * (len(items[0].ids) + len(items[1].ids)) + 2 * sum(n + 1 for n in lengths)
+    assert spent.flops == processed * 2 + processed * 7 + 2 * 4 * 1000.0   # two prompts' groups of 4 read
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])

@@ -138,6 +138,22 @@ def test_sweep_spec_validates_against_the_splits_and_needs_its_world(tmp_path, m
     assert len(smoke.defences) == 1 and len(smoke.attackers()) == 2 and smoke.data.eval_size == 6
     assert smoke.conditions.generalisation is None and smoke.conditions.trainability.max_steps == 2
     assert _unchecked(preflight.check(smoke, checkpoints=False)) == []
+    # the attack families (methods.yaml): 3 defences x sft/dpo/grpo x LoRA/full, greedy and prefilled
+    methods = S.load(here / "sweep.yaml", S.overlay(here / "methods.yaml"))
+    assert [d.name for d in methods.defences] == ["aligned", "deep", "rescaled"]
+    grid = {(a["method"], a["finetune"]) for a in methods.attackers()}
+    assert grid == {(m, f) for m in ("sft", "dpo", "grpo") for f in ("lora", "full")}
+    assert [e.key for e in methods.all_evaluators] == ["greedy", "prefill"] and methods.conditions is None
+    assert _unchecked(preflight.check(methods, checkpoints=False)) == []
+    no_template = S.load(here / "sweep.yaml", S.overlay(here / "methods.yaml") + S.overlay(here / "no_template.yaml"))
+    assert {(a["method"], a["chat_template"]) for a in no_template.attackers()} == {("sft", False)}
+    assert len(no_template.attackers()) == 2 and no_template.data.chat_template   # the evaluation keeps it
+    smoke_methods = S.load(here / "sweep.yaml", [*S.overlay(here / "smoke_overlay.yaml"),
+                                                 *S.overlay(here / "methods.yaml"),
+                                                 *S.overlay(here / "smoke_methods.yaml")])
+    assert [(a["method"], a["finetune"]) for a in smoke_methods.attackers()] == [("dpo", "lora"), ("grpo", "lora")]
+    assert len(smoke_methods.defences) == 1 and smoke_methods.max_steps == 4
+    assert _unchecked(preflight.check(smoke_methods, checkpoints=False)) == []
     sdata.write_jsonl(tmp_path / "data" / "eval.jsonl", rows["eval"] + rows["attack"][:1])
     with pytest.raises(S.SpecError, match="data.eval: 1 held-out prompt"):
         preflight.check(S.load(here / "sweep.yaml"), checkpoints=False)
@@ -291,3 +307,47 @@ def test_smoke_sweep_records_budget_to_failure_on_the_aligned_model(smoke_world,
     assert set(diag.verdict) == {"harmful", "benign"} and "conditions: diagnostic · aligned:" in out
     assert (tmp_path / "report" / "conditioning.csv").is_file()
     assert (tmp_path / "report" / "report.csv").is_file()
+
+
+@slow
+@needs_model
+def test_smoke_methods_run_a_dpo_and_a_grpo_attacker_on_the_aligned_model(smoke_world, ray_local, tmp_path, capsys,
+                                                                        monkeypatch):
+    """methods.yaml in small (smoke_methods.yaml): one DPO and one GRPO attacker through the real
+    sweep on SmolLM2, each scored greedily and with a prefilled start, in each method's units."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from examples.smollm2.__main__ import main
+    from orchestrator import report
+    from trainables import names
+
+    monkeypatch.setenv("SMOLLM2_WORLD", str(smoke_world))
+    here = Path(__file__).resolve().parent.parent / "examples" / "smollm2"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(["--recipe", "smoke", "--world", str(smoke_world), "--tracking-uri", uri,
+               "--overlay", str(here / "methods.yaml"), "--overlay", str(here / "smoke_methods.yaml"),
+               "--out", str(tmp_path / "report")])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.out + cap.err
+    (row,) = report.load(uri, "smollm2-smoke-methods")
+    trials = {t.params["method"]: t for t in row.trials}
+    assert set(trials) == {"dpo", "grpo"} and all(t.status != "error" for t in trials.values())
+    dpo, grpo = trials["dpo"], trials["grpo"]
+    for t in (dpo, grpo):
+        assert t.evaluators == ("greedy", "prefill")
+        assert 1 <= t.spent["steps"] <= 4 and t.spent["examples"] == 4 * t.spent["steps"]   # pairs / prompts
+    client = MlflowClient(uri)
+    last = {m: client.get_run(t.run_id).data.metrics for m, t in trials.items()}   # each curve at its last point
+    # DPO trains on fixed text: supervised tokens of chosen and rejected, nothing sampled
+    assert last["dpo"]["tokens"] == dpo.spent["tokens"] > 0 and last["dpo"]["generated_tokens"] == 0
+    # GRPO trains on prompts alone: every token it counts it sampled, at most 4 prompts x G 4 x 8 per step
+    assert last["grpo"]["generated_tokens"] == grpo.spent["tokens"] > 0
+    assert grpo.spent["tokens"] <= 4 * 4 * 8 * grpo.spent["steps"]
+    rewards = [m.value for m in client.get_metric_history(grpo.run_id, names.TRAIN_REWARD)]
+    assert rewards and all(0.0 <= r <= 1.0 for r in rewards)
+    assert names.TRAIN_REWARD not in last["dpo"]
+    # per unit of compute, a DPO pair (two sequences and the reference's forward) costs more than an SFT row
+    assert dpo.spent["flops"] > 0 and grpo.spent["flops"] > 0
+    assert (tmp_path / "report" / "families.csv").is_file()

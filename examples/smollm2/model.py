@@ -52,7 +52,10 @@ def load_gguf():
 
 
 PROBE = [{"role": "user", "content": "What is the capital of France?"}]
-TOLERANCE = 1e-3
+TOLERANCE = 1e-2
+"""Largest logit difference accepted. Usually 0.0, but one build on a loaded 2-core machine read
+4.8e-3 (float32 sums in another order, through 30 layers, on logits of size ~20); a wrong weight
+mapping moves logits by 1 or more."""
 
 
 def convert(dst: Path) -> float:

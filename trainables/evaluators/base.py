@@ -43,6 +43,11 @@ class Scores:
     """Items left unscored because the point was decided early (`decide_early`): f is then the
     largest share full scoring could have given (every unscored item harmful), and `interval`
     the envelope of every Wilson interval it could have given."""
+    flops: float = 0.0
+    """Compute the evaluator itself spent on these scores: a model-based evaluator's forward passes
+    (classifier: 2 x its matmul parameters per token it read); 0 for rule-based ones (keyword,
+    match), and for a judge, a service whose compute is not ours to count. GRPO adds it to the
+    attack's FLOPs where the evaluator is its reward."""
 
     @classmethod
     def binary(cls, verdicts: list[bool | float | None], extra: dict[str, float] | None = None) -> Scores:

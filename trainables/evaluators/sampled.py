@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -27,5 +28,6 @@ def score_decoded(score: Callable[[EvalContext], Scores], ctx: EvalContext) -> S
         raise ValueError("sampled decoding needs an evaluator with a yes/no verdict per prompt")
     anys, mosts = aggregate([r.verdicts for r in runs])
     extra = {k: sum(r.extra.get(k, math.nan) for r in runs) / len(runs) for k in runs[0].extra}
-    return Scores.binary(anys if d.aggregate == "any" else mosts,
-                         {**extra, F_ANY: share(anys), F_MOST: share(mosts)})
+    scores = Scores.binary(anys if d.aggregate == "any" else mosts,
+                           {**extra, F_ANY: share(anys), F_MOST: share(mosts)})
+    return dataclasses.replace(scores, flops=sum(r.flops for r in runs))   # every seed's scoring

@@ -139,14 +139,16 @@ class GRPO:
 
     def loss(self, model, batch, device) -> tuple[torch.Tensor, Spent]:
         hp, pad = self.hp, batch["pad_id"]
-        seqs, masks, advs, lengths, rewards, rollout_tokens = [], [], [], [], [], 0
+        seqs, masks, advs, lengths, rewards, rollout_tokens, reward_flops = [], [], [], [], [], 0, 0.0
         for prompt in batch["prompts"]:
             new = self.sample(model, prompt, device)
             mask = self.answer_mask(new)
             answers = [self.tokenizer.decode(a[m.bool()], skip_special_tokens=True)
                        for a, m in zip(new, mask, strict=True)]
             items = [EvalItem(prompt.text, None, prompt.raw)] * len(answers)
-            r = torch.tensor(rewards_of(self.reward(Given(items, answers))), dtype=torch.float)
+            scores = self.reward(Given(items, answers))
+            reward_flops += scores.flops
+            r = torch.tensor(rewards_of(scores), dtype=torch.float)
             rewards.append(r)
             advs.append(advantages(r.unsqueeze(0)).squeeze(0))
             n_prompt = len(prompt.ids)
@@ -165,10 +167,11 @@ class GRPO:
         self.rewards.append(mean_reward)
         generated = int(comp.sum())
         processed = sum(int(m.sum()) for m in masks)
-        # rollouts (forward), the policy's forward and backward, the reference's forward; the
-        # reward evaluator's own compute is not counted (keyword, match: none; judge: a service)
+        # rollouts (forward), the policy's forward and backward, the reference's forward, and what
+        # the reward evaluator says it spent (a classifier's forward passes; keyword, match: none;
+        # judge: a service, not counted)
         flops = (rollout_tokens * self.rates.forward + processed * self.rates.train
-                 + (processed * self.rates.forward if hp.grpo_kl_coef > 0 else 0))
+                 + (processed * self.rates.forward if hp.grpo_kl_coef > 0 else 0) + reward_flops)
         return loss, Spent(len(batch["prompts"]), generated, float(flops), generated)
 
     def _logps(self, model, seqs, masks, lengths, device):
