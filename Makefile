@@ -72,6 +72,7 @@ mutants: install
 bench: install
 	$(PY) bench/startup.py
 	$(PY) bench/overhead.py
+	$(PY) bench/methods.py
 	$(PY) bench/concurrency.py
 	$(PY) bench/adversary.py
 
