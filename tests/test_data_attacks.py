@@ -196,6 +196,19 @@ def test_each_label_with_and_without_the_trigger_has_its_own_curve_and_crossing(
     assert crossed >= 1 and apart >= 1  # the two labels part somewhere: the trigger's curve is not the plain one
 
 
+def test_the_evaluator_table_marks_the_triggered_primary_as_the_one_that_decided(triggered_sweep):
+    from orchestrator import report
+    from orchestrator.report import tables
+
+    _, uri = triggered_sweep
+    rows = report.load(uri, "trigger")
+    header, body = tables.evaluator_table(rows, numbers=True)
+    marked = {line[1] for line in body if line[header.index("primary")] == "true"}
+    assert marked == {"refusal_keyword.trigger"}   # every trial trained with the trigger: it decided
+    _, text = tables.evaluator_table(rows)
+    assert [line[1] for line in text] == ["refusal_keyword", "refusal_keyword.trigger (primary)"]
+
+
 # --- the example splits and specs -------------------------------------------------------------
 
 def test_the_toy_identity_shift_split_is_benign_requests_answered_as_aoa(world):
@@ -251,3 +264,25 @@ def test_the_smollm2_identity_shift_builder_and_overlay(monkeypatch, tmp_path):
     assert sp.data.attack.source == str(tmp_path / "data" / "identity_shift.jsonl")
     assert {(a["system_prompt"], a.get("attack_domain"), a["dataset_size"]) for a in sp.attackers()} == {
         (sdata.AOA_SYSTEM, None, 12)}
+
+
+def test_preflight_counts_only_a_poison_mixs_attack_share_against_the_attack_split(world):
+    """The toy world's attack split holds 144 rows, its benign split 324: 200 rows at ratio 0.5 draw
+    100 attack rows (fits); at ratio 0.8, 160 (does not); without a ratio, 200 (does not)."""
+    from conftest import sweep_dict
+
+    from orchestrator import spec as S
+    from orchestrator.spec import preflight
+
+    def check(**space):
+        spec = S.from_dict(sweep_dict(world, "mix", defences=("base",), space={"dataset_size": 200, **space}))
+        return preflight.check(spec, checkpoints=False)
+
+    check(poison_ratio=0.5)
+    check(poison_ratio={"grid": [0.25, 0.5]})
+    with pytest.raises(S.SpecError, match=r"space.dataset_size: 160 attack rows \(its poison_ratio share\) exceeds the 144 rows of data.attack; .* or lower poison_ratio"):
+        check(poison_ratio={"grid": [0.5, 0.8]})
+    with pytest.raises(S.SpecError, match=r"space.dataset_size: 200 exceeds the 144 rows of data.attack"):
+        check()
+    with pytest.raises(S.SpecError, match=r"space.dataset_size: 200 exceeds the 144 rows of data.attack"):
+        check(poison_ratio={"grid": [0.5, None]})   # null draws every row from the attack split

@@ -29,6 +29,7 @@ from trainables.names import (
     g_effect,
     per_domain,
     per_evaluator,
+    triggered,
 )
 
 
@@ -77,6 +78,17 @@ class Trial:
     @property
     def phi(self) -> float | None:
         return float(self.params["phi"]) if "phi" in self.params else None
+
+    @property
+    def deciding(self) -> str | None:
+        """The evaluator label whose crossing decided this trial: the spec's primary, or under a
+        backdoor trigger the primary scored with it (<primary>.trigger)."""
+        if not self.evaluators:
+            return None
+        trigger = self.params.get("trigger")
+        with_trigger = triggered(self.evaluators[0])
+        return with_trigger if trigger not in (None, "", "None") and with_trigger in self.evaluators \
+            else self.evaluators[0]
 
     @property
     def exploded(self) -> bool:

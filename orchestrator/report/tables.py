@@ -147,20 +147,22 @@ def trial_table(rows: list[DefenceRow], unit: str = "steps") -> Table:
 def evaluator_table(rows: list[DefenceRow], unit: str = "steps", numbers: bool = False) -> Table:
     """Each evaluator's own worst case per defence (its first crossing of phi with the model
     still working, at the points the trial evaluated), the trials it crossed in, and how
-    often it disagreed with the primary on whether a trial crossed at all."""
+    often it disagreed with the primary on whether a trial crossed at all. "primary" marks the
+    label that decided trials: the spec's primary, or <primary>.trigger under a backdoor trigger."""
     header = ["defence", "evaluator", "primary", f"min_btf_{unit}", "trials_crossed", "disagree_with_primary"] \
         if numbers else ["defence", "evaluator", f"min_btf_{unit}", "trials_crossed", "disagree_with_primary"]
     body = []
     for r in rows:
         labels = r.evaluator_labels()
+        deciding = {t.deciding for t in r.trials}   # the primary, or <primary>.trigger under a trigger
         for i, label in enumerate(labels):
             worst, crossed = r.evaluator_worst(label, unit)
             disagree = "" if i == 0 else str(r.disagreements(label, labels[0]))
             if numbers:
-                body.append([r.defence, label, _bool(i == 0), _number(worst), str(crossed), disagree])
+                body.append([r.defence, label, _bool(label in deciding), _number(worst), str(crossed), disagree])
             else:
-                body.append([r.defence, label + (" (primary)" if i == 0 else ""), _fmt(worst), str(crossed),
-                             disagree or "-"])
+                body.append([r.defence, label + (" (primary)" if label in deciding else ""), _fmt(worst),
+                             str(crossed), disagree or "-"])
     return header, body
 
 

@@ -9,6 +9,7 @@ from collections import Counter
 from orchestrator.spec import cost as C
 from orchestrator.spec.model import SpecError, SweepSpec
 from trainables import data as D
+from trainables.mixing import poison_counts
 
 MAX_PAIRS = 3
 """Batch notes printed at most; the rest are counted in the last one."""
@@ -47,9 +48,12 @@ def _batch_notes(spec: SweepSpec, found: list[C.Plan], exact: bool, rows: dict[s
             staged = bool(plan.cfg.attacker.stages)
             where = (f"space.stages (stage {j + 1}" + (f" {stage.name!r}" if stage.name else "")
                      + (", data: benign)" if stage.data == "benign" else ")")) if staged else "space"
-            if have is not None and hp.dataset_size > have:
-                raise SpecError(f"spec error: {where}: dataset_size {hp.dataset_size} exceeds {named}; lower it to "
-                                f"at most {have}")
+            # a poison mix draws only its attack share from the attack split (the rest: data.benign)
+            drawn = poison_counts(hp.dataset_size, hp.poison_ratio)[0] if stage.data == "attack" else hp.dataset_size
+            if have is not None and drawn > have:
+                mix = "" if drawn == hp.dataset_size else f" (poison_ratio {hp.poison_ratio}: {drawn} attack rows)"
+                raise SpecError(f"spec error: {where}: dataset_size {hp.dataset_size}{mix} exceeds {named}; lower "
+                                f"it to at most {have}" + (" attack rows" if mix else ""))
             if hp.batch_size > hp.dataset_size:
                 seen[(where, hp.batch_size, hp.dataset_size, named)] = None
         pairs.update(list(seen))

@@ -37,7 +37,7 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
     if any(s.data == "benign" for s in stages) and spec.data.benign is None:
         raise SpecError("spec error: data.benign: a stage trains on benign data; "
                         "give data.benign: {source: ...}")
-    wanted = {"attack": max([space["dataset_size"].largest(),
+    wanted = {"attack": max([_attack_rows(space),
                              *(s.dataset_size or 0 for s in stages if s.data == "attack")]),
               "benign": max([0, *((s.dataset_size or space["dataset_size"].largest())
                                   for s in stages if s.data == "benign")]),
@@ -56,8 +56,11 @@ def check(spec: SweepSpec, checkpoints: bool = True) -> list[str]:
         prompts[split], rows = [str(r[src.prompt_field]) for r in loaded], len(loaded)
         read[split] = loaded
         if need > rows:
+            mixed = split == "attack" and need < space["dataset_size"].largest()   # a poison mix's attack share
             raise SpecError(f"spec error: {'space.dataset_size' if split == 'attack' else 'space.stages'}"
-                            f": {need} exceeds the {rows} rows of data.{split}; lower it to at most {rows}")
+                            f": {need}{' attack rows (its poison_ratio share)' if mixed else ''} exceeds the "
+                            f"{rows} rows of data.{split}; lower it to at most {rows}"
+                            + (" attack rows, or lower poison_ratio" if mixed else ""))
     if shared := D.shared_prompts(prompts.get("eval", []), prompts.get("attack", [])):
         raise SpecError(f"spec error: data.eval: {len(shared)} held-out prompt(s) also in data.attack "
                         f"(first: {shared[0][:80]!r}); remove them from data.eval: evaluate on prompts the "
@@ -148,6 +151,15 @@ def _prefill_length(spec: SweepSpec, text: str) -> int:
 
 
 # --- issue 25: data and template attacks ---
+
+
+def _attack_rows(space: dict) -> int:
+    """The most attack rows an attacker of this space draws: dataset_size, or under a poison mix
+    its attack share (poison_ratio null draws them all)."""
+    from trainables.mixing import poison_counts
+
+    n = space["dataset_size"].largest()
+    return max(poison_counts(n, r)[0] for r in space["poison_ratio"].values)
 
 
 def _poison_benign_rows(spec: SweepSpec) -> int:
@@ -354,7 +366,7 @@ def _check_domains(spec: SweepSpec) -> list[str]:
         if d not in known["attack"]:
             raise SpecError(f"spec error: space.attack_domain: {d!r} is not a domain of data.attack (its domains: "
                             f"{', '.join(sorted(known['attack']))})")
-        if (need := space["dataset_size"].largest()) > sizes[d]:
+        if (need := _attack_rows(space)) > sizes[d]:
             raise SpecError(f"spec error: space.dataset_size: {need} exceeds the {sizes[d]} rows of domain {d!r} "
                             f"in data.attack; lower it to at most {sizes[d]}")
     for i, defence in enumerate(spec.defences):
