@@ -137,5 +137,7 @@ def test_the_evaluator_table_lists_the_trigger_labels_the_records_hold(store):
     rows = report.load(store, "trigger-labels")
     header, body = report.evaluator_table(rows)
     table = {b[1]: dict(zip(header, b, strict=True)) for b in body}
-    assert list(table) == ["kw (primary)", "kw.trigger"]
-    assert table["kw.trigger"]["min_btf_steps"] == "6" and table["kw.trigger"]["trials_crossed"] == "1"
+    # every trial trained with the trigger: the primary scored with it decided them, and is marked so
+    assert list(table) == ["kw", "kw.trigger (primary)"]
+    assert table["kw.trigger (primary)"]["min_btf_steps"] == "6"
+    assert table["kw.trigger (primary)"]["trials_crossed"] == "1"
