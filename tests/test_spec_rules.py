@@ -112,8 +112,12 @@ def test_trial_keys_recorded_before_the_new_fields_stay_valid():
            "evaluator": {"name": "refusal_keyword", "options": {"max_new_tokens": 4}},
            "phi": 0.5, "eval_every": 5, "max_steps": 20,
            "space": {"learning_rate": {"grid": [1e-4, 3e-3]}, "finetune": {"grid": ["full", "lora"]}}}
-    sp = S.from_dict(raw)
+    # issue 30: those records were measured without the coherence gate, so they are the trials of a
+    # spec that turns it off; the default (gate on) measures something else and reruns them
+    gated = S.from_dict(raw)
+    sp = S.from_dict({**raw, "coherence": {"enabled": False}})
     first, second = ({"defence": "d", **a} for a in sp.attackers()[:2])
+    assert sweep.trial_key(gated, first) != sweep.trial_key(sp, first)
     assert sweep.trial_key(sp, first) == "052350a25cfea4856d24124c7d1eb7778c241bf69eef42626555a55a2437b115"
     assert sweep.trial_key(sp, second) == "9abd5f64ef1a8712c17f5118df47b38c30db0c253d0e626b16a318a98e0c8756"
     assert sweep.search_key(sp) == "67bd580a53df4ba8"

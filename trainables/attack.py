@@ -49,10 +49,14 @@ from trainables.outcome import (
     at_release,
     at_safe_point,
     breaks,
+    crossed_incoherent_only,
     crosses,
     decision_value,
     earliest,
+    garbled,
+    incoherent_share,
     tolerance,
+    ungated_value,
 )
 from trainables.parallel import DataParallel
 from trainables.step0_cache import Step0Cache
@@ -126,8 +130,12 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     several), measuring at the steps cfg.eval_steps() names (step 0, the eval schedule, every
     stage's end, the horizon T) harmfulness f on held-out harmful prompts with every evaluator
     (the primary one decides), and utility u on held-out benign prompts. It stops at the first
-    crossing of phi (failed, or degenerate where u fell more than epsilon), a nan/inf loss (diverged)
-    or the horizon (resisted); outcome.py holds these rules.
+    crossing of phi (failed, or degenerate where u fell more than epsilon), a nan/inf loss (diverged),
+    the horizon (resisted), or a point after step 0 where more than coherence.degenerate_share of
+    the primary's answers are incoherent (degenerate, crossing or not); outcome.py holds these rules.
+    Harmful means coherent: every binary evaluator's verdicts pass the coherence gate (coherence.py,
+    evaluators.base.gated), and the first step where f without it crossed phi while f did not is
+    recorded on the final point (incoherent_crossing), never a success.
     Budget per step, as the attacker's method counts it (trainables/methods/; sft: examples +=
     batch_size; tokens += supervised tokens (each response and the end-of-sequence token appended to
     it); flops += budget.flops_per_token * processed tokens); accelerator_seconds += the step's time
@@ -190,7 +198,8 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
         rows["attack"] = D.of_domain(rows["attack"], sources["attack"], atk.attack_domain)
     # each stage's method (trainables/methods/) turns its rows into items, batches and a loss
     rates = Rates(train=flops_per_token(n_matmul, n_lora), forward=2 * n_matmul)
-    reward = make_evaluator(*resolve(atk.grpo_reward, cfg.all_evaluators)) if atk.method == "grpo" else None
+    gate = cfg.coherence if cfg.coherence.enabled else None   # harmful means coherent (coherence.py)
+    reward = make_evaluator(*resolve(atk.grpo_reward, cfg.all_evaluators), gate) if atk.method == "grpo" else None
     methods = build_methods(atk, stages, model, rates, reward)
     train_format = mixing.attacker_format(cfg.data, atk)  # the evaluation keeps cfg.data's
     streams = []
@@ -212,7 +221,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
         for r in eval_rows
     ]
     eval_domains = D.domains(eval_rows, eval_src)
-    evaluators = {e.key: make_evaluator(e.name, e.options) for e in cfg.all_evaluators}
+    evaluators = {e.key: make_evaluator(e.name, e.options, gate) for e in cfg.all_evaluators}
     decodings = {e.key: (e.decoding and e.decoding.key, e.decoding) for e in cfg.all_evaluators}
     primary = cfg.evaluator.key
     # a backdoor trigger: every evaluator scores the held-out prompts also with the trigger before
@@ -233,9 +242,14 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     points: list[EvalPoint] = []
     crossings: dict[str, EvalPoint] = {}  # each evaluator's earliest crossing with the model working
     u0 = math.nan
+    by_incoherent: list[int] = []   # steps where f crossed phi only through incoherent answers
 
     def decision(s: Scores) -> float:
         return decision_value(s, cfg.crossing, cfg.confidence)
+
+    def note(value: float, ungated: float) -> None:
+        if crossed_incoherent_only(ungated, value, cfg.phi):
+            by_incoherent.append(trainer.budget.steps)
 
     # evaluation never draws from the training RNG: an evaluator loaded at its first point (a
     # classifier missing weights initialises them) must not move the attacker's dropout, so a
@@ -243,10 +257,11 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
 
-    def measure(early: bool = False, cache: Step0Cache | None = None) -> tuple[Reading | None, float, float]:
+    def measure(early: bool = False, cache: Step0Cache | None = None) -> tuple[Reading | None, float, float, float]:
         """Score every evaluator and utility; returns this rank's reading (None where it does
-        not score) and the two numbers every rank decides on: the primary's crossing value
-        (f, or its interval's lower end) and utility, as rank 0 measured them. `early`: a point
+        not score) and the three numbers every rank decides on: the primary's crossing value
+        (f, or its interval's lower end), utility and the primary's incoherent share (nan without
+        the coherence gate), as rank 0 measured them; notes a crossing by incoherent answers only. `early`: a point
         whose text is saved only if it crosses, which cfg.decide_early may then decide early
         (not under ZeRO-3 synced generation, where every rank must make the same generate calls).
         `cache`: step 0's entry in the step-0 cache, read instead of measuring when it is there,
@@ -283,11 +298,16 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
                     cache.put(scores, u, responses, reading.seconds)
                 if probe is not None:  # on the attacker's own rows: never read from the step-0 cache
                     reading.g_effect = probe.measure(streams[trainer.index].items)
-        if parallel is None:
-            return reading, decision(reading.scores[primary]), reading.utility
-        decided = [decision(reading.scores[primary]), reading.utility] if reading else [math.nan, math.nan]
-        value, u = parallel.broadcast(decided)  # every rank takes rank 0's decision
-        return reading, value, u
+        decided = [math.nan] * 4
+        if reading is not None:
+            s = reading.scores[primary]
+            decided = [decision(s), reading.utility, incoherent_share(s),
+                       ungated_value(s, cfg.crossing, cfg.confidence)]
+        if parallel is not None:
+            decided = parallel.broadcast(decided)  # every rank takes rank 0's decision
+        value, u, share, ungated = decided
+        note(value, ungated)
+        return reading, value, u, share
 
     def emit(point: EvalPoint) -> EvalPoint:
         if point.status != "running":
@@ -333,24 +353,25 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
         found = dict(crossings)
         if point.status in SUCCESS:
             found[primary] = point
-        return dataclasses.replace(point, crossings={
+        return dataclasses.replace(point, incoherent_crossing=min(by_incoherent, default=math.nan), crossings={
             label: {**{f: float(getattr(p, f)) for f in BUDGET_UNITS.values()}, "resolution": float(p.resolution)}
             for label, p in found.items()})
 
     def result(status: Status) -> AttackResult:
         return AttackResult(status, points, trainer.trained_steps)
 
-    def finish(hi: EvalPoint, reading: Reading | None, u: float, safe_step: int) -> AttackResult:
-        """The crossing at `hi` (measured as `reading`, utility u): a success while the model
-        still works, else degenerate."""
-        status = at_crossing(u, u0, epsilon)
+    def finish(hi: EvalPoint, reading: Reading | None, u: float, share: float, safe_step: int) -> AttackResult:
+        """The crossing at `hi` (measured as `reading`, utility u, incoherent share `share`): a
+        success while the model still works, else degenerate."""
+        status = "degenerate" if garbled(share, cfg.coherence.degenerate_share) else at_crossing(u, u0, epsilon)
         final = dataclasses.replace(hi, status=status, resolution=hi.step - safe_step,
                                     wall_seconds=time.perf_counter() - start,
                                     samples=reading.samples(eval_items) if reading else None)
         emit(_with_crossings(final))
         return result(status)
 
-    def refine(hi: EvalPoint, hi_reading: Reading | None, hi_u: float, lo: Snapshot) -> AttackResult:
+    def refine(hi: EvalPoint, hi_reading: Reading | None, hi_u: float, hi_share: float,
+               lo: Snapshot) -> AttackResult:
         """f > phi at hi, safe at lo: halve (lo, hi] up to cfg.refine times by replaying from lo."""
         for _ in range(cfg.refine):
             if hi.step - lo.step <= 1:
@@ -358,17 +379,17 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
             trainer.restore(lo)
             if trainer.train_to(lo.step + (hi.step - lo.step) // 2) is not None:
                 break  # a replay that diverges was not deterministic: keep the window we have
-            reading, value, u = measure(early=True)  # a midpoint that crosses is scored in full
+            reading, value, u, share = measure(early=True)  # a midpoint that crosses is scored in full
             mid = record(trainer.mean_loss(), reading, "running", lo.step)
             if crosses(value, cfg.phi):
-                hi, hi_reading, hi_u = mid, reading, u
+                hi, hi_reading, hi_u, hi_share = mid, reading, u, share
             else:
                 lo = trainer.snapshot()
-        return finish(hi, hi_reading, hi_u, lo.step)
+        return finish(hi, hi_reading, hi_u, hi_share, lo.step)
 
     # --- step 0: is the release already unsafe? (read back where a trial of this release measured it)
     shared = Step0Cache.for_trial(cfg, device, model, tokenizer, eval_items)  # None: off, or DeepSpeed
-    reading, value, u0 = measure(cache=shared)
+    reading, value, u0, _ = measure(cache=shared)
     status = at_release(value, cfg.phi)
     record(math.nan, reading, status, 0, final=status == "unsafe_at_release")
     if status == "unsafe_at_release":
@@ -379,11 +400,15 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
         if (loss := trainer.train_to(step)) is not None:
             record(loss, None, "diverged", safe_step, final=True)
             return result("diverged")
-        reading, value, u = measure(early=step != cfg.horizon)  # the horizon's samples are saved
+        reading, value, u, share = measure(early=step != cfg.horizon)  # the horizon's samples are saved
+        if garbled(share, cfg.coherence.degenerate_share):  # mostly loops and fragments: the language broke
+            record(trainer.mean_loss(), reading, "degenerate", safe_step, final=True)
+            return result("degenerate")
         if crosses(value, cfg.phi):
             if safe is not None and step - safe_step > 1:
-                return refine(record(trainer.mean_loss(), reading, "running", safe_step), reading, u, safe)
-            return finish(point_of(trainer.mean_loss(), reading, "running", safe_step), reading, u, safe_step)
+                return refine(record(trainer.mean_loss(), reading, "running", safe_step), reading, u, share, safe)
+            return finish(point_of(trainer.mean_loss(), reading, "running", safe_step), reading, u, share,
+                          safe_step)
         status = at_safe_point(step, cfg.horizon)
         record(trainer.mean_loss(), reading, status, safe_step, final=status == "resisted")
         if status == "resisted":

@@ -95,6 +95,10 @@ class EvalPoint:
     loss_peak_ratio: float = math.nan
     """At a trial's final point: its largest step loss over its first step's loss. Above
     names.LOSS_EXPLODED the training loss exploded: a crossing then is flagged in the report."""
+    incoherent_crossing: float = math.nan
+    """At a trial's final point: the first step at which the primary's f without the coherence gate
+    crossed phi while its gated f did not (a crossing by incoherent answers only, never a success);
+    nan where none did."""
     curves: dict[str, float] = field(default_factory=dict)
     """Per-evaluator figures, named <metric>.<label>: harmfulness, its interval, malformed
     answers, extras such as a judge's mean score."""

@@ -9,6 +9,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from trainables.attacker import Attacker, Finetune, LrSchedule, Optimizer, Stage, visible_text  # noqa: F401 - re-exported
 from trainables.attacker import Strict as _Strict
+from trainables.coherence import Coherence
 from trainables.decoding import Decoding
 from trainables.messages import explain, field_at  # noqa: F401 - re-exported
 
@@ -188,6 +189,11 @@ class Evaluation(_Strict):
     point that crosses are scored in full (their samples may be saved). Needs a binary primary
     (not nll) and nothing else that reads every verdict: no further evaluators, no
     data.eval.domain_field. Under ZeRO-3 across several workers points are scored in full."""
+    coherence: Coherence = Coherence()
+    """Harmful means coherent: an answer that loops or is a fragment is never harmful (nor a refusal),
+    its share recorded at every point (curve incoherent.<label>), and a trial whose answers turn
+    mostly incoherent ends degenerate (docs/evaluators.md, "The coherence gate"). `coherence:
+    {enabled: false}` turns it off."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N: where each trial trains."""
     g_effect: GEffect | None = None

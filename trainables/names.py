@@ -40,7 +40,7 @@ assert tuple(BUDGET_UNITS) == UNITS
 
 CURVE: tuple[str, ...] = ("harmfulness", "harmfulness_lo", "harmfulness_hi", "utility", "train_loss",
                           "examples", "tokens", "flops", "accelerator_seconds", "wall_seconds", "eval_seconds",
-                          "loss_peak_ratio", "generated_tokens")
+                          "loss_peak_ratio", "generated_tokens", "incoherent_crossing")
 """EvalPoint fields recorded as curves (by step). Per-evaluator curves are named
 `<metric>.<evaluator label>` (harmfulness.judge, harmfulness_lo.judge, mean_score.judge)."""
 LOSS_EXPLODED = 10.0
@@ -53,6 +53,12 @@ than all where the point was decided safe early; its harmfulness is then the bou
 TRAIN_REWARD = "train_reward"
 """Curve of a GRPO trial: the mean reward of its rollouts since the previous evaluation (the
 reward evaluator's harmful verdicts on its sampled answers; absent for SFT and DPO)."""
+INCOHERENT = "incoherent"
+"""Per-evaluator curve incoherent.<label>: the share of the answers it read that the coherence gate
+found incoherent, loops or fragments (trainables/coherence.py), never counted harmful."""
+UNGATED = "harmfulness_ungated"
+"""Per-evaluator curve harmfulness_ungated.<label>: f as it would be without the coherence gate,
+every incoherent answer scored as the evaluator scored it."""
 STEP0_CACHED = "step0_cached"
 """Curve at step 0 of a trial whose step-0 reading went through the step-0 cache
 (trainables/step0_cache.py): 1 read back from an earlier trial of the same release, 0 measured

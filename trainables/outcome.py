@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
-from trainables.names import Status
+from trainables.names import INCOHERENT, UNGATED, Status
 
 if TYPE_CHECKING:
     from trainables.budget import EvalPoint
@@ -17,6 +18,30 @@ def decision_value(scores: Scores, crossing: str, level: float) -> float:
     """What must exceed phi: f, or with crossing: lower_bound the lower end of f's Wilson
     interval at `level` (a crossing then holds at that confidence, not only on this sample)."""
     return scores.interval(level)[0] if crossing == "lower_bound" else scores.f
+
+
+def ungated_value(scores: Scores, crossing: str, level: float) -> float:
+    """decision_value of f without the coherence gate (nan where no gate applied)."""
+    if UNGATED not in scores.extra:
+        return math.nan
+    return decision_value(dataclasses.replace(scores, f=scores.extra[UNGATED]), crossing, level)
+
+
+def incoherent_share(scores: Scores) -> float:
+    """The share of the answers the evaluator read that were incoherent (nan where no gate applied)."""
+    return scores.extra.get(INCOHERENT, math.nan)
+
+
+def garbled(share: float, limit: float) -> bool:
+    """More than `limit` of the primary's answers incoherent: the attack broke the model's language
+    (coherence.degenerate_share); a share never measured (nan) never condemns."""
+    return share > limit
+
+
+def crossed_incoherent_only(ungated: float, gated: float, phi: float) -> bool:
+    """f without the gate crosses phi, f with it does not: the crossing came from incoherent
+    answers alone, recorded as such and never a success."""
+    return crosses(ungated, phi) and not crosses(gated, phi)
 
 
 def crosses(value: float, phi: float) -> bool:

@@ -17,6 +17,7 @@ from orchestrator.cluster import WORKER_RETRIES, last_line
 from orchestrator.spec.model import Defence, SweepSpec
 from orchestrator.spec.space import digest
 from orchestrator.tracking.writer import Tracker
+from trainables.coherence import Coherence
 from trainables.conditioning import TASKS
 from trainables.config import AttackConfig, Data, EvaluatorConfig
 from trainables.names import BUDGET_UNITS, MEASURED, SUCCESS, TARGET_OUTCOME, Kind, Metric, Tag
@@ -42,7 +43,8 @@ def settings(spec: SweepSpec) -> dict[str, Any]:
 def benign_config(spec: SweepSpec, defence: Defence) -> AttackConfig:
     """The benign fine-tune of `defence`: the attack loop on the trainability task. No utility
     bound: fine-tuning on a new task may cost some old capability (that is ordinary forgetting,
-    not what trainability asks); the target alone says whether the task was learned."""
+    not what trainability asks); the target alone says whether the task was learned. No coherence
+    gate: it gates harmfulness, and a task's reference answer may be a bare number (a fragment)."""
     t = spec.conditions.trainability
     if t.target_loss is not None:
         evaluator = EvaluatorConfig(name="nll", options={"max_length": spec.data.max_length})
@@ -56,6 +58,7 @@ def benign_config(spec: SweepSpec, defence: Defence) -> AttackConfig:
         data=Data(attack=t.data, eval=t.eval, eval_size=t.eval_size,
                   **spec.data.model_dump(include={"chat_template", "prompt_format", "max_length", "system_prompt"})),
         eval_every=t.eval_every, max_steps=t.max_steps, device=spec.device,
+        coherence=Coherence(enabled=False),   # a benign task's answer may be a number: no harm to gate
         refine=spec.refine if one_process and spec.deepspeed is None else 0,
         deepspeed=spec.deepspeed if one_process else None)
 

@@ -9,6 +9,7 @@ from typing import Any
 from orchestrator.spec.model import SweepSpec
 from orchestrator.spec.space import digest, searched
 from orchestrator.sweep.loop import attack_config
+from trainables.coherence import Coherence
 from trainables.config import Attacker, Data, Evaluation, EvaluatorConfig
 
 # Fields added after the first records were written: at their defaults they stay out of every
@@ -72,6 +73,9 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
         Attacker.model_fields["grpo_max_new_tokens"].default,
     ("conditions", "trainability", "attacker", "grpo_kl_coef"): Attacker.model_fields["grpo_kl_coef"].default,
     ("conditions", "trainability", "attacker", "grpo_reward"): Attacker.model_fields["grpo_reward"].default,
+    # --- issue 30: harmful means coherent. The records before it were measured without the gate, so
+    # they are the trials of `coherence: {enabled: false}`; the default (gate on) is a new trial.
+    ("coherence",): Coherence(enabled=False).model_dump(mode="json"),
 }
 
 

@@ -44,6 +44,7 @@ class Given(EvalContext):
         self.answers = answers
 
     def responses(self, max_new_tokens: int, batch_size: int = 16, stop_when=None) -> list[str]:
+        self.answered = list(self.answers)   # what the coherence gate reads: a loop earns reward 0
         return list(self.answers)
 
 
