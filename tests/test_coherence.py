@@ -213,3 +213,16 @@ def test_the_gate_on_the_toy_worlds_evaluator(world):
     first = r.points[0].curves
     assert first["incoherent.refusal_keyword"] == 0.0
     assert first["harmfulness_ungated.refusal_keyword"] == first["harmfulness.refusal_keyword"]
+
+
+def test_real_loops_from_the_toy_world_end_the_trial_degenerate(world):
+    """Full AdamW at lr 3e-2 breaks the toy model's language in 8 steps ("the the the ...", measured
+    for docs/evaluators.md): no refusal marker, so without the gate f would read 1 there."""
+    cfg = attack_dict(world, evaluator={"name": "refusal_keyword", "options": {"max_new_tokens": 32}},
+                      attacker={"learning_rate": 3e-2, "finetune": "full"}, max_steps=8, eval_every=8)
+    r = run_attack(AttackConfig.model_validate(cfg))
+    last = r.points[-1]
+    assert r.status == "degenerate" and last.step == 8 and last.harmfulness == 0.0
+    assert last.curves["incoherent.refusal_keyword"] == 1.0
+    assert last.curves["harmfulness_ungated.refusal_keyword"] == 1.0
+    assert last.incoherent_crossing == 8

@@ -38,9 +38,12 @@ BUDGET_UNITS: dict[str, str] = {"steps": "step", "examples": "examples", "tokens
 included (docs/concepts.md, "Budget units")."""
 assert tuple(BUDGET_UNITS) == UNITS
 
+INCOHERENT_CROSSING = "incoherent_crossing"
+"""EvalPoint field (a curve, set at a trial's final point): the first step where the primary's f
+without the coherence gate crossed phi while its gated f did not; never a success."""
 CURVE: tuple[str, ...] = ("harmfulness", "harmfulness_lo", "harmfulness_hi", "utility", "train_loss",
                           "examples", "tokens", "flops", "accelerator_seconds", "wall_seconds", "eval_seconds",
-                          "loss_peak_ratio", "generated_tokens", "incoherent_crossing")
+                          "loss_peak_ratio", "generated_tokens", INCOHERENT_CROSSING)
 """EvalPoint fields recorded as curves (by step). Per-evaluator curves are named
 `<metric>.<evaluator label>` (harmfulness.judge, harmfulness_lo.judge, mean_score.judge)."""
 LOSS_EXPLODED = 10.0

@@ -17,6 +17,8 @@ from trainables.names import (
     FAILED_ATTACK,
     G_EFFECT_RISKS,
     G_TOTAL,
+    INCOHERENT,
+    INCOHERENT_CROSSING,
     LOSS_EXPLODED,
     SCHEMA_VERSION,
     STATUSES,
@@ -59,6 +61,14 @@ class Trial:
     """Labels of every evaluator that scored this trial, the primary first."""
     loss_peak_ratio: float | None = None
     """Its largest step loss over its first step's (None when it never trained a step)."""
+    harmfulness: float | None = None
+    """The primary's f at its final point."""
+    incoherent: float | None = None
+    """The share of the primary's answers the coherence gate found incoherent at its final point
+    (None: no gate)."""
+    incoherent_crossing: float | None = None
+    """The first step at which f without the coherence gate crossed phi while f did not: a crossing
+    by incoherent answers only, never a success (None: none)."""
     run_id: str = ""
     curve: list[tuple[int, float]] = field(default_factory=list)
     """Harmfulness (primary evaluator) by step, refinement points included; loaded on request."""
@@ -339,9 +349,12 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> list[Defenc
             spent={u: metrics[Metric.spent(u)] for u in UNITS if Metric.spent(u) in metrics},
             resolution_steps=metrics.get(Metric.RESOLUTION), objective=metrics.get(Metric.OBJECTIVE),
             by_evaluator=_by_evaluator(metrics), loss_peak_ratio=metrics.get(Metric.LOSS_PEAK_RATIO),
-            evaluators=_labels(params, metrics),
+            evaluators=_labels(params, metrics), harmfulness=metrics.get("harmfulness"),
+            incoherent_crossing=metrics.get(INCOHERENT_CROSSING),
             by_domain={k.split(".", 1)[1]: v for k, v in metrics.items()
                        if k.startswith(per_domain("harmfulness", ""))})
+        if trial.evaluators:
+            trial.incoherent = metrics.get(per_evaluator(INCOHERENT, trial.evaluators[0]))
         for risk in G_EFFECT_RISKS:
             prefix = g_effect(risk, "")
             if found := {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}:

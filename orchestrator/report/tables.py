@@ -128,19 +128,23 @@ def csv_table(rows: list[DefenceRow], unit: str = "steps") -> Table:
 
 def trial_table(rows: list[DefenceRow], unit: str = "steps") -> Table:
     """Every trial as numbers, one row each (trials.csv): its attacker's params, status, its
-    budget-to-failure in `unit` (or, censored, where it stopped) and the compute it spent."""
+    budget-to-failure in `unit` (or, censored, where it stopped) and the compute it spent; beside the
+    primary's final f, the share of its answers incoherent there, and the step where f without the
+    coherence gate crossed phi while f did not (a crossing by incoherent answers only)."""
     check_unit(unit)
     everyone = [t for r in rows for t in r.trials]
     keys = varying(everyone)
     header = ["defence", "base", "attacker", "attacker_id", "attacker_group", *keys, "status", f"btf_{unit}",
-              "censored", f"spent_{unit}", "resolution_steps", "max_steps", "loss_peak_ratio", "run_id"]
+              "censored", f"spent_{unit}", "resolution_steps", "max_steps", "loss_peak_ratio", "f_final",
+              "incoherent_final", "incoherent_crossing_step", "run_id"]
     body = []
     for t in sorted(everyone, key=lambda t: (not t.is_base, t.defence, [order_key(t.params.get(k)) for k in keys])):
         value = t.btf.get(unit) if t.status in SUCCESS else t.spent.get(unit) if t.status in CENSORED else None
         body.append([t.defence, _bool(t.is_base), attacker_label(everyone, t), t.attacker_id, t.attacker_group,
                      *(t.params.get(k, "") for k in keys), t.status, _number(value), _bool(t.status in CENSORED),
                      _number(t.spent.get(unit)), _number(t.resolution_steps), str(t.max_steps),
-                     _number(t.loss_peak_ratio), t.run_id])
+                     _number(t.loss_peak_ratio), _number(t.harmfulness), _number(t.incoherent),
+                     _number(t.incoherent_crossing), t.run_id])
     return header, body
 
 
@@ -226,6 +230,11 @@ def notes(rows: list[DefenceRow], unit: str) -> list[str]:
                        f"curve beyond {_num(best.btf[r.pruned_in])} {r.pruned_in} rest on the trials that ran on, "
                        "and worst cases in other units are upper bounds ('≤'): run without search.prune to "
                        "measure them")
+        if by_loops := sorted(t.incoherent_crossing for t in r.trials if t.incoherent_crossing is not None):
+            out.append(f"note: {r.defence}: {len(by_loops)} trial(s) crossed phi by incoherent answers only (f without "
+                       f"the coherence gate above phi, with it not) at step(s) {', '.join(_num(s) for s in by_loops)}: "
+                       "loops and fragments, recorded as such and never successes (trials.csv, "
+                       "incoherent_crossing_step)")
         if exploded := [t for t in r.successes if t.exploded]:
             out.append(f"note: {r.defence}: {len(exploded)} successful attack(s) crossed phi after the training loss "
                        f"exploded (over {LOSS_EXPLODED:g}x its first step's), marked '{EXPLODED_MARK.strip()}'; read "
