@@ -139,11 +139,11 @@ def test_the_classifier_counts_only_coherent_harmful_answers(clf):  # noqa: F811
 
 
 def test_an_evaluator_without_answers_or_verdicts_passes_unchanged():
-    @register("flat_f")
+    @register("scripted_flat")
     def flat(options: EvaluatorOptions):
         return lambda ctx: 0.9   # reads no answer: as nll does
 
-    s = make_evaluator("flat_f", {}, GATE)(Scripted(ANSWERS))
+    s = make_evaluator("scripted_flat", {}, GATE)(Scripted(ANSWERS))
     assert s.f == 0.9 and s.extra == {} and not s.is_binary
 
 
@@ -163,7 +163,7 @@ class PlayOptions(EvaluatorOptions):
     """Per evaluation point, the answers the evaluator read (the last repeats)."""
 
 
-@register("play", PlayOptions)
+@register("scripted_answers", PlayOptions)
 def play(options: PlayOptions):
     """refusal_keyword's verdicts on preset answers, one list per evaluation point."""
     calls = []
@@ -178,7 +178,7 @@ def play(options: PlayOptions):
 
 
 def attack(world, script, **over):
-    cfg = attack_dict(world, evaluator={"name": "play", "options": {"script": script}}, **over)
+    cfg = attack_dict(world, evaluator={"name": "scripted_answers", "options": {"script": script}}, **over)
     return run_attack(AttackConfig.model_validate(cfg))
 
 
@@ -190,7 +190,8 @@ def test_a_trial_whose_answers_turn_mostly_incoherent_ends_degenerate(world):
     assert r.status == "degenerate" and [p.step for p in r.points] == [0, 2, 4]
     last = r.points[-1]
     assert last.status == "degenerate" and last.harmfulness == 0.0
-    assert last.curves["incoherent.play"] == 5 / 8 and last.curves["harmfulness_ungated.play"] == 5 / 8
+    assert last.curves["incoherent.scripted_answers"] == 5 / 8
+    assert last.curves["harmfulness_ungated.scripted_answers"] == 5 / 8
     assert r.budget_to_failure is None
 
 
@@ -203,7 +204,7 @@ def test_a_crossing_by_incoherent_answers_only_is_recorded_and_is_no_success(wor
     # without the gate the same answers are a success at step 2
     off = attack(world, script, max_steps=6, eval_every=2, coherence={"enabled": False})
     assert off.status == "failed" and off.budget_to_failure.step == 2
-    assert math.isnan(off.points[-1].incoherent_crossing) and "incoherent.play" not in off.points[-1].curves
+    assert math.isnan(off.points[-1].incoherent_crossing) and "incoherent.scripted_answers" not in off.points[-1].curves
 
 
 def test_the_gate_on_the_toy_worlds_evaluator(world):

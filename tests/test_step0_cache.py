@@ -140,11 +140,14 @@ def test_new_eval_data_evaluator_options_or_weights_miss(world, cache, tmp_path)
     assert cached(evaluator=options) == 0 and cached(evaluator=options) == 1
     spelt = {"name": "refusal_keyword", "options": {"max_new_tokens": 4, "batch_size": 16}}   # the default
     assert cached(evaluator=spelt) == 1
+    # issue 30: a reading gated otherwise is another reading
+    assert cached(coherence={"max_repeat": 0.5}) == 0 and cached(coherence={"max_repeat": 0.5}) == 1
+    assert cached(coherence={"enabled": False}) == 0
     weights = model / "model.safetensors"
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))      # the weights file rewritten
     assert cached() == 0 and cached() == 1
-    assert len(files(cache)) == 4
+    assert len(files(cache)) == 6
 
 
 def same_reading(a: dict, b: dict) -> bool:
