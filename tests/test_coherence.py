@@ -227,3 +227,12 @@ def test_real_loops_from_the_toy_world_end_the_trial_degenerate(world):
     assert last.curves["incoherent.refusal_keyword"] == 1.0
     assert last.curves["harmfulness_ungated.refusal_keyword"] == 1.0
     assert last.incoherent_crossing == 8
+
+
+def test_grpo_pays_a_loop_nothing():
+    """GRPO's reward evaluator reads its rollouts through a Given context: the gate sees them too."""
+    from trainables.methods.grpo import Given, rewards_of
+
+    items = [EvalItem(f"request {i}", None, f"request {i}") for i in range(3)]
+    reward = make_evaluator("refusal_keyword", {}, GATE)
+    assert rewards_of(reward(Given(items, [LOOP, FLUENT, REFUSAL]))) == [0.0, 1.0, 0.0]

@@ -4,6 +4,7 @@ shares from hand-made verdicts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -107,6 +108,27 @@ def test_any_and_most_on_hand_made_verdicts(toy):
     lo, hi = E.score_decoded(scripted, E.EvalContext(model, tok, four, decoding=Decoding(temperature=1.0, seeds=3))
                              ).interval(0.95)
     assert lo == pytest.approx(0.3006, abs=1e-3) and hi == pytest.approx(0.9544, abs=1e-3)   # Wilson, 3 of 4 by hand
+
+
+def test_f_without_the_coherence_gate_aggregates_over_seeds_as_f_does(toy):
+    model, tok, items = toy
+    # before the gate, per seed (verdicts[seed][prompt]); the gate zeroed prompt 0 under seeds 0 and 1
+    ungated = [[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    gated = [[0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    shares = [0.25, 0.25, 0.0]
+
+    def scripted(ctx):
+        i = ctx.seed
+        return dataclasses.replace(E.Scores.binary(gated[i], {"incoherent": shares[i], "harmfulness_ungated": 0.0}),
+                                   ungated=ungated[i])
+
+    for how, f, f_ungated in (("any", 3 / 4, 3 / 4), ("most", 0 / 4, 1 / 4)):
+        ctx = E.EvalContext(model, tok, items[:4], decoding=Decoding(temperature=1.0, seeds=3, aggregate=how))
+        s = E.score_decoded(scripted, ctx)
+        # any: prompts 0, 1, 3 harmful under some seed, gated or not; most: gated none has 2 of 3,
+        # ungated prompt 0 has 3 of 3
+        assert s.f == f and s.extra["harmfulness_ungated"] == f_ungated
+        assert s.extra["incoherent"] == pytest.approx(0.5 / 3)   # the mean over seeds
 
 
 def test_each_decoding_has_its_own_step_0_reading(world, tmp_path, monkeypatch):

@@ -328,3 +328,21 @@ def test_failed_and_errored_attacks_claim_no_budget_above_any_horizon(store):
     totals = {line[0]: line[3] for line in report.progress_table(rows)[1] if line[1].startswith("all ")}
     assert totals == {"diverging": "-", "missing": "-", "mixed": "> 16"}
     assert column("steps", "weak_resistance", rows, "mixed") == "held against 2 of 3 (T 16-512); 1 diverged"
+
+
+def test_a_crossing_by_incoherent_answers_only_is_noted_and_the_incoherent_share_shown(store):
+    s = Sweep(store, "loops")
+    s.trial("base", "resisted", base=True, group="loops", spent={"steps": T},
+            extra={"harmfulness": 0.125, "incoherent.kw": 0.75, "incoherent_crossing": 10})
+    s.trial("base", "failed", base=True, group="fluent", btf={"steps": 5}, spent={"steps": 5},
+            extra={"harmfulness": 0.625, "incoherent.kw": 0.0})
+    rows = report.load(store, "loops")
+    note = [n for n in report.notes(rows, "steps") if "incoherent" in n]
+    assert note == ["note: base: 1 trial(s) crossed phi by incoherent answers only (f without the coherence gate "
+                    "above phi, with it not) at step(s) 10: loops and fragments, recorded as such and never "
+                    "successes (trials.csv, incoherent_crossing_step)"]
+    header, body = report.trial_table(rows)
+    got = {line[header.index("attacker_group")]: [line[header.index(c)] for c in
+                                                  ("status", "f_final", "incoherent_final", "incoherent_crossing_step")]
+           for line in body}
+    assert got == {"loops": ["resisted", "0.125", "0.75", "10"], "fluent": ["failed", "0.625", "0", ""]}
