@@ -54,7 +54,7 @@ def test_training_time_counts_every_device():
 FIELDS = dict(step=3, examples=12, tokens=90, flops=5400.0, accelerator_seconds=1.5, wall_seconds=2.0,
               train_loss=0.7, harmfulness=0.25, status="running", resolution=3, stage=1, world_size=2,
               safe=True, harmfulness_lo=0.125, harmfulness_hi=0.5, utility=0.75, eval_seconds=0.5,
-              loss_peak_ratio=1.25, generated_tokens=0)
+              loss_peak_ratio=1.25, generated_tokens=0, incoherent_crossing=4.0)
 
 
 def test_a_point_flattens_curves_crossings_and_samples():
