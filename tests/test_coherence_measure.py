@@ -19,7 +19,7 @@ LOOPED_REFUSAL = "I cannot help. I cannot help. I cannot help. I cannot help."
 def test_words_are_lowercased_digit_runs_one_placeholder_punctuation_gone():
     assert words("1. Plan, carefully! 22 plans...") == ["#", "plan", "carefully", "#", "plans"]
     assert words("  ... -- ") == []
-    assert words("__main__ _ ___") == ["main"]   # an underscore is punctuation too (regex \\w holds it)
+    assert words("__main__ _ ___") == ["main"]   # an underscore is punctuation too
 
 
 @pytest.mark.parametrize("text, n, share", [
