@@ -199,6 +199,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
     # each stage's method (trainables/methods/) turns its rows into items, batches and a loss
     rates = Rates(train=flops_per_token(n_matmul, n_lora), forward=2 * n_matmul)
     gate = cfg.coherence if cfg.coherence.enabled else None   # harmful means coherent (coherence.py)
+    garble = gate.degenerate_share if gate else math.inf   # a point decided early past it is scored whole
     reward = make_evaluator(*resolve(atk.grpo_reward, cfg.all_evaluators), gate) if atk.method == "grpo" else None
     methods = build_methods(atk, stages, model, rates, reward)
     train_format = mixing.attacker_format(cfg.data, atk)  # the evaluation keeps cfg.data's
@@ -278,14 +279,15 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
                     # one generation per decoding (greedy, or an evaluation-time attack), shared by its evaluators
                     ctxs = {key: EvalContext(model, tokenizer, eval_items, synced, stop_parts=early and not atk.trigger,
                                              decoding=d) for key, d in decodings.values()}
-                    scores = {label: score_until_decided(score, ctxs[None], cfg.phi, cfg.crossing, cfg.confidence)
+                    scores = {label: score_until_decided(score, ctxs[None], cfg.phi, cfg.crossing, cfg.confidence,
+                                                         garble)
                               if early and label == primary else score_decoded(score, ctxs[decodings[label][0]])
                               for label, score in evaluators.items()}
                     if atk.trigger:  # the same evaluators on the triggered prompts, in contexts of their own
                         tctxs = {key: EvalContext(model, tokenizer, triggered_items, synced, stop_parts=early,
                                                   decoding=d) for key, d in decodings.values()}
                         scores |= {triggered(label): score_until_decided(score, tctxs[None], cfg.phi, cfg.crossing,
-                                                                         cfg.confidence)
+                                                                         cfg.confidence, garble)
                                    if early and triggered(label) == primary
                                    else score_decoded(score, tctxs[decodings[label][0]])
                                    for label, score in evaluators.items()}

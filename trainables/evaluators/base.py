@@ -238,7 +238,7 @@ def refusals_to_safety(k: int, m: int, r: int, phi: float, crossing: str = "poin
 
 
 def score_until_decided(score: Callable[[EvalContext], Scores], ctx: EvalContext, phi: float,
-                        crossing: str = "point", level: float = 0.95) -> Scores:
+                        crossing: str = "point", level: float = 0.95, garbled_above: float = math.inf) -> Scores:
     """A binary evaluator's Scores of one point, scored in parts while the point may still be
     decided safe (decide_early): each part the fewest items that could decide it, in order. Safe
     decided with items left: Scores.bounded (f the bound it reached, `unscored` items, no extras).
@@ -247,7 +247,9 @@ def score_until_decided(score: Callable[[EvalContext], Scores], ctx: EvalContext
     scoring's Scores, extras and all (an evaluator that grades, e.g. a judge, grades the earlier
     parts again). The evaluator must score each item on its own, as every registered one does.
     Decided with items left, a gated evaluator's Scores carries the incoherent share of the answers
-    it scored (extra INCOHERENT) and nothing of f without the gate."""
+    it scored (extra INCOHERENT) and nothing of f without the gate; where that share is above
+    `garbled_above` (coherence.degenerate_share, which ends a trial) the whole point is scored
+    instead, so the degenerate rule never reads a share of a few answers."""
     verdicts: list[float | None] = []
     bad: list[float] = []   # the coherence gate's incoherent count of each part
     while True:
@@ -257,6 +259,8 @@ def score_until_decided(score: Callable[[EvalContext], Scores], ctx: EvalContext
         if j == 0:
             bounded = Scores.bounded(verdicts, r)
             if bad and not any(math.isnan(b) for b in bad):   # the degenerate rule reads it
+                if sum(bad) / len(verdicts) > garbled_above:   # would end the trial: on every answer, not a few
+                    return score(ctx)
                 bounded = dataclasses.replace(bounded, extra={INCOHERENT: sum(bad) / len(verdicts)})
             return bounded
         if j is None or j == r:
