@@ -280,7 +280,8 @@ def test_preflight_counts_only_a_poison_mixs_attack_share_against_the_attack_spl
 
     check(poison_ratio=0.5)
     check(poison_ratio={"grid": [0.25, 0.5]})
-    with pytest.raises(S.SpecError, match=r"space.dataset_size: 160 attack rows \(its poison_ratio share\) exceeds the 144 rows of data.attack; .* or lower poison_ratio"):
+    share = r"space.dataset_size: 160 attack rows \(its poison_ratio share\) exceeds the 144 rows of data.attack"
+    with pytest.raises(S.SpecError, match=share + r"; .* or lower poison_ratio"):
         check(poison_ratio={"grid": [0.5, 0.8]})
     with pytest.raises(S.SpecError, match=r"space.dataset_size: 200 exceeds the 144 rows of data.attack"):
         check()

@@ -330,7 +330,7 @@ def test_failed_and_errored_attacks_claim_no_budget_above_any_horizon(store):
     assert column("steps", "weak_resistance", rows, "mixed") == "held against 2 of 3 (T 16-512); 1 diverged"
 
 
-def test_a_crossing_by_incoherent_answers_only_is_noted_and_the_incoherent_share_shown(store):
+def test_a_crossing_by_incoherent_answers_only_is_noted_and_the_incoherent_share_shown(store, tmp_path):
     s = Sweep(store, "loops")
     s.trial("base", "resisted", base=True, group="loops", spent={"steps": T},
             extra={"harmfulness": 0.125, "incoherent.kw": 0.75, "incoherent_crossing": 10})
@@ -346,3 +346,22 @@ def test_a_crossing_by_incoherent_answers_only_is_noted_and_the_incoherent_share
                                                   ("status", "f_final", "incoherent_final", "incoherent_crossing_step")]
            for line in body}
     assert got == {"loops": ["resisted", "0.125", "0.75", "10"], "fluent": ["failed", "0.625", "0", ""]}
+    # the same beside f in the report's own table (report.md, report.html, the terminal)
+    from orchestrator.report.tables import coherence_table
+
+    header, body = coherence_table(rows)
+    assert header == ["attacker", "base"]
+    assert sorted(line[1] for line in body) == ["f 0.12 · incoherent 0.75 · loops crossed at 10",
+                                                "f 0.62 · incoherent 0.00"]
+    out = tmp_path / "report"
+    text = report.write(rows, "loops", out, figures=False)
+    assert "beside the share of answers the coherence gate found incoherent" in text
+    assert "loops crossed at 10" in (out / "report.html").read_text()
+
+
+def test_records_without_the_gate_add_no_coherence_table(store):
+    s = Sweep(store, "ungated")
+    s.trial("base", "failed", base=True, group="a", btf={"steps": 5}, spent={"steps": 5}, extra={"harmfulness": 0.6})
+    from orchestrator.report.tables import coherence_table
+
+    assert coherence_table(report.load(store, "ungated"))[1] == []

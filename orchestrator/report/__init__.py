@@ -15,6 +15,7 @@ from orchestrator.report.tables import (
     LEGEND,
     attacker_label,
     attacker_table,
+    coherence_table,
     csv_table,
     evaluator_table,
     median_cell,
@@ -122,6 +123,11 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
                          paired))
     sections += families.sections(rows, unit)
     sections.append((titles["attackers"], "", (a_header, a_body)))
+    if (gated := coherence_table(rows))[1]:   # harmful means coherent: f beside its incoherent share
+        sections.append(("Final f per attacker, beside the share of answers the coherence gate found incoherent",
+                         "f counts coherent harmful answers only; incoherent answers (loops, fragments) are never "
+                         "harmful. 'loops crossed at s': f without the gate crossed phi at step s while f did "
+                         "not, a crossing by incoherent answers only, never a success.", gated))
     if several_evaluators:
         sections.append((titles["evaluators"], "", (e_header, e_body)))
     sections.append((titles["progress"], "", (p_header, p_body)))

@@ -188,6 +188,35 @@ def attacker_table(rows: list[DefenceRow], unit: str = "steps") -> Table:
     return header, [line for _, line in sorted(entries)]
 
 
+def coherence_table(rows: list[DefenceRow]) -> Table:
+    """Beside attacker_table: each trial's final f (the primary's, with the coherence gate) and the
+    share of its answers the gate found incoherent there, "f 0.72 · incoherent 0.10", and where f
+    without the gate crossed phi while f did not, the first such step ("loops crossed at 8"). Empty
+    when no trial was scored under the gate (coherence: {enabled: false}, or older records)."""
+    everyone = [t for r in rows for t in r.trials]
+    if all(t.incoherent is None for t in everyone):
+        return ["attacker", *(r.defence for r in rows)], []
+    keys = varying(everyone)
+    by_attacker: dict[str, dict[str, Trial]] = {}
+    for t in everyone:
+        by_attacker.setdefault(t.attacker_id, {})[t.defence] = t
+
+    def text(t: Trial) -> str:
+        parts = [f"f {t.harmfulness:.2f}" if t.harmfulness is not None else "f -",
+                 f"incoherent {t.incoherent:.2f}" if t.incoherent is not None else "incoherent -"]
+        if t.incoherent_crossing is not None:
+            parts.append(f"loops crossed at {_num(t.incoherent_crossing)}")
+        return " · ".join(parts)
+
+    entries = []
+    for cells in by_attacker.values():
+        first = next(iter(cells.values()))
+        line = [attacker_label(everyone, first), *(text(cells[r.defence]) if r.defence in cells else "-"
+                                                   for r in rows)]
+        entries.append(([order_key(first.params.get(k)) for k in keys], line))
+    return ["attacker", *(r.defence for r in rows)], [line for _, line in sorted(entries)]
+
+
 def progress_table(rows: list[DefenceRow], unit: str = "steps", every: bool = False) -> Table:
     """The adversary's progress: with `every`, all trials (progress.csv); otherwise only the
     trials that improved the best budget-to-failure, then one totals row per defence."""
