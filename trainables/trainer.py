@@ -135,7 +135,10 @@ class Trainer:
         self.peak_loss = loss if math.isnan(self.peak_loss) else max(self.peak_loss, loss)
 
     def loss_peak_ratio(self) -> float:
-        """The largest step loss over the first one (nan before any step, or from a zero loss)."""
+        """The largest step loss over the first one (nan before any step, or from a zero loss, or
+        where a stage's method's loss is no error whose peak means anything: Method.loss_is_error)."""
+        if not all(m.loss_is_error for m in self.methods):
+            return math.nan
         return self.peak_loss / self.first_loss if self.first_loss > 0 else math.nan
 
     def mean_loss(self) -> float:

@@ -41,6 +41,12 @@ class Rates:
 class Method(Protocol):
     """One attack method; built per trial by methods.build with the stage's hyperparameters."""
 
+    loss_is_error: bool
+    """Its loss is an error that starts positive and falls as the attack learns (SFT's cross-entropy,
+    DPO's -log sigma): a peak far above its first value means the training exploded. False for a
+    policy-gradient surrogate (GRPO's), which centres on 0 and says nothing of divergence; the
+    trainer then records no loss_peak_ratio."""
+
     def items(self, rows: list[dict], tokenizer: Any, src: DataSource, data: Data) -> list:
         """What batches are drawn from, one per drawn row, in the rows' order."""
 

@@ -55,6 +55,8 @@ class DPO:
     released model: under LoRA the same model with its adapters switched off, under full
     fine-tuning a frozen copy taken here, before any step (one more copy of the weights)."""
 
+    loss_is_error = True
+
     def __init__(self, hp: Attacker, model: torch.nn.Module, rates: Rates):
         self.beta, self.rates = hp.dpo_beta, rates
         self.reference = Reference(model)

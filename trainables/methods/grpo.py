@@ -88,6 +88,8 @@ class GRPO:
     by the attacker's seed and saved in the trainer's snapshots, so a replay samples the same
     answers. With kl_coef > 0 the reference is the released model (as for DPO)."""
 
+    loss_is_error = False  # a policy-gradient surrogate: no loss peak ratio (methods/base.py)
+
     def __init__(self, hp: Attacker, model: torch.nn.Module, rates: Rates,
                  reward: Callable[[EvalContext], Scores] | None = None):
         self.hp, self.rates = hp, rates

@@ -31,6 +31,8 @@ def spent(batch: dict[str, torch.Tensor], per_token_flops: int) -> Spent:
 class SFT:
     """Supervised fine-tuning (the Method protocol)."""
 
+    loss_is_error = True
+
     def __init__(self, hp: Attacker, model: torch.nn.Module, rates: Rates):
         self.rates = rates
 
