@@ -69,6 +69,7 @@ os.environ["ATTACK_SWEEP_STEP0_CACHE"] = "0"  # every run_attack call scores its
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from overhead import quiet_libraries  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from orchestrator import spec as S  # noqa: E402
 from orchestrator import sweep  # noqa: E402
@@ -110,19 +111,6 @@ def config(method: str, steps: int) -> AttackConfig:
     sp = S.load(SPEC, overrides(method, steps))
     (trial,) = sweep.trials(sp)
     return sweep.attack_config(sp, trial)
-
-
-def quiet_libraries() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-    import warnings
-
-    warnings.filterwarnings("ignore")
 
 
 # --- run_attack ------------------------------------------------------------------------------
