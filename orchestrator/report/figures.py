@@ -88,13 +88,21 @@ def survival(rows: list[DefenceRow], unit: str) -> tuple[Figure, str] | None:
     return fig, survival_caption([c for _, c in curves])
 
 
+LINE_STYLES = ("-", (0, (5, 3)), (0, (1, 2)), (0, (6, 2, 1, 2)))
+"""Solid, dashed, dotted, dash-dot: a curve drawn over another of the same shape still shows."""
+
+
 def survival_axes(ax, curves: list[tuple[str, Curve]], unit: str, slots: list[int] | None = None) -> None:
     """Survival curves on one axes, each with its band and censoring ticks, labelled 'name  n=...';
-    curve k in colour slots[k] of the cycle (default k: one name keeps its colour across panels)."""
+    curve k in colour and line style slots[k] of the cycles (default k: one name keeps both across
+    panels; the styles differ so that curves that coincide, e.g. two methods breaking at the same
+    steps, both show)."""
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (name, c) in enumerate(curves):
-        colour = colours[(slots[k] if slots else k) % len(colours)]
-        ax.step(c.times, c.surviving, where="post", color=colour, lw=2, label=f"{name}  n={c.n}")
+        slot = slots[k] if slots else k
+        colour = colours[slot % len(colours)]
+        ax.step(c.times, c.surviving, where="post", color=colour, lw=2, ls=LINE_STYLES[slot % len(LINE_STYLES)],
+                label=f"{name}  n={c.n}")
         ax.fill_between(c.times, c.lower, c.upper, step="post", color=colour, alpha=0.15, lw=0)
         if c.censored_times:
             ax.plot(c.censored_times, [c.at(t) for t in c.censored_times], ls="none", marker="|", ms=12, mew=2,
