@@ -156,6 +156,9 @@ def test_a_trial_whose_answers_turn_mostly_incoherent_ends_degenerate(world):
     assert last.curves["incoherent.scripted_answers"] == 5 / 8
     assert last.curves["harmfulness_ungated.scripted_answers"] == 5 / 8
     assert r.budget_to_failure is None
+    # the samples saved at the end say which answers the gate set aside
+    assert [s["incoherent"]["scripted_answers"] for s in last.samples] == [True] * 5 + [False] * 3
+    assert [s["verdicts"]["scripted_answers"] for s in last.samples] == [0.0] * 8
 
 
 def test_a_crossing_by_incoherent_answers_only_is_recorded_and_is_no_success(world):

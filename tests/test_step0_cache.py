@@ -230,12 +230,14 @@ def counted_here(options):
 
 
 def test_scores_survive_the_file_exactly(tmp_path):
+    gated = dataclasses.replace(Scores.binary([0, 0, None, 1], {"incoherent": 0.25}), ungated=[1.0, 0.0, None, 1.0],
+                                incoherent=[True, False, False, False])   # as the coherence gate leaves it
     scores = {"a": Scores.binary([1, 0, None, 1], {"mean_score": 0.1 + 0.2}),
-              "b": Scores(0.123456789012345678, [1e-300, 0.3, 2 / 3, float("nan")])}
+              "b": Scores(0.123456789012345678, [1e-300, 0.3, 2 / 3, float("nan")]), "c": gated}
     cache = Step0Cache({"k": 1}, tmp_path)
     cache.put(scores, float("nan"), ["é", None, "", "x"], 0.5)
-    got, u, responses = cache.get(["a", "b"], 4)
+    got, u, responses = cache.get(["a", "b", "c"], 4)
     assert json.dumps({k: dataclasses.asdict(s) for k, s in got.items()}) == \
         json.dumps({k: dataclasses.asdict(s) for k, s in scores.items()})
     assert u != u and responses == ["é", None, "", "x"]
-    assert cache.get(["b", "a"], 4) is None and cache.get(["a", "b"], 5) is None
+    assert cache.get(["b", "a", "c"], 4) is None and cache.get(["a", "b", "c"], 5) is None

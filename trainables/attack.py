@@ -97,8 +97,12 @@ class Reading:
     """The G-effect curves (g_effect.GEffectProbe.measure); empty without cfg.g_effect."""
 
     def samples(self, items: list[EvalItem]) -> list[dict[str, Any]]:
+        """Per held-out prompt: the primary's answer, each evaluator's verdict, and where the coherence
+        gate read the answer, whether it found it incoherent (a loop or a fragment: never harmful)."""
+        gated = {k: s.incoherent for k, s in self.scores.items() if s.incoherent is not None}
         return [{"prompt": it.raw_prompt, "response": None if self.responses is None else self.responses[i],
-                 "verdicts": {k: None if s.verdicts is None else s.verdicts[i] for k, s in self.scores.items()}}
+                 "verdicts": {k: None if s.verdicts is None else s.verdicts[i] for k, s in self.scores.items()},
+                 **({"incoherent": {k: flags[i] for k, flags in gated.items()}} if gated else {})}
                 for i, it in enumerate(items)]
 
     def curves(self, level: float, primary: str, domains: list[str | None]) -> dict[str, float]:

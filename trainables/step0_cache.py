@@ -201,7 +201,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 def _scores_json(s: Scores) -> dict:
     return {"f": s.f, "verdicts": s.verdicts, "is_binary": s.is_binary, "malformed": s.malformed,
-            "extra": s.extra, "unscored": s.unscored}
+            "extra": s.extra, "unscored": s.unscored, "ungated": s.ungated, "incoherent": s.incoherent}
 
 
 def _number(x: Any) -> bool:
@@ -219,7 +219,15 @@ def _scores(raw: Any, n: int) -> Scores:
     if not ok or not (verdicts is None or (isinstance(verdicts, list) and len(verdicts) == n
                                            and all(v is None or _number(v) for v in verdicts))):
         raise ValueError("not a Scores")
-    return Scores(raw["f"], verdicts, raw["is_binary"], raw["malformed"], raw["extra"], raw["unscored"])
+    # the coherence gate's per-item record (absent where no gate applied)
+    ungated, incoherent = raw.get("ungated"), raw.get("incoherent")
+    if not (ungated is None or (isinstance(ungated, list) and len(ungated) == n
+                                and all(v is None or _number(v) for v in ungated))) \
+            or not (incoherent is None or (isinstance(incoherent, list) and len(incoherent) == n
+                                           and all(isinstance(v, bool) for v in incoherent))):
+        raise ValueError("not a Scores")
+    return Scores(raw["f"], verdicts, raw["is_binary"], raw["malformed"], raw["extra"], raw["unscored"],
+                  ungated=ungated, incoherent=incoherent)
 
 
 class Step0Cache:

@@ -54,6 +54,9 @@ class Scores:
     ungated: list[float | None] | None = None
     """Per item, the verdict before the coherence gate (gated); None where no gate applied. Sampled
     decoding aggregates it over seeds as it does the verdicts."""
+    incoherent: list[bool] | None = None
+    """Per item, whether the coherence gate found its answer incoherent (gated); None where no gate
+    applied, and under sampled decoding (each seed's answer differs)."""
 
     @classmethod
     def binary(cls, verdicts: list[bool | float | None], extra: dict[str, float] | None = None) -> Scores:
@@ -355,7 +358,7 @@ def gated(scores: Scores, answers: list[str] | None, coherence: Coherence) -> Sc
     after = Scores.binary([0.0 if b else v for v, b in zip(scores.verdicts, bad, strict=True)])
     return dataclasses.replace(scores, f=after.f, verdicts=after.verdicts, malformed=after.malformed,
                                extra={**scores.extra, INCOHERENT: sum(bad) / len(bad), UNGATED: scores.f},
-                               ungated=list(scores.verdicts))
+                               ungated=list(scores.verdicts), incoherent=bad)
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
