@@ -62,9 +62,9 @@ class DefenceMethod(Protocol):
     """The data roles it cannot run without: a build whose data lacks one is a spec error."""
     uses: ClassVar[tuple[Role, ...]]
     """The data roles it reads when given (a superset of `needs`)."""
-    finetune: ClassVar[tuple[str, ...]]
-    """Where its official code trains: ("lora",), ("full",) or both; a build asking for another is
-    a spec error."""
+    official_finetune: ClassVar[str]
+    """Where its official code trains, "lora" or "full": the build's default. Every method runs
+    under both; a build that picks the other says so in its record."""
 
     def __init__(self, options: Options, model: torch.nn.Module, rates: Rates, seed: int) -> None:
         """`model`: what is trained (PEFT-wrapped under LoRA), already on its device, before any step
