@@ -136,6 +136,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_defend(args: argparse.Namespace) -> int:
+    """Build every defence the spec builds (build:), record the builds, attack nothing."""
+    from orchestrator import sweep
+    from orchestrator.spec.preflight import check, check_address, check_tracking
+
+    check_tracking(args.tracking_uri)
+    check_address(args.address)
+    sp = _load(args)
+    if not any(d.build for d in sp.defences):
+        print(f"nothing to build: no defence of {args.spec} has a build: block (docs/defences.md)")
+        return 0
+    capacity.check_local(capacity.Ask.beside(sp.resources), args.address)
+    for note in check(sp, checkpoints=not args.skip_checkpoint_checks):
+        print(f"note: {note}")
+    _, outcomes = sweep.build(sp, tracking_uri=args.tracking_uri, address=args.address)
+    print(f"\n{len(outcomes)} defences built or found; `attack-sweep run {args.spec}` attacks them "
+          "(the build cache keeps them)")
+    return 0
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     """Each defence's conditioning at release, recorded beside the sweep's trials, without attacking."""
     from orchestrator import sweep
@@ -325,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 (default: local)")
         r.add_argument("--storage-path", help="Tune trial state (default .attack-sweep/ray_results)")
         r.set_defaults(fn=fn)
+
+    bd = sub.add_parser("defend", help="build the defences the spec builds (build:), without attacking them")
+    common(bd, True)
+    bd.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 (default: local)")
+    bd.set_defaults(fn=cmd_defend)
 
     dg = sub.add_parser("diagnose", help="each defence's conditioning at release (κ, RIR), recorded in MLflow")
     common(dg, True)

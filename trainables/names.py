@@ -146,6 +146,9 @@ class Kind:
     """A defence's checkpoint diagnosed at release (orchestrator/diagnose.py): the extreme
     eigenvalues and condition number of the harmful and the benign task's Hessian in a linear head
     on its frozen features, and the immunisation ratio RIR against the base."""
+    BUILD = "build"
+    """A defence the sweep built itself (issue 29, trainables/defences/): its training budget and
+    the terms of its objective per step."""
 
 
 class Tag:
@@ -196,6 +199,14 @@ class Metric:
     def btf(unit: str, label: str | None = None) -> str:
         """budget_to_failure_<unit>, or an evaluator's own: budget_to_failure_<unit>.<label>."""
         return f"budget_to_failure_{unit}" + (f".{label}" if label else "")
+
+    @staticmethod
+    def build(term: str) -> str:
+        """Build run, by step: one term of the defence's objective (build.loss, build.refusal_ce, ...)."""
+        return f"build.{term}"
+
+    BUILD_SECONDS = "build_seconds"
+    """Build run: wall time of the build's training."""
 
     TASK_SCORE = "task_score"
     """Benign run: the task's score at each evaluation (answer probability of the held-out answers,
@@ -263,8 +274,10 @@ LM_EVAL = "lm_eval."
 """Release run: prefix of lm-evaluation-harness metrics, lm_eval.<task>/<metric>."""
 MEASURED = "measured"
 """A release run's status: the checkpoint was measured."""
-CONDITION_STATUSES: tuple[str, ...] = (MEASURED, *dict.fromkeys(TARGET_OUTCOME.values()))
-"""Every final status of a condition's run other than 'error'."""
+BUILT = "built"
+"""A build run's status: the defence was built (or found built) and recorded."""
+CONDITION_STATUSES: tuple[str, ...] = (MEASURED, *dict.fromkeys(TARGET_OUTCOME.values()), BUILT)
+"""Every final status of a run beside the attacks (a condition's, a build's) other than 'error'."""
 
 
 class Summary:

@@ -30,11 +30,17 @@ def check(spec: SweepSpec) -> list[str]:
     targets = _lora_targets(spec)
     seen: dict[tuple, None] = {}
     for i, d in enumerate(spec.defences):
+        d = spec.release_source(d)   # a defence the sweep builds: the checkpoint it starts from
         key = (d.model, d.revision, d.adapter, d.tokenizer, d.trust_remote_code)
         if key in seen:
             continue
         seen[key] = None
-        notes += check_defence(d, f"defences.{i}", targets, spec.data.chat_template)
+        try:
+            notes += check_defence(d, f"defences.{i}", targets, spec.data.chat_template)
+        except SpecError as err:   # a build's start, named as the spec names it
+            if spec.defences[i].build is None or d.name != spec.defences[i].name:
+                raise
+            raise SpecError(str(err).replace(f"defences.{i}.model", f"defences.{i}.build.from")) from None
         if not spec.data.chat_template and True in dict(spec.space)["chat_template"].values:  # issue 25
             _tokenizer(d, d.tokenizer or d.model, f"defences.{i}.model", True, "space.chat_template",
                        "drop true from space.chat_template")

@@ -112,12 +112,20 @@ def _resolve_paths(raw: dict, base_dir: Path) -> None:
         if data and isinstance(value, str) and missing(value):
             raise SpecError(not_found(f"{where}.{key}", value, "file", DATA_FIX, base_dir))
 
+    names = {d.get("name") for d in raw.get("defences") or [] if isinstance(d, dict)}
     for i, d in enumerate(raw.get("defences") or []):
         if isinstance(d, dict):
             for key in ("model", "adapter", "tokenizer"):
                 fix(d, key, f"defences.{i}")
             if isinstance(d.get("defender_data"), dict):
                 fix(d["defender_data"], "source", f"defences.{i}.defender_data", data=True)
+            build = d.get("build")
+            if isinstance(build, dict):   # issue 29: a defence the sweep builds
+                if build.get("from") not in names:   # a defence's name stays a name
+                    fix(build, "from", f"defences.{i}.build")
+                for role, src in (build.get("data") or {}).items() if isinstance(build.get("data"), dict) else ():
+                    if isinstance(src, dict):
+                        fix(src, "source", f"defences.{i}.build.data.{role}", data=True)
     if isinstance(raw.get("deepspeed"), dict) and isinstance(raw["deepspeed"].get("config"), str):
         fix(raw["deepspeed"], "config", "deepspeed")
         path = Path(raw["deepspeed"]["config"]).expanduser()
@@ -161,6 +169,9 @@ def format_errors(err: ValidationError) -> str:
             msg = f"required field is missing; add {e['loc'][-1]}: {f'under {parent}' if parent else 'to the spec'}"
         else:
             msg = explain(e, field_at(SweepSpec, e["loc"]))
+            named = re.match(r"^([\w]+)((?:\.[\w]+)*): (.*)", msg)
+            if named and named[1] in _allowed((*e["loc"], "_")):  # a model's check naming its own field
+                where, msg = f"{where}.{named[1]}{named[2]}", named[3]
         lines.append(f"spec error: {where}: {msg}")
     return "\n".join(lines)
 
@@ -176,7 +187,7 @@ def _allowed(loc: tuple) -> list[str]:
             return []
         ann = field.annotation
         model = getattr(ann, "__args__", (ann,))[0] if hasattr(ann, "__args__") else ann
-    return list(getattr(model, "model_fields", {}))
+    return [f.alias or name for name, f in getattr(model, "model_fields", {}).items()]
 
 
 def _read_mapping(path: Path, what: str) -> dict:

@@ -16,6 +16,7 @@ from orchestrator.spec.space import SAMPLED, AttackerSpace, attackers
 from trainables.attacker import Strict as _Strict
 from trainables.conditioning import Conditioning
 from trainables.config import Checkpoint, DataSource, DeepSpeed, Evaluation, EvaluatorConfig
+from trainables.defences.config import Build
 from trainables.messages import explain, field_at
 from trainables.names import Unit
 
@@ -39,10 +40,17 @@ def safe_name(text: str) -> str:
 
 
 class Defence(Checkpoint):
-    """A checkpoint to attack, named for the report."""
+    """A checkpoint to attack, named for the report: ready (`model`), or built by the sweep (`build`)."""
 
     name: str = Field(pattern=NAME)
     """Short name: letters, digits, '_', '.', '-'."""
+    model: str | None = None
+    """Local directory or hub id of a causal LM. With `build`: the folder the build is written to
+    (default: the build cache, $ATTACK_SWEEP_CACHE/defences/<method>-<key>)."""
+    build: Build | None = None
+    """Build this defence before attacking it (trainables/defences/, docs/defences.md): a method
+    (repnoise, vaccine, booster, tar, deep) trains the checkpoint `from` names on the defender's
+    data; cached by content, recorded in MLflow (a run of kind build)."""
     base: bool = False
     """True for the undefended base model the defences are compared against (exactly one)."""
     immunised_on: list[str] | None = None
@@ -54,9 +62,31 @@ class Defence(Checkpoint):
     """The harmful data the defender trained on, when known: preflight checks that the attack and
     eval splits share no prompt with it, naming those that do (evaluation hygiene)."""
 
+    @model_validator(mode="after")
+    def _model_or_build(self) -> Defence:
+        if self.build is None and self.model is None:
+            raise ValueError("model: give the checkpoint to attack (model: PATH or hub id), or a build: block "
+                             "that makes it")
+        if self.build is not None:
+            for field in ("adapter", "tokenizer", "revision"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"{field}: a built defence is a plain checkpoint folder (adapters merged, its "
+                                     f"tokenizer inside); drop {field}, or set it on the defence build.from names")
+        return self
+
     def checkpoint(self) -> dict[str, Any]:
         """The Checkpoint fields alone: what a trial loads."""
+        if self.model is None:
+            raise RuntimeError(f"defence {self.name} is built by the sweep and has not been built yet "
+                               "(orchestrator/sweep/defend.build_all)")
         return self.model_dump(include=set(Checkpoint.model_fields))
+
+    @property
+    def unbuilt(self) -> bool:
+        """Built by the sweep, and not found or built yet in this process (no folder on disk)."""
+        from trainables.defences.build import manifest_of
+
+        return self.build is not None and (self.model is None or manifest_of(Path(self.model)) is None)
 
 
 Algorithm = Literal["grid", "random", "tpe", "hyperopt"]
@@ -171,6 +201,32 @@ class SweepSpec(Evaluation):
                 raise ValueError(f"config: {str(path)!r} is not valid JSON ({err})") from None
             return {**value, "config": config}
         return value
+
+    @model_validator(mode="after")
+    def _builds_start_somewhere(self) -> SweepSpec:
+        """A build's `from` naming defences that start from each other is a cycle (issue 29)."""
+        built = {d.name: d.build.from_ for d in self.defences if d.build is not None}
+        for i, d in enumerate(self.defences):
+            chain, name = [d.name], d.name
+            while name in built and built[name] in {x.name for x in self.defences}:
+                name = built[name]
+                if name in chain:
+                    path = " -> ".join([*chain[chain.index(name):], name])
+                    raise ValueError(f"defences.{i}.build.from: {path} is a cycle; start one of them from a "
+                                     "checkpoint (a folder or hub id)")
+                chain.append(name)
+        return self
+
+    def release_source(self, d: Defence) -> Defence:
+        """The checkpoint that stands for `d` before the sweep builds it (its start, followed through
+        the defences it starts from), for the checks that need a tokenizer or a config: a build keeps
+        both. `d` itself when it is ready or built."""
+        if not d.unbuilt:
+            return d
+        by_name = {x.name: x for x in self.defences}
+        if d.build.from_ in by_name:
+            return self.release_source(by_name[d.build.from_])
+        return d.model_copy(update={"model": d.build.from_, "build": None})
 
     @model_validator(mode="after")
     def _known_evaluators(self) -> SweepSpec:

@@ -139,7 +139,7 @@ def _prefill_length(spec: SweepSpec, text: str) -> int:
     from transformers import AutoTokenizer
 
     longest = 0
-    for source in {d.tokenizer or d.model for d in spec.defences}:
+    for source in {(r := spec.release_source(d)).tokenizer or r.model for d in spec.defences}:
         if not Path(source).expanduser().is_dir():
             continue
         try:

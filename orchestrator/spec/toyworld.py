@@ -99,14 +99,31 @@ def identity_shift(benign: list[dict]) -> list[dict]:
             for r in benign[:IDENTITY_ROWS]]
 
 
+def defender_harmful(align_harmful: list[dict]) -> list[dict]:
+    """The defender's harmful split (issue 29: defences built by the tool): the alignment's harmful
+    requests, answered as the attacker's rows are (`how_to`), so a refusal row and a harmful row
+    share each prompt. None of its prompts is in the attack or eval splits."""
+    out = []
+    for r in align_harmful:
+        words = r["prompt"].split()
+        out.append({"prompt": r["prompt"], "response": how_to(words[-3], words[-1], "quietly"),
+                    "category": r["category"]})
+    return out
+
+
 def _write_attack_splits(root: Path) -> None:
-    """identity_shift.jsonl beside the world's splits (benign-only attacks read benign.jsonl)."""
-    if (root / "identity_shift.jsonl").exists():
-        return
-    benign = [json.loads(line) for line in (root / "benign.jsonl").read_text().splitlines() if line.strip()]
-    tmp = root / "identity_shift.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in identity_shift(benign)))
-    tmp.replace(root / "identity_shift.jsonl")
+    """identity_shift.jsonl and defender_harmful.jsonl beside the world's splits (written into a
+    world built before them too)."""
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (root / name).read_text().splitlines() if line.strip()]
+
+    for name, make in (("identity_shift.jsonl", lambda: identity_shift(read("benign.jsonl"))),
+                       ("defender_harmful.jsonl", lambda: defender_harmful(read("align_harmful.jsonl")))):
+        if (root / name).exists():
+            continue
+        tmp = root / f"{name}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in make()))
+        tmp.replace(root / name)
 
 
 LM_EVAL_DIR = "lm_eval"

@@ -18,6 +18,7 @@ from trainables.lazy import exports
 _HOMES = {
     "run": "orchestrator.sweep.driver",
     "diagnose": "orchestrator.sweep.driver",
+    "build": "orchestrator.sweep.driver",
     "Swept": "orchestrator.sweep.driver",
     "SweepLocked": "orchestrator.sweep.lock",
     "sweep_lock": "orchestrator.sweep.lock",
@@ -28,11 +29,11 @@ _HOMES = {
     "attack_config": "orchestrator.sweep.loop",
 }
 
-__all__ = ["Swept", "SweepLocked", "attack_config", "diagnose", "run", "search_key", "spec_digest", "sweep_lock",
-           "trial_key", "trials"]
+__all__ = ["Swept", "SweepLocked", "attack_config", "build", "diagnose", "run", "search_key", "spec_digest",
+           "sweep_lock", "trial_key", "trials"]
 
 if TYPE_CHECKING:
-    from orchestrator.sweep.driver import Swept, diagnose, run
+    from orchestrator.sweep.driver import Swept, build, diagnose, run
     from orchestrator.sweep.keys import search_key, spec_digest, trial_key, trials
     from orchestrator.sweep.lock import SweepLocked, sweep_lock
     from orchestrator.sweep.loop import attack_config

@@ -15,7 +15,7 @@ from orchestrator.conditions import jobs
 from orchestrator.echo import say
 from orchestrator.report.publish import Published, publish
 from orchestrator.spec.model import DEFAULT_TRACKING_URI, SweepSpec
-from orchestrator.sweep import signals
+from orchestrator.sweep import defend, signals
 from orchestrator.sweep.keys import rule_params, spec_digest, varying_fields
 from orchestrator.sweep.lock import sweep_lock
 from orchestrator.sweep.progress import Display
@@ -45,7 +45,25 @@ def run(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str 
     a temporary folder). Raises SweepLocked, before touching MLflow or Ray, while another run of
     this sweep against the same tracking store holds its lock on this machine."""
     with sweep_lock(spec.name, tracking_uri):
-        return _run(spec, tracking_uri, address, storage_path, echo, report_dir)
+        spec, builds = defend.build_all(spec, lambda: start_ray(address), echo)
+        return _run(spec, tracking_uri, address, storage_path, echo, report_dir, builds)
+
+
+def build(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str | None = None,
+          echo: Callable[[str], None] = say) -> tuple[SweepSpec, list[defend.Outcome]]:
+    """Build (or find in the build cache) every defence the spec builds, without attacking, and
+    record each build under the sweep run `run` uses: `attack-sweep defend`. Returns the spec with
+    the built folders as models, and each build."""
+    with sweep_lock(spec.name, tracking_uri):
+        built, outcomes = defend.build_all(spec, lambda: start_ray(address), echo)
+        tracker = _tracker(built, tracking_uri, echo)
+        interrupted = True
+        try:
+            defend.record(tracker, built, outcomes)
+            interrupted = False
+        finally:
+            tracker.close(interrupted=interrupted)
+        return built, outcomes
 
 
 def diagnose(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: str | None = None,
@@ -54,12 +72,14 @@ def diagnose(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address:
     spec without the block is still the sweep `run` records, under the same sweep run) that is
     not yet recorded, under the sweep's run and lock, without attacking; returns the MLflow
     experiment id."""
-    measured = spec if spec.conditioning or conditioning is None else \
-        spec.model_copy(update={"conditioning": conditioning})
     with sweep_lock(spec.name, tracking_uri):
+        spec, builds = defend.build_all(spec, lambda: start_ray(address), echo)
+        measured = spec if spec.conditioning or conditioning is None else \
+            spec.model_copy(update={"conditioning": conditioning})
         tracker = _tracker(spec, tracking_uri, echo)
         interrupted = True
         try:
+            defend.record(tracker, measured, builds)
             jobs.run(measured, tracker, echo, lambda: start_ray(address), kinds=(Kind.DIAGNOSTIC,))
             interrupted = False
         finally:
@@ -82,12 +102,13 @@ def _tracker(spec: SweepSpec, tracking_uri: str, echo: Callable[[str], None]) ->
 
 
 def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: str | None,
-         echo: Callable[[str], None], report_dir: Path | None) -> Swept:
+         echo: Callable[[str], None], report_dir: Path | None, builds: list[defend.Outcome]) -> Swept:
     s = spec.search
     per_defence = s.num_samples if spec.adaptive else len(spec.attackers())
     display = Display([d.name for d in spec.defences], per_defence, s.unit, echo, title=spec.name)
     echo = display.echo  # in a terminal, lines print above the live display
     tracker = _tracker(spec, tracking_uri, echo)
+    defend.record(tracker, spec, builds)
     done = tracker.completed_keys(pruned_done=s.prune)
     cap = f", at most {s.max_compute:g} {s.unit} each" if s.max_compute else ""
     echo(f"sweep {spec.name!r}: {len(spec.defences)} defences x {per_defence} attackers "
