@@ -225,7 +225,8 @@ def good(world, **over):
 
 
 @pytest.mark.parametrize("build, defence, message", [
-    ({"method": "repnoyse"}, {}, "defences.1.build.method: unknown defence method 'repnoyse' (did you mean 'repnoise'?"),
+    ({"method": "repnoyse"}, {},
+     "defences.1.build.method: unknown defence method 'repnoyse' (did you mean 'repnoise'?"),
     ({"options": {"augment_probability": 2}}, {},
      "defences.1.build.options.augment_probability: Input should be less than or equal to 1"),
     ({"options": {"alpha": 1}}, {}, "defences.1.build.options.alpha: unknown option of deep"),
