@@ -69,6 +69,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"  {line}")
     for line in _conditions_lines(sp):
         print(f"  {line}")
+    for d in sp.defences:
+        if b := d.build:
+            print(f"  build {d.name}: {b.method} ({b.mode}) from {b.from_}, {b.steps} steps of batch {b.batch_size}, "
+                  f"lr {b.learning_rate:g}, on {', '.join(b.data.given())} data; built before the attacks (or "
+                  "found in the build cache: `attack-sweep defend` builds without attacking)")
     if sp.conditioning:
         c = sp.conditioning
         what = f"the Hessian in {', '.join(c.parameters)}" if c.parameters else f"a {c.head} head on the final features"

@@ -280,21 +280,31 @@ def test_a_sweep_builds_its_defence_records_the_build_once_and_attacks_the_built
 
     monkeypatch.setenv("ATTACK_SWEEP_CACHE", str(tmp_path / "cache"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    raw = sweep_dict(world, "built-e2e", defences=("base",), max_steps=5, eval_every=5)
+    raw = sweep_dict(world, "built-e2e", defences=("base",), max_steps=5, eval_every=5,
+                     utility={"data": {"source": str(world / "benign_heldout.jsonl")}})
     raw["defences"].append({"name": "deep", "build": {**good(world), "steps": 2}})
     sp = S.from_dict(raw)
     built, outcomes = sweep.build(sp, tracking_uri=uri, echo=lambda _: None)
     folder = outcomes[0].folder
     assert built.defences[1].model == str(folder) and not outcomes[0].cached
+    from mlflow.tracking import MlflowClient
+
     lines: list[str] = []
     sweep.run(sp, tracking_uri=uri, storage_path=str(tmp_path / "ray"), echo=lines.append)
     assert any(line.startswith("build deep: deep (full) from base, found in the build cache") for line in lines)
     builds = trial_runs(uri, "built-e2e", "build")
     assert len(builds) == 1 and builds[0].data.params["folder"] == str(folder)
-    assert builds[0].data.metrics["spent_steps"] == 2 and "build.loss" in builds[0].data.metrics
+    metrics = builds[0].data.metrics
+    assert metrics["spent_steps"] == 2 and "build.loss" in metrics
     trials = {r.data.tags["defence"]: r for r in trial_runs(uri, "built-e2e")}
     assert set(trials) == {"base", "deep"}
-    from mlflow.tracking import MlflowClient
+    # the build's figures at release are what the attack on it measured at its step 0
+    history = MlflowClient(uri).get_metric_history
+    step0 = {k: next(m.value for m in history(trials["deep"].info.run_id, k) if m.step == 0)
+             for k in ("harmfulness", "utility")}
+    assert metrics["harmfulness_at_release"] == pytest.approx(step0["harmfulness"])
+    assert metrics["utility"] == pytest.approx(step0["utility"]) and metrics["utility"] > 0
+    assert metrics["incoherent_at_release"] == 0   # the toy model answers in whole sentences
 
     (parent,) = trial_runs(uri, "built-e2e", "sweep")
     recorded = yaml.safe_load(MlflowClient(uri).download_artifacts(parent.info.run_id, "spec.yaml", str(tmp_path))

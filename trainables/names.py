@@ -269,6 +269,10 @@ is the task's target reached; "resisted" is not reached within its budget (censo
 
 
 RELEASE_UTILITY = "utility"
+RELEASE_HARMFULNESS = "harmfulness_at_release"
+"""Build run: the primary evaluator's f on the held-out prompts as built (step 0 of every attack on it)."""
+RELEASE_INCOHERENT = "incoherent_at_release"
+"""Build run: the share of those answers the coherence gate found incoherent."""
 """Release run: the utility block's score on its held-out benign split (the stability proxy)."""
 LM_EVAL = "lm_eval."
 """Release run: prefix of lm-evaluation-harness metrics, lm_eval.<task>/<metric>."""

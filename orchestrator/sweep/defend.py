@@ -17,7 +17,8 @@ from typing import Any
 
 from orchestrator.cluster import WORKER_RETRIES, last_line
 from orchestrator.spec.model import Defence, SpecError, SweepSpec
-from trainables.names import BUILT, UNITS, Kind, Metric
+from trainables.config import Evaluation
+from trainables.names import BUILT, UNITS, Kind, Metric, Tag
 
 
 @dataclass(frozen=True)
@@ -130,15 +131,24 @@ def line(o: Outcome) -> str:
             f"{b['examples']} examples, {b['tokens']} tokens, {b['flops']:.3g} FLOPs -> {o.folder}")
 
 
-def record(tracker, spec: SweepSpec, outcomes: list[Outcome]) -> None:
-    """A `build` run per built defence not yet recorded under this sweep run (keyed by its build's key)."""
+def record(tracker, spec: SweepSpec, outcomes: list[Outcome], echo: Callable[[str], None]) -> None:
+    """A `build` run per built defence not yet recorded under this sweep run (keyed by its build's key):
+    its training budget, its objective's terms by step, and how it answers at release (the primary's f
+    and incoherent share on the held-out prompts, the utility proxy), measured here in a Ray task."""
     if not outcomes:
         return
     done = tracker.completed_keys(Kind.BUILD)
-    for o in outcomes:
-        m = o.manifest
-        if m is None or m["key"] in done:
-            continue
+    todo = [o for o in outcomes if o.manifest is not None and o.manifest["key"] not in done]
+    if not todo:
+        return
+    import ray  # started by build_all
+
+    r = spec.resources
+    task = ray.remote(_release).options(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=WORKER_RETRIES)
+    evaluation = spec.model_dump(mode="json", include=set(Evaluation.model_fields))
+    refs = {o.defence: task.remote(str(o.folder), evaluation, spec.device, max(1, int(r.cpu))) for o in todo}
+    for o in todo:
+        m, release = o.manifest, ray.get(refs[o.defence])
         d = next(x for x in spec.defences if x.name == o.defence)
         params = {"method": m["method"], "from": m["from"], "finetune": m["finetune"], "folder": str(o.folder),
                   **{f"option.{k}": v for k, v in m["options"].items()},
@@ -150,4 +160,23 @@ def record(tracker, spec: SweepSpec, outcomes: list[Outcome]) -> None:
         b = m["budget"]
         metrics = {Metric.spent(u): float(b[u]) for u in UNITS}   # the manifest's budget, by unit
         metrics[Metric.BUILD_SECONDS] = float(m["seconds"])
-        tracker.finish_run(run_id, BUILT, {k: v for k, v in metrics.items() if math.isfinite(v)})
+        metrics.update(release.get("metrics", {}))
+        why = {Tag.ERROR: f"release not measured: {release['error']}"} if "error" in release else None
+        tracker.finish_run(run_id, BUILT, {k: v for k, v in metrics.items() if math.isfinite(v)}, tags=why)
+        echo(f"build {d.name}: at release " + (", ".join(f"{k} {v:.3f}" for k, v in release["metrics"].items())
+                                               if "metrics" in release else f"not measured: {release['error']}"))
+
+
+def _release(folder: str, evaluation: dict[str, Any], device: str, threads: int) -> dict[str, Any]:
+    """A built defence's figures at release, in a Ray worker (trainables/release.harmfulness)."""
+    import torch
+
+    from trainables.config import Checkpoint
+    from trainables.release import harmfulness
+
+    torch.set_num_threads(threads)
+    try:
+        return {"metrics": harmfulness(Checkpoint(model=folder), Evaluation.model_validate(evaluation), device)}
+    except Exception as err:  # noqa: BLE001 - the build stands; its release figures are missing, said so
+        print(traceback.format_exc(), file=sys.stderr, flush=True)
+        return {"error": f"{type(err).__name__}: {err}"}

@@ -59,7 +59,7 @@ def build(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address: st
         tracker = _tracker(built, tracking_uri, echo)
         interrupted = True
         try:
-            defend.record(tracker, built, outcomes)
+            defend.record(tracker, built, outcomes, echo)
             interrupted = False
         finally:
             tracker.close(interrupted=interrupted)
@@ -79,7 +79,7 @@ def diagnose(spec: SweepSpec, tracking_uri: str = DEFAULT_TRACKING_URI, address:
         tracker = _tracker(spec, tracking_uri, echo)
         interrupted = True
         try:
-            defend.record(tracker, measured, builds)
+            defend.record(tracker, spec, builds, echo)
             jobs.run(measured, tracker, echo, lambda: start_ray(address), kinds=(Kind.DIAGNOSTIC,))
             interrupted = False
         finally:
@@ -108,7 +108,7 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
     display = Display([d.name for d in spec.defences], per_defence, s.unit, echo, title=spec.name)
     echo = display.echo  # in a terminal, lines print above the live display
     tracker = _tracker(spec, tracking_uri, echo)
-    defend.record(tracker, spec, builds)
+    defend.record(tracker, spec, builds, echo)
     done = tracker.completed_keys(pruned_done=s.prune)
     cap = f", at most {s.max_compute:g} {s.unit} each" if s.max_compute else ""
     echo(f"sweep {spec.name!r}: {len(spec.defences)} defences x {per_defence} attackers "
