@@ -160,9 +160,9 @@ def expected_step(shadow, ref_model, batches, opts, lr):
                                                                                                ref_hidden)
         return opts.retain_coefficient * (parts["ce"] + parts["dist"])
     _, gr = grad(retain_loss, theta0)
-    terms = {"retain_ce": float(parts["ce"]), "retain_distance": float(parts["dist"]), "inner_final_ce": float(ce),
+    terms = {"retain_ce": parts["ce"].item(), "retain_distance": parts["dist"].item(), "inner_final_ce": float(ce),
              "tamper_resistance": sum(w * t for w, t in zip(ws, trs, strict=True)) / sum(ws),
-             "loss": opts.retain_coefficient * float(parts["ce"] + parts["dist"])
+             "loss": opts.retain_coefficient * (parts["ce"] + parts["dist"]).item()
              + sum(w * t for w, t in zip(ws, trs, strict=True))}
     return {n: gr[n] + store[n] for n in names}, terms
 
