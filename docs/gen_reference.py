@@ -248,7 +248,29 @@ def spec_page() -> str:
             limits = constraints(mirrored.model_fields[name] if mirrored else info)
             if limits:
                 kind += f" ({limits})"
-            lines.append(f"| `{name}` | {kind} | {default_text(info)} | {cell(docs.get(name, ''))} |\n")
+            lines.append(f"| `{info.alias or name}` | {kind} | {default_text(info)} | {cell(docs.get(name, ''))} |\n")
+        lines.append("\n")
+    return "".join(lines) + method_options()
+
+
+def method_options() -> str:
+    """Each defence method's `build.options` (its Options model), as the spec validates them."""
+    from trainables.defences import METHODS, method_class
+
+    lines = ["## Defence methods' options {#defence-options}\n\n",
+             "At: `defences[].build.options`, by `build.method` ([Reference defences](../defences.md)).\n\n"]
+    for name in METHODS:
+        cls = method_class(name)
+        options = cls.Options
+        lines.append(f"### {name} {{#options-{name}}}\n\n")
+        lines.append(f"Needs {', '.join(f'`{r}`' for r in cls.needs)} data (reads "
+                     f"{', '.join(f'`{r}`' for r in cls.uses)}); official fine-tuning: `{cls.official_finetune}`.\n\n")
+        docs = field_docs(options, [options])
+        lines.append("| option | type | default | description |\n|---|---|---|---|\n")
+        for field in ordered_fields(options):
+            info = options.model_fields[field]
+            kind = type_name(info.annotation) + (f" ({limits})" if (limits := constraints(info)) else "")
+            lines.append(f"| `{field}` | {kind} | {default_text(info)} | {cell(docs.get(field, ''))} |\n")
         lines.append("\n")
     return "".join(lines)
 

@@ -69,11 +69,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"  {line}")
     for line in _conditions_lines(sp):
         print(f"  {line}")
-    for d in sp.defences:
-        if b := d.build:
-            print(f"  build {d.name}: {b.method} ({b.mode}) from {b.from_}, {b.steps} steps of batch {b.batch_size}, "
-                  f"lr {b.learning_rate:g}, on {', '.join(b.data.given())} data; built before the attacks (or "
-                  "found in the build cache: `attack-sweep defend` builds without attacking)")
+    built = [d for d in sp.defences if d.build]
+    for d in built:
+        from trainables.defences import method_class
+
+        b, uses = d.build, method_class(d.build.method).uses
+        print(f"  build {d.name}: {b.method} ({b.mode}) from {b.from_}, {b.steps} steps of batch {b.batch_size}, "
+              f"lr {b.learning_rate:g}, on its {', '.join(r for r in b.data.given() if r in uses)} data")
+        if unread := [r for r in b.data.given() if r not in uses]:
+            notes.append(f"defences: {d.name}: {b.method} does not read build.data.{unread[0]}"
+                         + (f" (nor {', '.join(unread[1:])})" if unread[1:] else ""))
+    if built:
+        print("  builds: before the attacks, unless the build cache holds them (`attack-sweep defend` builds "
+              "without attacking)")
     if sp.conditioning:
         c = sp.conditioning
         what = f"the Hessian in {', '.join(c.parameters)}" if c.parameters else f"a {c.head} head on the final features"

@@ -311,3 +311,31 @@ def test_a_sweep_builds_its_defence_records_the_build_once_and_attacks_the_built
                               and (tmp_path / "spec.yaml").read_text())
     assert recorded["defences"][1]["model"] == str(folder)   # what the trials attacked
     assert recorded["defences"][1]["build"]["method"] == "deep"
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_every_method_of_the_example_builds_under_lora_and_full_into_a_checkpoint_that_loads(world, tmp_path,
+                                                                                             monkeypatch, finetune):
+    """examples/reference_defences.yaml's five builds, 2 steps each: each method's terms reach the
+    record, and the folder loads as a plain model whose weights moved."""
+    from pathlib import Path
+
+    monkeypatch.setenv("ATTACK_SWEEP_CACHE", str(tmp_path))
+    sp = S.load(Path(__file__).parent.parent / "examples" / "reference_defences.yaml")
+    start = Checkpoint(model=sp.base.model)
+    before = load_model(start, torch.device("cpu")).state_dict()
+    terms = {"repnoise": "noise", "vaccine": "perturbed_ce", "booster": "harmful_ce_after",
+             "tar": "tamper_resistance", "deep": "loss"}
+    built = [d for d in sp.defences if d.build]
+    assert sorted(d.build.method for d in built) == sorted(terms)
+    for d in built:
+        b = d.build.model_copy(update={"steps": 2, "finetune": finetune, "from_": sp.base.model,
+                                       "options": {**d.build.options, **({"inner_steps": 2} if d.name == "tar"
+                                                                        else {})}})
+        out = build(b, start, sp.data, log=lambda _: None)
+        m = out.manifest
+        assert (m["method"], m["finetune"], m["budget"]["steps"]) == (d.build.method, finetune, 2)
+        assert all(terms[d.build.method] in h and math.isfinite(h["loss"]) for h in m["history"])
+        after = load_model(Checkpoint(model=str(out.folder)), torch.device("cpu")).state_dict()
+        assert set(after) == set(before)
+        assert any(not torch.equal(after[k], before[k]) for k in before), d.name

@@ -101,7 +101,8 @@ def build_all(spec: SweepSpec, start_ray: Callable[[], None], echo: Callable[[st
             if "error" in out:
                 outcomes.append(Outcome(d.name, None, None, error=out["error"]))
                 continue
-            outcomes.append(Outcome(d.name, Path(out["folder"]), out["manifest"], out["cached"]))
+            manifest = {**out["manifest"], "from": d.build.from_}   # as this spec names it (a cache hit may
+            outcomes.append(Outcome(d.name, Path(out["folder"]), manifest, out["cached"]))  # be another's build)
             resolved[d.name] = d.model_copy(update={"model": out["folder"]})
             echo(line(outcomes[-1]))
         if failed := [o for o in outcomes if o.error]:

@@ -49,21 +49,28 @@ class Build(Strict):
     optimizer: Optimizer = "adamw"
     """As the attacker's (adamw, adam, sgd, ..., schedule_free_adamw)."""
     weight_decay: float = Field(0.0, ge=0)
+    """Weight decay (decoupled for adamw), as the attacker's."""
     batch_size: int = Field(8, gt=0)
     """Rows per batch of each of the method's streams."""
     finetune: Finetune | None = None
     """lora or full; null: where the method's official code trains (its official_finetune)."""
     lora_r: int = Field(8, gt=0)
+    """LoRA rank (finetune lora)."""
     lora_alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch."""
     lora_target_modules: str | list[str] = "all-linear"
-    """LoRA's rank, scaling numerator, dropout and target modules (finetune lora); the adapters are
-    merged into the weights when the build ends: the result is a plain checkpoint."""
+    """Module names to adapt, or 'all-linear'. The adapters are merged into the weights when the
+    build ends: the result is a plain checkpoint."""
     warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to learning_rate over this many steps."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Warmup as a share of the build's steps (the longer of the two applies)."""
     lr_schedule: LrSchedule = "constant"
+    """constant, linear, cosine or sgdr over the build's steps, as the attacker's."""
     sgdr_period: int = Field(0, ge=0)
-    """Warmup and schedule over the build's steps, as the attacker's."""
+    """SGDR restart period in steps (lr_schedule sgdr); 0 = a quarter of the steps."""
     max_grad_norm: float = Field(1.0, ge=0)
     """Gradient clipping norm; 0 turns clipping off."""
     seed: int = 0
