@@ -282,7 +282,8 @@ def test_a_sweep_builds_its_defence_records_the_build_once_and_attacks_the_built
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     raw = sweep_dict(world, "built-e2e", defences=("base",), max_steps=5, eval_every=5,
                      utility={"data": {"source": str(world / "benign_heldout.jsonl")}})
-    raw["defences"].append({"name": "deep", "build": {**good(world), "steps": 2}})
+    raw["defences"].append({"name": "deep", "build": {**good(world), "steps": 2},
+                            "paper_attacker": {"learning_rate": 1e-5, "dataset_size": 8, "batch_size": 2, "steps": 3}})
     sp = S.from_dict(raw)
     built, outcomes = sweep.build(sp, tracking_uri=uri, echo=lambda _: None)
     folder = outcomes[0].folder
@@ -305,6 +306,23 @@ def test_a_sweep_builds_its_defence_records_the_build_once_and_attacks_the_built
     assert metrics["harmfulness_at_release"] == pytest.approx(step0["harmfulness"])
     assert metrics["utility"] == pytest.approx(step0["utility"]) and metrics["utility"] > 0
     assert metrics["incoherent_at_release"] == 0   # the toy model answers in whole sentences
+
+    # the paper's attacker ran once beside the search, and the durability table reads both
+    from orchestrator.conditions import records
+    from orchestrator.report import durability, load
+
+    (paper,) = trial_runs(uri, "built-e2e", "paper")
+    assert paper.data.tags["defence"] == "deep" and paper.data.params["learning_rate"] == "1e-05"
+    assert paper.data.tags["status"] == "resisted" and paper.data.metrics["spent_steps"] == 3
+    found = records.load(uri, "built-e2e", curves=False)
+    assert found.paper["deep"].status == "resisted" and found.built["deep"].method == "deep"
+    rows = {r.defence: r for r in load(uri, "built-e2e")}
+    table = {r[0]: r for r in durability.csv_rows(list(rows.values()), found)[1]}
+    deep, worst = table["deep"], rows["deep"].cheapest("steps")
+    assert deep[1:4] == ["deep", "resisted", ""] and table["base"][2] == ""
+    assert deep[4] == ("" if worst is None else f"{worst.value('steps'):.12g}")
+    assert float(deep[7]) == pytest.approx(metrics["utility"])   # from the build record
+    assert deep[8] == ("held under both" if worst is None else "held under (a), broke under (b)")
 
     (parent,) = trial_runs(uri, "built-e2e", "sweep")
     recorded = yaml.safe_load(MlflowClient(uri).download_artifacts(parent.info.run_id, "spec.yaml", str(tmp_path))
@@ -339,3 +357,18 @@ def test_every_method_of_the_example_builds_under_lora_and_full_into_a_checkpoin
         after = load_model(Checkpoint(model=str(out.folder)), torch.device("cpu")).state_dict()
         assert set(after) == set(before)
         assert any(not torch.equal(after[k], before[k]) for k in before), d.name
+
+
+@pytest.mark.parametrize("paper_btf, status, adaptive, want", [
+    (None, "resisted", 5.0, "held under (a), broke under (b)"),
+    (None, "resisted", math.inf, "held under both"),
+    (None, "resisted", None, "held under both"),
+    (20.0, "failed", 5.0, "broke under both, (b) 4x cheaper"),
+    (5.0, "failed", 5.0, "broke under both"),
+    (5.0, "failed", 10.0, "broke under both"),
+    (None, None, 5.0, "-"),
+])
+def test_the_durability_verdict_contrasts_the_papers_attacker_with_the_adaptive_one(paper_btf, status, adaptive, want):
+    from orchestrator.report.durability import verdict
+
+    assert verdict(paper_btf, status, adaptive) == want

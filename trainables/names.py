@@ -146,6 +146,9 @@ class Kind:
     """A defence's checkpoint diagnosed at release (orchestrator/diagnose.py): the extreme
     eigenvalues and condition number of the harmful and the benign task's Hessian in a linear head
     on its frozen features, and the immunisation ratio RIR against the base."""
+    PAPER = "paper"
+    """A defence attacked by the attacker its paper evaluated it against (the defence's paper_attacker),
+    beside the adversary's search: the durability table's first column."""
     BUILD = "build"
     """A defence the sweep built itself (issue 29, trainables/defences/): its training budget and
     the terms of its objective per step."""

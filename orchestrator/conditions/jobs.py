@@ -77,7 +77,14 @@ def diagnostic_config(spec: SweepSpec, defence: Defence) -> dict[str, Any]:
             "conditioning": spec.conditioning.model_dump(mode="json"), "device": spec.device}
 
 
-KINDS = (Kind.RELEASE, Kind.BENIGN, Kind.DIAGNOSTIC)
+def paper_config(spec: SweepSpec, defence: Defence) -> AttackConfig:
+    """The attack of `defence` by its paper's attacker: a trial of this sweep with that attacker."""
+    from orchestrator.sweep.loop import attack_config
+
+    return attack_config(spec, {"defence": defence.name, **defence.paper_attacker.model_dump(mode="json")})
+
+
+KINDS = (Kind.RELEASE, Kind.BENIGN, Kind.DIAGNOSTIC, Kind.PAPER)
 
 
 def jobs(spec: SweepSpec, kinds: tuple[str, ...] = KINDS) -> list[dict[str, Any]]:
@@ -93,6 +100,10 @@ def jobs(spec: SweepSpec, kinds: tuple[str, ...] = KINDS) -> list[dict[str, Any]
             payload = release_config(spec, d)
             out.append({"kind": Kind.RELEASE, "defence": d, "payload": payload,
                         "key": digest({"kind": Kind.RELEASE, **payload})})
+        if d.paper_attacker is not None and Kind.PAPER in kinds:
+            cfg = paper_config(spec, d)
+            out.append({"kind": Kind.PAPER, "defence": d, "payload": cfg.model_dump(mode="json"),
+                        "key": digest({"kind": Kind.PAPER, **cfg.model_dump(mode="json")})})
         if c and c.trainability and Kind.BENIGN in kinds:
             cfg = benign_config(spec, d)
             out.append({"kind": Kind.BENIGN, "defence": d, "payload": cfg.model_dump(mode="json"),
@@ -144,7 +155,8 @@ def run(spec: SweepSpec, tracker: Tracker, echo: Callable[[str], None], start_ra
     if spec.conditions:
         tracker.set_sweep_tag(Tag.CONDITIONS, json.dumps(settings(spec), sort_keys=True))
     asked = jobs(spec, kinds)
-    head = "diagnostics" if all(j["kind"] == Kind.DIAGNOSTIC for j in asked) else "conditions"
+    head = "diagnostics" if all(j["kind"] == Kind.DIAGNOSTIC for j in asked) else \
+        "paper attackers" if all(j["kind"] == Kind.PAPER for j in asked) else "conditions"
     done = {kind: tracker.completed_keys(kind) for kind in {j["kind"] for j in asked}}
     todo = [j for j in asked if j["key"] not in done[j["kind"]]]
     if asked and not todo:
@@ -194,6 +206,9 @@ def _params(j: dict[str, Any]) -> dict[str, Any]:
             out.update(lm_eval_tasks=",".join(p["lm_eval"]["tasks"]), lm_eval_limit=p["lm_eval"]["limit"])
         return {k: v for k, v in out.items() if v is not None}
     a = p["attacker"]
+    if j["kind"] == Kind.PAPER:
+        return {k: a[k] for k in ("method", "learning_rate", "optimizer", "finetune", "dataset_size", "batch_size",
+                                  "lr_schedule", "steps") if k in a}
     return {"task": p["data"]["attack"]["source"], "target_evaluator": p["evaluator"]["name"], "phi": p["phi"],
             "max_steps": p["max_steps"], "eval_every": p["eval_every"],
             **{k: a[k] for k in ("learning_rate", "optimizer", "finetune", "dataset_size", "batch_size")}}
@@ -214,6 +229,8 @@ def _record(tracker: Tracker, j: dict[str, Any], run_id: str, out: dict[str, Any
     if j["kind"] == Kind.RELEASE:
         tracker.finish_run(run_id, MEASURED, out["metrics"])
         return f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out["metrics"].items())
+    if j["kind"] == Kind.PAPER:
+        return _record_paper(tracker, name, run_id, out, unit)
     for point in out["points"]:
         tracker.log_point(run_id, _task_curves(point))
     last, status = out["points"][-1], TARGET_OUTCOME[out["status"]]
@@ -231,3 +248,18 @@ def _task_curves(point: dict[str, Any]) -> dict[str, Any]:
     harm-specific figures (its interval, per-evaluator copies, samples) are left out."""
     keep = {k: v for k, v in point.items() if "." not in k and not k.startswith("harmfulness")}
     return {**keep, Metric.TASK_SCORE: point["harmfulness"]}
+
+
+def _record_paper(tracker: Tracker, name: str, run_id: str, out: dict[str, Any], unit: str) -> str:
+    """A paper attacker's run: its curves as a trial's, its status, its budget-to-failure where it broke
+    the defence and what it spent."""
+    for point in out["points"]:
+        tracker.log_point(run_id, point)
+    last, status = out["points"][-1], out["status"]
+    metrics = {Metric.spent(u): max(float(p[f]) for p in out["points"]) for u, f in BUDGET_UNITS.items()}
+    if status in SUCCESS:
+        metrics.update({Metric.btf(u): float(last[f]) for u, f in BUDGET_UNITS.items()})
+    tracker.finish_run(run_id, status, metrics)
+    where = f"broke it at {last[BUDGET_UNITS[unit]]:g} {unit}" if status in SUCCESS else \
+        f"{status} after {metrics[Metric.spent(unit)]:g} {unit}"
+    return f"{name}: {where}"

@@ -56,12 +56,39 @@ class Diagnostic:
 
 
 @dataclass
+class Paper:
+    """A defence attacked by its paper's attacker (Kind.PAPER): its status, budget-to-failure by unit
+    where it broke the defence, and what it spent."""
+
+    defence: str
+    status: str
+    btf: dict[str, float] = field(default_factory=dict)
+    spent: dict[str, float] = field(default_factory=dict)
+    attacker: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Built:
+    """A defence the sweep built (Kind.BUILD): method, budget by unit and figures at release."""
+
+    defence: str
+    method: str
+    finetune: str
+    spent: dict[str, float]
+    release: dict[str, float]
+    """harmfulness_at_release, incoherent_at_release, utility (names.RELEASE_*) where measured."""
+    seconds: float = math.nan
+
+
+@dataclass
 class Records:
     settings: dict
     """{"conditions": the spec's block, "unit": ..., "immunised_on": {defence: [domain, ...]}}."""
     release: dict[str, Release] = field(default_factory=dict)
     benign: dict[str, Benign] = field(default_factory=dict)
     diagnostic: dict[str, Diagnostic] = field(default_factory=dict)
+    paper: dict[str, Paper] = field(default_factory=dict)
+    built: dict[str, Built] = field(default_factory=dict)
 
     @property
     def asked(self) -> dict:
@@ -83,6 +110,7 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> Records:
     tagged = [r for r in sweeps if Tag.CONDITIONS in r.data.tags]
     out = Records(json.loads(tagged[0].data.tags[Tag.CONDITIONS]) if tagged else {})
     out.diagnostic = diagnostics(client, exp.experiment_id)
+    out.paper, out.built = papers(client, exp.experiment_id), builds(client, exp.experiment_id)
     if not tagged:
         return out
     for kind in (Kind.RELEASE, Kind.BENIGN):
@@ -104,6 +132,42 @@ def load(tracking_uri: str, experiment: str, curves: bool = True) -> Records:
                     b.curve = sorted((p.step, p.value)
                                      for p in client.get_metric_history(run.info.run_id, Metric.TASK_SCORE))
                 out.benign[defence] = b
+    return out
+
+
+def _latest(client: MlflowClient, experiment_id: str, kind: str, statuses: tuple[str, ...]) -> dict[str, object]:
+    """Each defence's latest run of `kind` that ended with one of `statuses`, not superseded."""
+    out: dict[str, object] = {}
+    for run in client.search_runs([experiment_id], f"tags.{Tag.KIND} = '{kind}'",
+                                  order_by=["attributes.start_time DESC"], max_results=50_000):
+        tags, defence = run.data.tags, run.data.tags.get(Tag.DEFENCE, "")
+        if Tag.SUPERSEDED not in tags and tags.get(Tag.STATUS) in statuses and defence not in out:
+            out[defence] = run
+    return out
+
+
+def papers(client: MlflowClient, experiment_id: str) -> dict[str, Paper]:
+    """Each defence's latest finished attack by its paper's attacker."""
+    from trainables.names import TERMINAL
+
+    return {d: Paper(d, run.data.tags[Tag.STATUS],
+                     btf={u: run.data.metrics[Metric.btf(u)] for u in UNITS if Metric.btf(u) in run.data.metrics},
+                     spent={u: run.data.metrics[Metric.spent(u)] for u in UNITS if Metric.spent(u) in run.data.metrics},
+                     attacker=dict(run.data.params))
+            for d, run in _latest(client, experiment_id, Kind.PAPER, TERMINAL).items()}
+
+
+def builds(client: MlflowClient, experiment_id: str) -> dict[str, Built]:
+    """Each built defence's latest build record."""
+    from trainables.names import BUILT, RELEASE_HARMFULNESS, RELEASE_INCOHERENT, RELEASE_UTILITY
+
+    out = {}
+    for d, run in _latest(client, experiment_id, Kind.BUILD, (BUILT,)).items():
+        m = run.data.metrics
+        out[d] = Built(d, run.data.params.get("method", "?"), run.data.params.get("finetune", "?"),
+                       {u: m[Metric.spent(u)] for u in UNITS if Metric.spent(u) in m},
+                       {k: m[k] for k in (RELEASE_HARMFULNESS, RELEASE_INCOHERENT, RELEASE_UTILITY) if k in m},
+                       m.get(Metric.BUILD_SECONDS, math.nan))
     return out
 
 

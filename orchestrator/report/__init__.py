@@ -38,9 +38,10 @@ __all__ = ["UNITS", "DefenceRow", "Progress", "Trial", "attacker_table", "csv_ta
 
 FILES = ("report.csv", "trials.csv", "evaluators.csv", "progress.csv", "survival.csv", "paired.csv", "report.md",
          "report.html")
-CONDITION_FILES = ("verdicts.csv", "transfer.csv", "conditioning.csv")
+CONDITION_FILES = ("verdicts.csv", "transfer.csv", "conditioning.csv", "durability.csv")
 """Written when the sweep asked for conditions (the verdicts, the transfer matrix) or measured its
-defences' conditioning (conditioning.csv)."""
+defences' conditioning (conditioning.csv), or attacked a defence with its paper's attacker or built one
+(durability.csv)."""
 
 
 FAMILY_FILES = ("families.csv",)
@@ -86,6 +87,10 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
         tables_out["families.csv"] = families.csv_rows(rows, unit)
     for name in (*CONDITION_FILES, *FAMILY_FILES):  # a folder reused for another sweep keeps no stale tables
         (out_dir / name).unlink(missing_ok=True)
+    from orchestrator.report import durability
+
+    if durability.shown(conditions):
+        tables_out["durability.csv"] = durability.csv_rows(rows, conditions, unit)
     diagnosed = conditions.diagnostic if conditions is not None else {}
     if diagnosed:
         tables_out["conditioning.csv"] = G.conditioning_csv(diagnosed)
@@ -100,6 +105,9 @@ def write(rows: list[DefenceRow], experiment: str, out_dir: Path, unit: str = "s
               "evaluators": f"Worst case ({unit}) per evaluator, and disagreement with the primary",
               "progress": f"Adversary progress ({unit}): trials that improved the best budget-to-failure, then totals"}
     sections: list = []
+    if durability.shown(conditions):   # the paper's attacker against the adaptive worst case
+        sections.append((f"Durability ({unit}): each defence under its paper's attacker and under the adaptive "
+                         "search", durability.LEGEND, durability.table(rows, conditions, unit)))
     block = None   # report.html shows the verdict table as its conditions block, near the top
     if conditions is not None and conditions.asked:
         verdicts = (f"Immunisation conditions ({unit})", C.CONDITIONS_LEGEND,

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator.conditions.config import Conditions
 from orchestrator.spec.space import SAMPLED, AttackerSpace, attackers
+from trainables.attacker import Attacker
 from trainables.attacker import Strict as _Strict
 from trainables.conditioning import Conditioning
 from trainables.config import Checkpoint, DataSource, DeepSpeed, Evaluation, EvaluatorConfig
@@ -57,6 +58,12 @@ class Defence(Checkpoint):
     """The harm domains the defender trained on (values of data.attack.domain_field): the
     generalisation condition splits this defence's budgets-to-failure into attacks from these
     domains (in-domain) and from the others (out-of-domain). null: not declared."""
+
+    paper_attacker: Attacker | None = None
+    """The attacker this defence's paper evaluated it against, scaled to this world (its learning
+    rate, its steps relative to the data, its data size): run once beside the adversary's search
+    (a run of kind paper) and shown beside the adaptive worst case in the report's durability
+    table. Attacker fields as constants (space's names); null: none."""
 
     defender_data: DataSource | None = None
     """The harmful data the defender trained on, when known: preflight checks that the attack and

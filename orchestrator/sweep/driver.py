@@ -127,7 +127,7 @@ def _run(spec: SweepSpec, tracking_uri: str, address: str | None, storage_path: 
 
             fit(spec, searches, tracker, address, storage_path, echo, display)
         errored = []
-        if spec.conditions or spec.conditioning:
+        if spec.conditions or spec.conditioning or any(d.paper_attacker for d in spec.defences):
             errored = jobs.run(spec, tracker, echo, lambda: start_ray(address))
         interrupted = False
     finally:
