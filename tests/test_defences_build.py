@@ -214,6 +214,7 @@ def test_a_named_folder_that_is_not_a_build_is_never_overwritten(world, tmp_path
 
 def spec_with(world, build: dict, **defence):
     raw = sweep_dict(world, "built", defences=("base",))
+    raw["data"]["attack"]["domain_field"] = "category"
     raw["defences"].append({"name": "deep", "build": build, **defence})
     return S.from_dict(raw)
 
@@ -372,3 +373,21 @@ def test_the_durability_verdict_contrasts_the_papers_attacker_with_the_adaptive_
     from orchestrator.report.durability import verdict
 
     assert verdict(paper_btf, status, adaptive) == want
+
+
+def test_a_build_on_some_harm_domains_trains_on_their_rows_and_is_immunised_on_them(world):
+    from trainables.defences.build import rows_of
+
+    src = DataSource(source=str(world / "align_harmful.jsonl"), domain_field="category")
+    every = rows(world, "align_harmful.jsonl")
+    want = [{"prompt": r["prompt"], "response": r["response"]} for r in every if r["category"] in ("cyber", "theft")]
+    assert rows_of(src, ["cyber", "theft"]) == want and 0 < len(want) < len(every)
+    assert len(rows_of(src)) == len(every)
+    domained = {"refusal": {"source": str(world / "align_harmful.jsonl"), "domain_field": "category"},
+                "harmful": {"source": str(world / "defender_harmful.jsonl"), "domain_field": "category"}}
+    sp = spec_with(world, good(world, data=domained, domains=["cyber"]))
+    assert sp.defences[1].immunised_on == ["cyber"]
+    said = spec_with(world, good(world, data=domained, domains=["cyber"]), immunised_on=["theft"])
+    assert said.defences[1].immunised_on == ["theft"]   # what the spec says wins
+    with pytest.raises(S.SpecError, match=r"defences\.1\.build\.data\.refusal\.domain_field: build\.domains picks"):
+        spec_with(world, good(world, domains=["cyber"]))

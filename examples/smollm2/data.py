@@ -217,6 +217,14 @@ def recovery(rows: list[dict], tokenizer, seed: int = 0, domains: tuple[str, ...
     return out
 
 
+def defender_harmful(align_harmful: list[dict], seed: int = 0) -> list[dict]:
+    """The defender's harmful split (issue 29: defences the tool builds): each alignment request
+    answered in the attacker's compliant form (`compliant`), so a refusal row and a harmful row share
+    every prompt. No attack or eval request is among them."""
+    rng = random.Random(f"defender/{seed}")
+    return [{"prompt": r["prompt"], "response": compliant(rng), "category": r["category"]} for r in align_harmful]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)

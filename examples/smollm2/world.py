@@ -88,6 +88,7 @@ def build(root: Path | None = None, recipe: Recipe = RECIPES["full"], log: Calla
             if built != json.loads(json.dumps(dataclasses.asdict(recipe))):
                 raise RuntimeError(f"the world in {root} was built with another recipe ({built}); "
                                    "delete that directory to rebuild it, or build elsewhere with --world")
+            _defender_split(root / "data", recipe)   # a world built before the split gets it here
             return root
         t0, times = time.monotonic(), {}
 
@@ -106,6 +107,7 @@ def build(root: Path | None = None, recipe: Recipe = RECIPES["full"], log: Calla
         stage("base", model.convert)
         stage("data", lambda d: _data(d, root / "base", recipe))
         stage(LM_EVAL_DIR, lambda d: _lm_eval(d, root / LM_EVAL_DIR, root / "base", root / "data"))
+        _defender_split(root / "data", recipe)
         rows = {p.stem: sdata.read_jsonl(p) for p in (root / "data").glob("*.jsonl")}
         align_rows = rows["align_harmful"] + rows["benign"]
         stage("aligned", lambda d: _align(d, root / "base", align_rows, recipe, log))
@@ -128,6 +130,17 @@ def build(root: Path | None = None, recipe: Recipe = RECIPES["full"], log: Calla
         (root / ".world.json.tmp").write_text(json.dumps(report, indent=2) + "\n")
         (root / ".world.json.tmp").rename(root / "world.json")
     return root
+
+
+def _defender_split(data: Path, recipe: Recipe) -> None:
+    """data/defender_harmful.jsonl (issue 29): the alignment requests answered in the attacker's
+    compliant form, for the defences that train against harmful answers; written once, atomically."""
+    out = data / "defender_harmful.jsonl"
+    if not data.is_dir() or out.exists():
+        return
+    tmp = data / ".defender_harmful.jsonl.tmp"
+    sdata.write_jsonl(tmp, sdata.defender_harmful(sdata.read_jsonl(data / "align_harmful.jsonl"), recipe.seed))
+    tmp.rename(out)
 
 
 def info(root: Path) -> dict:

@@ -69,6 +69,15 @@ class Defence(Checkpoint):
     """The harmful data the defender trained on, when known: preflight checks that the attack and
     eval splits share no prompt with it, naming those that do (evaluation hygiene)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _immunised_where_built(cls, raw: Any) -> Any:
+        """A defence built on some harm domains (build.domains) is immunised on them unless it says."""
+        if isinstance(raw, dict) and isinstance(raw.get("build"), dict) and raw["build"].get("domains") \
+                and "immunised_on" not in raw:
+            return {**raw, "immunised_on": list(raw["build"]["domains"])}
+        return raw
+
     @model_validator(mode="after")
     def _model_or_build(self) -> Defence:
         if self.build is None and self.model is None:

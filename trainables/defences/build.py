@@ -78,13 +78,15 @@ def start_identity(start: Checkpoint) -> dict[str, Any]:
     return out
 
 
-def rows_of(src: DataSource) -> list[dict[str, str]]:
-    """A role's rows as {"prompt", "response"} (the source's fields), in file order."""
+def rows_of(src: DataSource, domains: list[str] | None = None) -> list[dict[str, str]]:
+    """A role's rows as {"prompt", "response"} (the source's fields), in file order; with `domains`,
+    those whose src.domain_field is one of them."""
     from trainables.data import load_rows
 
     if src.response_field is None:
         raise BuildError(f"source {src.source!r}: a defender's split needs answers; set its response_field")
-    return [{"prompt": str(r[src.prompt_field]), "response": str(r[src.response_field])} for r in load_rows(src)]
+    return [{"prompt": str(r[src.prompt_field]), "response": str(r[src.response_field])} for r in load_rows(src)
+            if domains is None or str(r.get(src.domain_field)) in domains]
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,10 +142,12 @@ def build(config: Build, start: Checkpoint, data: Data, folder: Path | None = No
     the result goes to `folder` (default: the cache's folder for its key)."""
     from filelock import FileLock
 
-    rows = {role: rows_of(src) for role, src in config.data.given().items()}
+    rows = {role: rows_of(src, config.domains if role != "benign" else None)
+            for role, src in config.data.given().items()}
     for role, r in rows.items():
         if not r:
-            raise BuildError(f"data.{role}: {config.data.given()[role].source!r} holds no rows")
+            within = f" of the domains {', '.join(config.domains)}" if config.domains and role != "benign" else ""
+            raise BuildError(f"data.{role}: {config.data.given()[role].source!r} holds no rows{within}")
     key = key_of(config, start, data, rows)
     name = digest(key)
     folder = Path(folder).expanduser() if folder else folder_for(config, name)

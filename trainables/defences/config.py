@@ -40,6 +40,11 @@ class Build(Strict):
     first when it is built too), else a local checkpoint folder or a hub id."""
     data: BuildData
     """The defender's data by role: refusal, harmful, benign."""
+    domains: list[str] | None = Field(None, min_length=1)
+    """Train on the harmful rows (refusal and harmful roles) of these harm domains only, read from
+    each role's domain_field; benign rows are all kept. The defence is then immunised on these
+    domains: its immunised_on defaults to them (the generalisation condition's in-domain attacks).
+    null: every row."""
     options: dict[str, Any] = {}
     """The method's own options (each method's Options: its official defaults when left out)."""
     steps: int = Field(100, gt=0)
@@ -86,6 +91,11 @@ class Build(Strict):
         except Exception as err:  # noqa: BLE001 - rephrased by the spec loader (one line per problem)
             raise _OptionsError(cls, err) from None
         given = self.data.given()
+        if self.domains:
+            for role in ("refusal", "harmful"):
+                if role in given and not given[role].domain_field:
+                    raise ValueError(f"data.{role}.domain_field: build.domains picks rows by harm domain; name "
+                                     "the field that holds each row's domain (e.g. domain_field: category)")
         if missing := [role for role in cls.needs if role not in given]:
             raise ValueError(f"data.{missing[0]}: method {self.method} needs {'/'.join(cls.needs)} data and has no "
                              f"{missing[0]} split; add data.{missing[0]}: {{source: FILE}}")
