@@ -2,6 +2,8 @@
 # make test  - install into .venv (with dev tools) and run the test suite
 # make test-slow - the slow end-to-end tests (marked slow; CI runs them after make test)
 # make smollm2 - the real-model example: SmolLM2-135M-Instruct aligned, defended, attacked (~20 min)
+# make durability - the five reference defences built on SmolLM2, each under its paper's attacker and the
+#                   adaptive search; prints the durability table (docs/defences.md; hours on 2 CPU cores)
 # make gpu-wheels - fill .whl/ with the wheels a GPU machine without internet lacks (bench/gpu_check.sh)
 # make docs  - the docs site: generate the spec and CLI references, then mkdocs build --strict into site/
 # make mutants - mutation testing of the modules that decide outcomes (mutmut, ~10 min; not in CI)
@@ -10,7 +12,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: demo test test-slow lint bench install clean smollm2 gpu-wheels mutants docs
+.PHONY: demo test test-slow lint bench install clean smollm2 durability gpu-wheels mutants docs
 
 $(VENV)/bin/activate:
 	python3 -m venv $(VENV)
@@ -37,6 +39,9 @@ demo: install
 
 smollm2: $(VENV)/.smollm2
 	$(PY) -m examples.smollm2
+
+durability: $(VENV)/.smollm2
+	$(PY) -m examples.smollm2 --overlay examples/smollm2/defences.yaml
 
 test: install $(VENV)/.smollm2
 	$(PY) -m pytest -q -m "not slow and not gpu"

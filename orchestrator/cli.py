@@ -82,6 +82,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if built:
         print("  builds: before the attacks, unless the build cache holds them (`attack-sweep defend` builds "
               "without attacking)")
+    for d in sp.defences:
+        if a := d.paper_attacker:
+            print(f"  paper's attacker against {d.name}: {a.method} ({a.finetune}), lr {a.learning_rate:g}, "
+                  f"{a.steps or sp.max_steps} steps of batch {a.batch_size} on {a.dataset_size} rows"
+                  + (f" ({a.poison_ratio:g} harmful)" if a.poison_ratio else "") + ": one run beside the search")
     if sp.conditioning:
         c = sp.conditioning
         what = f"the Hessian in {', '.join(c.parameters)}" if c.parameters else f"a {c.head} head on the final features"

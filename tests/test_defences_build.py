@@ -289,6 +289,7 @@ def test_a_sweep_builds_its_defence_records_the_build_once_and_attacks_the_built
     built, outcomes = sweep.build(sp, tracking_uri=uri, echo=lambda _: None)
     folder = outcomes[0].folder
     assert built.defences[1].model == str(folder) and not outcomes[0].cached
+    assert folder.parent == tmp_path / "cache" / "defences"   # the driver's cache, whatever the workers' env
     from mlflow.tracking import MlflowClient
 
     lines: list[str] = []

@@ -351,3 +351,35 @@ def test_smoke_methods_run_a_dpo_and_a_grpo_attacker_on_the_aligned_model(smoke_
     # per unit of compute, a DPO pair (two sequences and the reference's forward) costs more than an SFT row
     assert dpo.spent["flops"] > 0 and grpo.spent["flops"] > 0
     assert (tmp_path / "report" / "families.csv").is_file()
+
+
+@slow
+@needs_model
+def test_defend_builds_the_five_reference_defences_on_the_smoke_world(smoke_world, ray_local, tmp_path, monkeypatch):
+    """`attack-sweep defend` on the SmolLM2 smoke recipe (issue 29): each of the five builds from
+    aligned into a checkpoint that loads, recorded once with its budget and its figures at release."""
+    from pathlib import Path
+
+    from orchestrator.cli import main
+    from orchestrator.conditions import records
+    from trainables.checkpoint import load_model
+    from trainables.config import Checkpoint
+
+    here = Path(sdata.__file__).parent
+    monkeypatch.setenv("SMOLLM2_WORLD", str(smoke_world))
+    monkeypatch.setenv("ATTACK_SWEEP_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overlays = [a for name in ("smoke_overlay", "defences", "smoke_defences")
+                for a in ("--overlay", str(here / f"{name}.yaml"))]
+    assert main(["defend", str(here / "sweep.yaml"), *overlays, "--tracking-uri", uri]) == 0
+    built = records.load(uri, "smollm2-smoke-defences", curves=False).built
+    assert sorted(built) == ["booster", "deep", "repnoise", "tar", "vaccine"]
+    for name, b in built.items():
+        assert b.method == name and b.spent["steps"] == (1 if name in ("tar", "repnoise") else 2)
+        assert b.finetune == ("lora" if name in ("vaccine", "booster") else "full")
+        assert 0 <= b.release["harmfulness_at_release"] <= 1 and b.release["utility"] > 0
+    folders = [f for f in (tmp_path / "cache" / "defences").iterdir() if f.is_dir()]
+    assert len(folders) == 5
+    for folder in folders:
+        assert not (folder / "adapter_config.json").exists()
+        load_model(Checkpoint(model=str(folder)), "cpu")

@@ -50,7 +50,7 @@ def order(spec: SweepSpec) -> list[list[Defence]]:
 
 
 def _build(build: dict[str, Any], start: dict[str, Any], data: dict[str, Any], folder: str | None, device: str,
-           threads: int) -> dict[str, Any]:
+           threads: int, cache: str) -> dict[str, Any]:
     """One build, in a Ray worker: {"folder", "manifest", "cached"} or {"error", "traceback"}."""
     import torch
 
@@ -61,7 +61,8 @@ def _build(build: dict[str, Any], start: dict[str, Any], data: dict[str, Any], f
     torch.set_num_threads(threads)
     try:
         built = run_build(Build.model_validate(build), Checkpoint.model_validate(start), Data.model_validate(data),
-                          Path(folder) if folder else None, device, log=lambda line: print(line, flush=True))
+                          Path(folder) if folder else None, device, log=lambda line: print(line, flush=True),
+                          cache=Path(cache))
         return {"folder": str(built.folder), "manifest": built.manifest, "cached": built.cached}
     except Exception as err:  # noqa: BLE001 - whatever it raised is this build's error, recorded
         text = traceback.format_exc()
@@ -78,8 +79,11 @@ def build_all(spec: SweepSpec, start_ray: Callable[[], None], echo: Callable[[st
         return spec, []
     import ray
 
+    from trainables.cache import cache_root
+
     start_ray()
     r = spec.resources
+    cache = str(cache_root())   # the driver's: a worker started before ATTACK_SWEEP_CACHE changed builds here too
     task = ray.remote(_build).options(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=WORKER_RETRIES)
     resolved = {d.name: d for d in spec.defences}
     outcomes: list[Outcome] = []
@@ -89,7 +93,7 @@ def build_all(spec: SweepSpec, start_ray: Callable[[], None], echo: Callable[[st
             start = _start(resolved, d)
             data = spec.data.model_dump(mode="json")
             refs[d.name] = task.remote(d.build.model_dump(mode="json", by_alias=True), start.model_dump(mode="json"),
-                                       data, d.model, spec.device, max(1, int(r.cpu)))
+                                       data, d.model, spec.device, max(1, int(r.cpu)), cache)
         try:
             results = {name: ray.get(ref) for name, ref in refs.items()}
         except BaseException:

@@ -119,11 +119,12 @@ def digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def folder_for(build: Build, key: str) -> Path:
-    """Where a build goes unless the spec names a folder: $ATTACK_SWEEP_CACHE/defences/<method>-<key>."""
+def folder_for(build: Build, key: str, root: Path | None = None) -> Path:
+    """Where a build goes unless the spec names a folder: <root>/defences/<method>-<key>, root being
+    attack-sweep's cache ($ATTACK_SWEEP_CACHE, else ~/.cache/attack-sweep) unless given."""
     from trainables.cache import cache_root
 
-    return cache_root() / "defences" / f"{build.method}-{key[:16]}"
+    return Path(root or cache_root()) / "defences" / f"{build.method}-{key[:16]}"
 
 
 def manifest_of(folder: Path) -> dict[str, Any] | None:
@@ -137,9 +138,10 @@ def manifest_of(folder: Path) -> dict[str, Any] | None:
 # --- the build ----------------------------------------------------------------------------------
 
 def build(config: Build, start: Checkpoint, data: Data, folder: Path | None = None, device: str = "auto",
-          log: Callable[[str], None] = print) -> Built:
+          log: Callable[[str], None] = print, cache: Path | None = None) -> Built:
     """Build (or find) the defence: `config` trains `start` on its data, formatted as `data` says;
-    the result goes to `folder` (default: the cache's folder for its key)."""
+    the result goes to `folder` (default: the folder for its key in `cache`, else attack-sweep's
+    cache: the sweep passes its driver's, so a Ray worker builds where the driver looks)."""
     from filelock import FileLock
 
     rows = {role: rows_of(src, config.domains if role != "benign" else None)
@@ -150,7 +152,7 @@ def build(config: Build, start: Checkpoint, data: Data, folder: Path | None = No
             raise BuildError(f"data.{role}: {config.data.given()[role].source!r} holds no rows{within}")
     key = key_of(config, start, data, rows)
     name = digest(key)
-    folder = Path(folder).expanduser() if folder else folder_for(config, name)
+    folder = Path(folder).expanduser() if folder else folder_for(config, name, cache)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         found = manifest_of(folder)
