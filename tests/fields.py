@@ -48,9 +48,10 @@ def missing(path: str) -> str | None:
             return None
         if model == "options":
             return None if part in _options() else part
-        if model is None or part not in model.model_fields:
+        names = {info.alias or name: name for name, info in model.model_fields.items()} if model is not None else {}
+        if part not in names:   # a field is named as a spec writes it (its alias: build.from)
             return part
-        ann = model.model_fields[part].annotation
+        ann = model.model_fields[names[part]].annotation
         listed = _is_list(ann)
         model = "options" if part == "options" else _model_in(ann)
     return None

@@ -512,7 +512,7 @@ CASES = [
     Case("top-p-above-1", _decoding({"temperature": 1.0, "top_p": 1.5}),
          ("evaluator.decoding.top_p", "use a value above 0 and of at most 1")),
     Case("seeds-of-greedy-decoding", _decoding({"seeds": 3}),
-         ("evaluator.decoding: seeds: 3 seeds of greedy decoding", "set temperature above 0")),
+         ("evaluator.decoding.seeds: 3 seeds of greedy decoding", "set temperature above 0")),
     Case("aggregate-unknown", _decoding({"temperature": 1.0, "seeds": 3, "aggregate": "all"}),
          ("evaluator.decoding.aggregate", "should be 'any' or 'most' (got 'all')")),
     Case("decoding-of-nll", _decoding({"prefill": "sure"}, evaluator="nll"),

@@ -76,6 +76,9 @@ ADDED_FIELDS: dict[tuple[str, ...], Any] = {
     # --- issue 30: harmful means coherent. The records before it were measured without the gate, so
     # they are the trials of `coherence: {enabled: false}`; the default (gate on) is a new trial.
     ("coherence",): Coherence(enabled=False).model_dump(mode="json"),
+    # --- issue 29: defences the sweep builds, and each defence's paper attacker ---
+    ("defences", "*", "build"): None,
+    ("defences", "*", "paper_attacker"): None,
 }
 
 
