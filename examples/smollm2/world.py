@@ -10,8 +10,11 @@ attacker's and the evaluator's data, and how well each checkpoint is aligned.
     <world>/data/            every split: attack.jsonl (the attacker's data), eval.jsonl (held-out
                              harmful requests), benign_heldout.jsonl (held-out benign requests with
                              the base model's answers: the utility split), the defender's
-                             alignment and recovery rows, and the trainability task (task.jsonl,
-                             task_heldout.jsonl); every harmful row names its domain in "category"
+                             alignment and recovery rows, the defender's harmful answers to the
+                             alignment requests (defender_harmful.jsonl: the defences attack-sweep
+                             builds, examples/smollm2/defences.yaml), and the trainability task
+                             (task.jsonl, task_heldout.jsonl); every harmful row names its domain
+                             in "category"
     <world>/lm_eval/         a local lm-evaluation-harness task, smollm2_benign (stability)
     <world>/answers/         what each checkpoint answered when its refusal rates were measured
     <world>/world.json       refusal rates of every checkpoint (harmful ones also per domain), its
