@@ -103,11 +103,9 @@ def _source(path: str | None, revision: str | None, marker: str) -> Any:
 @functools.lru_cache(maxsize=1)
 def _code() -> str:
     """Digest of this package's source: a changed evaluator or generation must not read old files."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
+    from trainables.cache import source_digest
+
+    return source_digest(Path(__file__).resolve().parent)
 
 
 def _versions() -> dict[str, str | None]:

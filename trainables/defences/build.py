@@ -92,11 +92,9 @@ def rows_of(src: DataSource, domains: list[str] | None = None) -> list[dict[str,
 @functools.lru_cache(maxsize=1)
 def _code() -> str:
     """This package's source: a changed method or builder must not read an old build."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
+    from trainables.cache import source_digest
+
+    return source_digest(Path(__file__).resolve().parent)
 
 
 def key_of(build: Build, start: Checkpoint, data: Data, rows: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
