@@ -36,15 +36,13 @@ def order(spec: SweepSpec) -> list[list[Defence]]:
     """The defences to build, in waves: a wave's builds start from checkpoints that exist once the
     waves before it are built (the spec refuses cycles)."""
     todo = {d.name: d for d in spec.defences if d.build is not None}
-    waves, done = [], set()
+    waves = []
     while todo:
-        wave = [d for d in todo.values() if d.build.from_ not in todo or d.build.from_ in done]
-        wave = [d for d in wave if d.build.from_ not in todo]
+        wave = [d for d in todo.values() if d.build.from_ not in todo]   # its start is ready or built
         if not wave:   # unreachable after the spec's cycle check; a guard, not a message
             raise SpecError(f"spec error: defences: {', '.join(todo)} start from each other in a cycle")
         waves.append(wave)
         for d in wave:
-            done.add(d.name)
             del todo[d.name]
     return waves
 
@@ -87,7 +85,9 @@ def build_all(spec: SweepSpec, start_ray: Callable[[], None], echo: Callable[[st
     task = ray.remote(_build).options(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=WORKER_RETRIES)
     resolved = {d.name: d for d in spec.defences}
     outcomes: list[Outcome] = []
-    for wave in waves:
+    for i, wave in enumerate(waves):
+        echo(f"building {', '.join(d.name for d in wave)}" + (f" (wave {i + 1} of {len(waves)})" if len(waves) > 1
+                                                             else "") + " unless the build cache holds it ...")
         refs = {}
         for d in wave:
             start = _start(resolved, d)
