@@ -361,20 +361,6 @@ def test_every_method_of_the_example_builds_under_lora_and_full_into_a_checkpoin
         assert any(not torch.equal(after[k], before[k]) for k in before), d.name
 
 
-@pytest.mark.parametrize("paper_btf, status, adaptive, want", [
-    (None, "resisted", 5.0, "held under (a), broke under (b)"),
-    (None, "resisted", math.inf, "held under both"),
-    (None, "resisted", None, "held under both"),
-    (20.0, "failed", 5.0, "broke under both, (b) 4x cheaper"),
-    (5.0, "failed", 5.0, "broke under both"),
-    (5.0, "failed", 10.0, "broke under both"),
-    (None, None, 5.0, "-"),
-])
-def test_the_durability_verdict_contrasts_the_papers_attacker_with_the_adaptive_one(paper_btf, status, adaptive, want):
-    from orchestrator.report.durability import verdict
-
-    assert verdict(paper_btf, status, adaptive) == want
-
 
 def test_a_build_on_some_harm_domains_trains_on_their_rows_and_is_immunised_on_them(world):
     from trainables.defences.build import rows_of

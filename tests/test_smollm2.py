@@ -213,7 +213,10 @@ def test_world_converts_aligns_and_defends(smoke_world):
     assert {r["category"] for r in rows["recovery"]} == set(world.RECIPES["smoke"].deep_domains)
     assert info["splits"]["attack"] == {"crime": 14, "cyber": 13, "fraud": 13}
     assert (len(rows["task"]), len(rows["task_heldout"])) == (96, 24)
-    sdata.check_disjoint({k: v for k, v in rows.items() if k != "recovery"})   # the task shares no prompt either
+    # the defender's rows answer the alignment requests (recovery: a refusal after an opening; defender_harmful:
+    # the compliant form), so they share prompts with align_harmful by design, and with no other split
+    assert [r["prompt"] for r in rows["defender_harmful"]] == [r["prompt"] for r in rows["align_harmful"]]
+    sdata.check_disjoint({k: v for k, v in rows.items() if k not in ("recovery", "defender_harmful")})
     assert set(info["task_loss"]) == {"base", "aligned", "rescaled"} and info["task_loss"]["base"] > 1.0   # new to it
     assert set(rates["aligned"]["harmful_by_domain"]) == set(sdata.DOMAINS)   # 6 prompts: 2 of each
     assert (smoke_world / world.LM_EVAL_DIR / f"{world.LM_EVAL_TASK}.yaml").is_file()
