@@ -39,7 +39,7 @@ RECORDS = Records({}, paper={
 
 
 def test_each_defence_reads_its_papers_attacker_beside_the_adaptive_worst_case():
-    header, body = durability.csv_rows(ROWS, RECORDS, "steps")
+    header, body = durability.csv_rows(ROWS, RECORDS)   # in steps unless told
     assert header == durability.CSV_HEADER
     got = {r[0]: r for r in body}
     # base: no paper attacker, no build; f at release from its first trial's step 0
@@ -57,13 +57,31 @@ def test_each_defence_reads_its_papers_attacker_beside_the_adaptive_worst_case()
 
 
 def test_the_text_table_says_the_same_in_words():
-    header, body = durability.table(ROWS, RECORDS, "steps")
+    header, body = durability.table(ROWS, RECORDS)   # in steps unless told
     assert header == durability.HEADER
     got = {r[0]: r for r in body}
     assert got["base (reference)"][1:5] == ["base", "-", "5", "lr 3e-3"]
     assert got["vaccine"][2:4] == ["resisted after 80", "5"]
     assert got["repnoise"][2:4] == ["20", "5"] and got["repnoise"][5:7] == ["0.12", "0.500"]
     assert got["tough"][2:4] == ["resisted after 10", "> 40"] and got["tough"][4] == "-"
+    assert got["vaccine"][5:7] == ["0.00", "0.991"] and got["tough"][6] == "-" and got["given"][5:7] == ["0.25", "-"]
+
+
+def test_a_defence_without_a_release_reading_or_a_paper_budget_reads_a_dash_or_its_status():
+    bare = Trial("bare", False, "resisted", {"learning_rate": "1e-4"}, 40, spent={"steps": 40.0})   # no curve
+    late = Trial("late", False, "resisted", {"learning_rate": "1e-4"}, 40, spent={"steps": 40.0},
+                 curve=[(5, 0.5)])                                                        # no step 0
+    records = Records({}, paper={"bare": Paper("bare", "diverged", spent={"steps": 3.0}),
+                                 "late": Paper("late", "resisted")})                    # spent not recorded
+    rows = [DefenceRow("bare", False, trials=[bare]), DefenceRow("late", False, trials=[late])]
+    text = {r[0]: r for r in durability.table(rows, records)[1]}
+    assert text["bare"][2] == "diverged" and text["late"][2] == "resisted"
+    assert text["bare"][5] == "-" and text["late"][5] == "-"
+    numbers = {r[0]: r for r in durability.csv_rows(rows, records)[1]}   # in steps unless told
+    assert numbers["bare"][2:7] == ["diverged", "", "", "", ""] and numbers["late"][6] == ""
+    tokens = {r[0]: r for r in durability.table(rows, Records({}, paper={"bare": Paper(
+        "bare", "resisted", spent={"steps": 3.0, "tokens": 900.0})}), "tokens")[1]}
+    assert tokens["bare"][2] == "resisted after 900"
 
 
 def test_the_table_is_shown_only_where_a_sweep_built_a_defence_or_ran_a_paper_attacker():
@@ -79,6 +97,8 @@ def test_the_table_is_shown_only_where_a_sweep_built_a_defence_or_ran_a_paper_at
     (None, "resisted", math.inf, "held under both"),
     (None, "resisted", None, "held under both"),
     (20.0, "failed", 5.0, "broke under both, (b) 4x cheaper"),
+    (2.0, "failed", 0.5, "broke under both, (b) 4x cheaper"),       # a budget below 1 (flops in 1e12, say)
+    (5.0, "failed", 0.0, "broke under both"),                         # broken at release: no ratio
     (0.0, "unsafe_at_release", 0.0, "broke under both"),
     (5.0, "failed", 5.0, "broke under both"),
     (5.0, "failed", 10.0, "broke under both"),

@@ -9,7 +9,7 @@ import math
 
 from orchestrator.conditions.records import Records
 from orchestrator.report.records import DefenceRow
-from orchestrator.report.tables import Table, _fmt, _number, attacker_label, worst_cell
+from orchestrator.report.tables import Table, _num, _number, attacker_label, worst_cell
 from trainables.names import RELEASE_HARMFULNESS, RELEASE_UTILITY, SUCCESS
 
 LEGEND = ("(a) the attacker the defence's paper evaluated it against, scaled to this world (the defence's "
@@ -64,26 +64,27 @@ def rows_of(rows: list[DefenceRow], records: Records, unit: str) -> list[dict]:
         paper_btf = paper.btf.get(unit) if paper is not None and paper.status in SUCCESS else None
         adaptive = worst.value(unit) if worst is not None else None
         out.append({"row": r, "method": built.method if built else ("base" if r.is_base else "given"),
-                    "paper": paper, "paper_btf": paper_btf, "worst": worst, "adaptive": adaptive,
+                    "paper": paper, "paper_btf": paper_btf, "adaptive": adaptive,
                     "found_by": attacker_label(everyone, worst) if worst is not None else "",
                     "f0": f0, "u0": u0, "verdict": verdict(paper_btf, paper.status if paper else None, adaptive)})
     return out
 
 
-def _paper_cell(paper, paper_btf: float | None, row: DefenceRow, unit: str) -> str:
+def _paper_cell(paper, paper_btf: float | None, unit: str) -> str:
+    """The paper attacker's budget-to-failure, or its status (a resisted one: where it stopped)."""
     if paper is None:
         return "-"
     if paper_btf is not None:
-        return _fmt(paper_btf, row.max_steps, unit)
+        return _num(paper_btf)
     spent = paper.spent.get(unit)
-    return f"{paper.status}" + (f" after {spent:g}" if spent is not None and paper.status == "resisted" else "")
+    return paper.status + (f" after {spent:g}" if spent is not None and paper.status == "resisted" else "")
 
 
 def table(rows: list[DefenceRow], records: Records, unit: str = "steps") -> Table:
     body = []
     for x in rows_of(rows, records, unit):
         r = x["row"]
-        body.append([r.label, x["method"], _paper_cell(x["paper"], x["paper_btf"], r, unit), worst_cell(r, unit),
+        body.append([r.label, x["method"], _paper_cell(x["paper"], x["paper_btf"], unit), worst_cell(r, unit),
                      x["found_by"] or "-", "-" if math.isnan(x["f0"]) else f"{x['f0']:.2f}",
                      "-" if math.isnan(x["u0"]) else f"{x['u0']:.3f}", x["verdict"]])
     return HEADER, body
