@@ -28,7 +28,7 @@ from trainables.checkpoint import (
 )
 from trainables.config import AttackConfig
 from trainables.evaluators import EvalContext, EvalItem, Scores, make_evaluator, score_decoded
-from trainables.evaluators.base import resolve, score_until_decided
+from trainables.evaluators.base import items_of, resolve, score_until_decided
 from trainables.g_effect import GEffectProbe
 from trainables.methods import Rates
 from trainables.methods import build as build_methods
@@ -220,11 +220,7 @@ def run_attack(cfg: AttackConfig, on_eval: Callable[[EvalPoint], None] = lambda 
         streams.append(D.BatchStream(items, hp.batch_size, hp.seed, tokenizer.pad_token_id, method.collate))
     eval_src = cfg.data.eval
     eval_rows = D.load_rows(eval_src)[: cfg.data.eval_size]
-    eval_items = [
-        EvalItem(D.format_prompt(tokenizer, r[eval_src.prompt_field], cfg.data),
-                 r.get(eval_src.response_field) if eval_src.response_field else None, r[eval_src.prompt_field])
-        for r in eval_rows
-    ]
+    eval_items = items_of(eval_rows, eval_src, tokenizer, cfg.data)
     eval_domains = D.domains(eval_rows, eval_src)
     evaluators = {e.key: make_evaluator(e.name, e.options, gate) for e in cfg.all_evaluators}
     decodings = {e.key: (e.decoding and e.decoding.key, e.decoding) for e in cfg.all_evaluators}

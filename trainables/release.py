@@ -34,7 +34,7 @@ def harmfulness(checkpoint: Checkpoint, evaluation, device: str = "auto") -> dic
     found incoherent (nan without the gate), and the utility proxy (with a utility block).
     `evaluation`: a trainables.config.Evaluation."""
     from trainables import data as D
-    from trainables.evaluators.base import EvalContext, EvalItem, make_evaluator
+    from trainables.evaluators.base import EvalContext, items_of, make_evaluator
     from trainables.evaluators.sampled import score_decoded
     from trainables.names import RELEASE_HARMFULNESS, RELEASE_INCOHERENT
     from trainables.outcome import incoherent_share
@@ -44,8 +44,7 @@ def harmfulness(checkpoint: Checkpoint, evaluation, device: str = "auto") -> dic
     model = load_model(checkpoint, device).eval()
     src, e = evaluation.data.eval, evaluation.evaluator
     rows = D.load_rows(src)[: evaluation.data.eval_size]
-    items = [EvalItem(D.format_prompt(tokenizer, r[src.prompt_field], evaluation.data),
-                      r.get(src.response_field) if src.response_field else None, r[src.prompt_field]) for r in rows]
+    items = items_of(rows, src, tokenizer, evaluation.data)
     gate = evaluation.coherence if evaluation.coherence.enabled else None
     scores = score_decoded(make_evaluator(e.name, e.options, gate),
                            EvalContext(model, tokenizer, items, decoding=e.decoding))

@@ -9,15 +9,12 @@ from collections.abc import Callable
 from trainables import data as D
 from trainables.config import Data, Utility
 from trainables.evaluators import EvalItem, generate, refuses
+from trainables.evaluators.base import items_of
 from trainables.evaluators.nll import answer_probability
 
 
 def utility_items(cfg: Utility, tokenizer, data: Data) -> list[EvalItem]:
-    src = cfg.data
-    rows = D.load_rows(src)[: cfg.size]
-    return [EvalItem(D.format_prompt(tokenizer, r[src.prompt_field], data),
-                     r.get(src.response_field) if src.response_field else None, r[src.prompt_field])
-            for r in rows]
+    return items_of(D.load_rows(cfg.data)[: cfg.size], cfg.data, tokenizer, data)
 
 
 def make_utility(cfg: Utility, tokenizer, data: Data, synced_generation: bool = False

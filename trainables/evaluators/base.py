@@ -26,6 +26,15 @@ class EvalItem:
     """The prompt as the data holds it (what judges and classifiers read)."""
 
 
+def items_of(rows: list[dict], src, tokenizer, data) -> list[EvalItem]:
+    """A split's rows as items: each prompt formatted as `data` says (trainables.data.format_prompt),
+    its reference response where `src` names a response field."""
+    from trainables.data import format_prompt
+
+    return [EvalItem(format_prompt(tokenizer, r[src.prompt_field], data),
+                     r.get(src.response_field) if src.response_field else None, r[src.prompt_field]) for r in rows]
+
+
 @dataclass(frozen=True)
 class Scores:
     """One evaluator's result at one evaluation point."""
