@@ -286,8 +286,15 @@ def test_a_sweep_builds_its_defence_records_the_build_once_and_attacks_the_built
     raw["defences"].append({"name": "deep", "build": {**good(world), "steps": 2},
                             "paper_attacker": {"learning_rate": 1e-5, "dataset_size": 8, "batch_size": 2, "steps": 3}})
     sp = S.from_dict(raw)
-    built, outcomes = sweep.build(sp, tracking_uri=uri, echo=lambda _: None)
+    said: list[str] = []
+    built, outcomes = sweep.build(sp, tracking_uri=uri, echo=said.append)
     folder = outcomes[0].folder
+    # the worker's progress reaches the driver's console, step by step, before the build's outcome
+    progress = [s for s in said if s.startswith("  build deep: ")]
+    assert progress[0] == "  build deep: building deep (full, 2 steps) from base ..."
+    assert [s.split()[3] for s in progress[1:]] == ["1/2", "2/2"]
+    done = next(i for i, s in enumerate(said) if s.startswith("build deep: deep (full) from base, built in"))
+    assert said.index(progress[-1]) < done
     assert built.defences[1].model == str(folder) and not outcomes[0].cached
     assert folder.parent == tmp_path / "cache" / "defences"   # the driver's cache, whatever the workers' env
     from mlflow.tracking import MlflowClient

@@ -20,6 +20,9 @@ from orchestrator.spec.model import Defence, SpecError, SweepSpec
 from trainables.config import Evaluation
 from trainables.names import BUILT, UNITS, Kind, Metric, Tag
 
+PROGRESS_POLL_S = 2.0
+"""How often the driver echoes the builds' progress lines while they run."""
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -48,8 +51,9 @@ def order(spec: SweepSpec) -> list[list[Defence]]:
 
 
 def _build(build: dict[str, Any], start: dict[str, Any], data: dict[str, Any], folder: str | None, device: str,
-           threads: int, cache: str) -> dict[str, Any]:
-    """One build, in a Ray worker: {"folder", "manifest", "cached"} or {"error", "traceback"}."""
+           threads: int, cache: str, name: str, lines) -> dict[str, Any]:
+    """One build, in a Ray worker: {"folder", "manifest", "cached"} or {"error", "traceback"}. Its
+    progress lines go to the driver through `lines` (a Ray queue; worker output is not forwarded)."""
     import torch
 
     from trainables.config import Checkpoint, Data
@@ -59,8 +63,8 @@ def _build(build: dict[str, Any], start: dict[str, Any], data: dict[str, Any], f
     torch.set_num_threads(threads)
     try:
         built = run_build(Build.model_validate(build), Checkpoint.model_validate(start), Data.model_validate(data),
-                          Path(folder) if folder else None, device, log=lambda line: print(line, flush=True),
-                          cache=Path(cache))
+                          Path(folder) if folder else None, device,
+                          log=lambda line: lines.put_nowait(f"  build {name}: {line.strip()}"), cache=Path(cache))
         return {"folder": str(built.folder), "manifest": built.manifest, "cached": built.cached}
     except Exception as err:  # noqa: BLE001 - whatever it raised is this build's error, recorded
         text = traceback.format_exc()
@@ -76,6 +80,7 @@ def build_all(spec: SweepSpec, start_ray: Callable[[], None], echo: Callable[[st
     if not waves:
         return spec, []
     import ray
+    from ray.util.queue import Queue
 
     from trainables.cache import cache_root
 
@@ -85,33 +90,63 @@ def build_all(spec: SweepSpec, start_ray: Callable[[], None], echo: Callable[[st
     task = ray.remote(_build).options(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=WORKER_RETRIES)
     resolved = {d.name: d for d in spec.defences}
     outcomes: list[Outcome] = []
-    for i, wave in enumerate(waves):
-        echo(f"building {', '.join(d.name for d in wave)}" + (f" (wave {i + 1} of {len(waves)})" if len(waves) > 1
-                                                             else "") + " unless the build cache holds it ...")
-        refs = {}
-        for d in wave:
-            start = _start(resolved, d)
-            data = spec.data.model_dump(mode="json")
-            refs[d.name] = task.remote(d.build.model_dump(mode="json", by_alias=True), start.model_dump(mode="json"),
-                                       data, d.model, spec.device, max(1, int(r.cpu)), cache)
-        try:
-            results = {name: ray.get(ref) for name, ref in refs.items()}
-        except BaseException:
-            for ref in refs.values():
-                ray.cancel(ref, force=True)
-            raise
-        for d in wave:
-            out = results[d.name]
-            if "error" in out:
-                outcomes.append(Outcome(d.name, None, None, error=out["error"]))
-                continue
-            manifest = {**out["manifest"], "from": d.build.from_}   # as this spec names it (a cache hit may
-            outcomes.append(Outcome(d.name, Path(out["folder"]), manifest, out["cached"]))  # be another's build)
-            resolved[d.name] = d.model_copy(update={"model": out["folder"]})
-            echo(line(outcomes[-1]))
-        if failed := [o for o in outcomes if o.error]:
-            raise SpecError(f"error: building defence {failed[0].defence} failed: {failed[0].error}")
+    lines = Queue(actor_options={"num_cpus": 0})   # the builds' progress (Ray does not forward worker output)
+    try:
+        for i, wave in enumerate(waves):
+            echo(f"building {', '.join(d.name for d in wave)}" + (f" (wave {i + 1} of {len(waves)})"
+                                                                 if len(waves) > 1 else "")
+                 + " unless the build cache holds it ...")
+            refs = {d.name: task.remote(d.build.model_dump(mode="json", by_alias=True),
+                                        _start(resolved, d).model_dump(mode="json"), spec.data.model_dump(mode="json"),
+                                        d.model, spec.device, max(1, int(r.cpu)), cache, d.name, lines)
+                    for d in wave}
+            results = _wait(refs, lines, echo)
+            for d in wave:
+                out = results[d.name]
+                if "error" in out:
+                    outcomes.append(Outcome(d.name, None, None, error=out["error"]))
+                    continue
+                manifest = {**out["manifest"], "from": d.build.from_}   # as this spec names it (a cache hit
+                outcomes.append(Outcome(d.name, Path(out["folder"]), manifest, out["cached"]))  # may be another's)
+                resolved[d.name] = d.model_copy(update={"model": out["folder"]})
+                echo(line(outcomes[-1]))
+            if failed := [o for o in outcomes if o.error]:
+                raise SpecError(f"error: building defence {failed[0].defence} failed: {failed[0].error}")
+    finally:
+        lines.shutdown()
     return spec.model_copy(update={"defences": [resolved[d.name] for d in spec.defences]}), outcomes
+
+
+def _wait(refs: dict[str, Any], lines, echo: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Each build's result by defence, echoing the progress lines queued while they run (a task's
+    lines are queued before it returns, so all of them come before its outcome)."""
+    import ray
+
+    pending, results = {ref: name for name, ref in refs.items()}, {}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_POLL_S)
+            for text in _drain(lines):
+                echo(text)
+            for ref in done:
+                results[pending.pop(ref)] = ray.get(ref)
+    except BaseException:
+        for ref in refs.values():
+            ray.cancel(ref, force=True)
+        raise
+    return results
+
+
+def _drain(lines) -> list[str]:
+    """The progress lines queued so far."""
+    from ray.util.queue import Empty
+
+    out = []
+    while True:
+        try:
+            out.append(lines.get_nowait())
+        except Empty:
+            return out
 
 
 def _start(resolved: dict[str, Defence], d: Defence):
