@@ -2,7 +2,7 @@
 defence's worst case and verdict, the conditions one line per defence, the base named once as
 the reference."""
 
-from orchestrator.conditions.records import Benign, Records, Release
+from orchestrator.conditions.records import Benign, Built, Paper, Records, Release
 from orchestrator.report.brief import brief
 from orchestrator.report.records import DefenceRow, Trial
 
@@ -49,3 +49,20 @@ def test_the_conditions_in_a_line_per_defence_with_what_each_figure_counts():
         "  shaky             fail (20 steps) / pass (Δ -0.02) / fail (> 3x) / not measured",
     ]
     assert not any("(base)" in line for line in lines)
+
+
+def test_a_sweep_with_papers_attackers_ends_with_the_durability_table():
+    rec = Records({}, paper={"wall": Paper("wall", "resisted", spent={"steps": 12.0}),
+                             "shaky": Paper("shaky", "failed", btf={"steps": 30.0}, spent={"steps": 30.0})},
+                  built={"wall": Built("wall", "vaccine", "lora", {"steps": 24.0},
+                                       {"harmfulness_at_release": 0.0, "utility": 0.75})})
+    lines = brief(rows(), "steps", rec)
+    at = lines.index("Durability ((a) the defence's paper's attacker, (b) the adaptive search's worst case):")
+    assert at == 4   # after the worst cases; no conditions were asked
+    # the table itself is test_durability's; here: all of it, as the report renders it, and last
+    from orchestrator.report import durability
+    from orchestrator.report.tables import render_text
+
+    assert lines[at + 1:] == render_text(*durability.table(rows(), rec, "steps")).splitlines()
+    words = " ".join(" ".join(lines[at + 1:]).split())
+    assert "resisted > 40" in words and "1.5x cheaper" in words   # wall held everything; shaky 30 vs 20 steps

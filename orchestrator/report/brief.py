@@ -1,12 +1,14 @@
 """The few lines a run ends with: per defence its worst case and verdict, the four conditions in a
-line each, and where the full report is (`attack-sweep report` prints every table)."""
+line each, the durability table where the sweep built defences or ran their papers' attackers, and
+where the full report is (`attack-sweep report` prints every table)."""
 
 from __future__ import annotations
 
 from orchestrator.conditions import verdicts as V
 from orchestrator.conditions.records import Records
+from orchestrator.report import durability
 from orchestrator.report.records import DefenceRow
-from orchestrator.report.tables import attacker_label, worst_cell
+from orchestrator.report.tables import attacker_label, render_text, worst_cell
 
 
 def brief(rows: list[DefenceRow], unit: str, conditions: Records | None = None) -> list[str]:
@@ -26,6 +28,9 @@ def brief(rows: list[DefenceRow], unit: str, conditions: Records | None = None) 
             label = next(r.label for r in rows if r.defence == v.defence)
             cells = [_cell(getattr(v, c), c, unit) for c in V.Verdict.CONDITIONS]
             lines.append(f"  {label:<{width}}  " + " / ".join(cells))
+    if durability.shown(conditions):
+        lines.append("Durability ((a) the defence's paper's attacker, (b) the adaptive search's worst case):")
+        lines += render_text(*durability.table(rows, conditions, unit)).splitlines()
     return lines
 
 
