@@ -57,12 +57,16 @@ def test_a_sweep_with_papers_attackers_ends_with_the_durability_table():
                   built={"wall": Built("wall", "vaccine", "lora", {"steps": 24.0},
                                        {"harmfulness_at_release": 0.0, "utility": 0.75})})
     lines = brief(rows(), "steps", rec)
-    at = lines.index("Durability ((a) the defence's paper's attacker, (b) the adaptive search's worst case):")
+    at = next(i for i, line in enumerate(lines) if line.startswith("Durability (steps; (a) the defence's paper's"))
     assert at == 4   # after the worst cases; no conditions were asked
-    # the table itself is test_durability's; here: all of it, as the report renders it, and last
-    from orchestrator.report import durability
-    from orchestrator.report.tables import render_text
-
-    assert lines[at + 1:] == render_text(*durability.table(rows(), rec, "steps")).splitlines()
-    words = " ".join(" ".join(lines[at + 1:]).split())
-    assert "resisted > 40" in words and "1.5x cheaper" in words   # wall held everything; shaky 30 vs 20 steps
+    assert lines[at + 1].split() == ["defence", "method", "(a)", "(b)", "f", "utility", "verdict"]
+    got: dict[str, list[str]] = {}
+    for line in lines[at + 3:]:   # a row, or a wrapped cell's next line (indented)
+        if line[:1] != " ":
+            row = got.setdefault(line.split()[0], [])
+        row += line.split()
+    # wall resisted its paper's 12 steps and every search attack (T 40); built, utility 0.75 at release
+    assert " ".join(got["wall"]) == "wall vaccine resisted after 12 > 40 0.00 0.750 held under both"
+    # shaky: its paper's attacker broke it at 30 steps, the search at 20: 1.5x cheaper; a ready checkpoint
+    assert " ".join(got["shaky"]) == "shaky given 30 20 - - broke under both, (b) 1.5x cheaper"
+    assert not any("lr 1e-4" in line for line in lines[at + 1:])   # the attacker is on the line above

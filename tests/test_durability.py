@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from orchestrator.conditions.records import Built, Paper, Records
+from orchestrator.conditions.records import Built, Paper, Records, Release
 from orchestrator.report import durability
 from orchestrator.report.records import DefenceRow, Trial
 
@@ -82,6 +82,18 @@ def test_a_defence_without_a_release_reading_or_a_paper_budget_reads_a_dash_or_i
     tokens = {r[0]: r for r in durability.table(rows, Records({}, paper={"bare": Paper(
         "bare", "resisted", spent={"steps": 3.0, "tokens": 900.0})}), "tokens")[1]}
     assert tokens["bare"][2] == "resisted after 900"
+
+
+def test_a_ready_checkpoint_reads_its_utility_from_the_stability_conditions_release_run():
+    records = Records({}, built=RECORDS.built, paper=RECORDS.paper,
+                      release={"base": Release("base", {"utility": 0.875}),
+                               "vaccine": Release("vaccine", {"utility": 0.5}),
+                               "given": Release("given", {"lm_eval.task/acc": 0.9})})   # no utility proxy
+    got = {r[0]: r for r in durability.csv_rows(ROWS, records)[1]}
+    assert got["base"][6:8] == ["0", "0.875"]       # no build: f from step 0, utility from the release run
+    assert got["vaccine"][6:8] == ["0", "0.991"]    # a build's own record comes first
+    assert got["given"][7] == ""                    # neither
+    assert {r[0]: r[6] for r in durability.table(ROWS, records)[1]}["given"] == "-"
 
 
 def test_the_table_is_shown_only_where_a_sweep_built_a_defence_or_ran_a_paper_attacker():

@@ -29,10 +29,18 @@ def brief(rows: list[DefenceRow], unit: str, conditions: Records | None = None) 
             cells = [_cell(getattr(v, c), c, unit) for c in V.Verdict.CONDITIONS]
             lines.append(f"  {label:<{width}}  " + " / ".join(cells))
     if durability.shown(conditions):
-        lines.append("Durability ((a) the defence's paper's attacker, (b) the adaptive search's worst case):")
-        lines += render_text(*durability.table(rows, conditions, unit)).splitlines()
+        lines.append(f"Durability ({unit}; (a) the defence's paper's attacker, (b) the adaptive search's worst case, "
+                     "f and utility at release):")
+        header, body = durability.table(rows, conditions, unit)
+        keep = [header.index(h) for h in BRIEF_DURABILITY]   # the attacker is on the worst-case lines above
+        lines += render_text(list(BRIEF_DURABILITY.values()), [[b[i] for i in keep] for b in body]).splitlines()
     return lines
 
+
+BRIEF_DURABILITY = {"defence": "defence", "method": "method", "(a) paper's attacker": "(a)",
+                    "(b) adaptive worst case": "(b)", "f at release": "f", "utility at release": "utility",
+                    "verdict": "verdict"}
+"""The durability table's columns a run ends with, and their short headers (the line above says them)."""
 
 FIGURES = {"resistance": "{} " + "{unit}", "stability": "Δ {}", "trainability": "{}x", "generalisation": "{}x"}
 """Each condition's figure with what it counts: the worst case's budget, the utility change from the

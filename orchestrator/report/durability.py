@@ -29,13 +29,16 @@ def shown(records: Records | None) -> bool:
 
 
 def _release(row: DefenceRow, records: Records) -> tuple[float, float]:
-    """f and utility at release: the build record's, else every attack's step 0 (the first trial's)."""
+    """f and utility at release: the build record's, else f from every attack's step 0 (the first
+    trial's) and utility from the stability condition's release run, so a ready checkpoint (the
+    base) is read on the same scale as a built one."""
     built = records.built.get(row.defence)
     if built is not None and RELEASE_HARMFULNESS in built.release:
         return built.release[RELEASE_HARMFULNESS], built.release.get(RELEASE_UTILITY, math.nan)
     first = next((t for t in row.trials if t.curve), None)
     f0 = next((v for s, v in first.curve if s == 0), math.nan) if first else math.nan
-    return f0, math.nan
+    release = records.release.get(row.defence)
+    return f0, release.metrics.get(RELEASE_UTILITY, math.nan) if release is not None else math.nan
 
 
 def verdict(paper_btf: float | None, paper_status: str | None, adaptive: float | None) -> str:
