@@ -3,7 +3,7 @@
 # make test-slow - the slow end-to-end tests (marked slow; CI runs them after make test)
 # make smollm2 - the real-model example: SmolLM2-135M-Instruct aligned, defended, attacked (~20 min)
 # make durability - the five reference defences built on SmolLM2, each under its paper's attacker and the
-#                   adaptive search; prints the durability table (docs/defences.md; hours on 2 CPU cores)
+#                   adaptive search; prints the durability table (docs/defences.md; ~70 min on 2 CPU cores)
 # make gpu-wheels - fill .whl/ with the wheels a GPU machine without internet lacks (bench/gpu_check.sh)
 # make docs  - the docs site: generate the spec and CLI references, then mkdocs build --strict into site/
 # make mutants - mutation testing of the modules that decide outcomes (mutmut, ~10 min; not in CI)
