@@ -8,7 +8,7 @@ from orchestrator.report.records import DefenceRow, Trial
 
 
 def trial(defence, status, steps, lr, base=False, domain="cyber"):
-    params = {"learning_rate": lr, "attack_domain": domain, "phi": "0.5"}
+    params = {"learning_rate": lr, "attack_domain": domain, "phi": "0.5", "method": "sft"}
     return Trial(defence=defence, is_base=base, status=status, params=params, max_steps=40, attacker_id=lr + domain,
                  attacker_group=lr + domain, btf={"steps": float(steps)} if status == "failed" else {},
                  spent={"steps": float(steps)})
@@ -59,14 +59,14 @@ def test_a_sweep_with_papers_attackers_ends_with_the_durability_table():
     lines = brief(rows(), "steps", rec)
     at = next(i for i, line in enumerate(lines) if line.startswith("Durability (steps; (a) the defence's paper's"))
     assert at == 4   # after the worst cases; no conditions were asked
-    assert lines[at + 1].split() == ["defence", "method", "(a)", "(b)", "f", "utility", "verdict"]
+    assert lines[at + 1].split() == ["defence", "method", "(a)", "(b)", "(b)", "by", "f", "utility", "verdict"]
     got: dict[str, list[str]] = {}
     for line in lines[at + 3:]:   # a row, or a wrapped cell's next line (indented)
         if line[:1] != " ":
             row = got.setdefault(line.split()[0], [])
         row += line.split()
     # wall resisted its paper's 12 steps and every search attack (T 40); built, utility 0.75 at release
-    assert " ".join(got["wall"]) == "wall vaccine resisted after 12 > 40 0.00 0.750 held under both"
+    assert " ".join(got["wall"]) == "wall vaccine resisted after 12 > 40 - 0.00 0.750 held under both"
     # shaky: its paper's attacker broke it at 30 steps, the search at 20: 1.5x cheaper; a ready checkpoint
-    assert " ".join(got["shaky"]) == "shaky given 30 20 - - broke under both, (b) 1.5x cheaper"
+    assert " ".join(got["shaky"]) == "shaky given 30 20 sft - - broke under both, (b) 1.5x cheaper"
     assert not any("lr 1e-4" in line for line in lines[at + 1:])   # the attacker is on the line above

@@ -7,6 +7,7 @@ from __future__ import annotations
 from orchestrator.conditions import verdicts as V
 from orchestrator.conditions.records import Records
 from orchestrator.report import durability
+from orchestrator.report.families import family
 from orchestrator.report.records import DefenceRow
 from orchestrator.report.tables import attacker_label, render_text, worst_cell
 
@@ -33,14 +34,20 @@ def brief(rows: list[DefenceRow], unit: str, conditions: Records | None = None) 
                      "f and utility at release):")
         header, body = durability.table(rows, conditions, unit)
         keep = [header.index(h) for h in BRIEF_DURABILITY]   # the attacker is on the worst-case lines above
-        lines += render_text(list(BRIEF_DURABILITY.values()), [[b[i] for i in keep] for b in body]).splitlines()
+        cut = [[b[i] for i in keep] for b in body]
+        for r, cells in zip(rows, cut, strict=True):   # and its attack family beside (b)
+            worst = r.cheapest(unit)
+            cells.insert(4, family(worst, "method") if worst is not None else "-")
+        short = list(BRIEF_DURABILITY.values())
+        lines += render_text(short[:4] + ["(b) by"] + short[4:], cut).splitlines()
     return lines
 
 
 BRIEF_DURABILITY = {"defence": "defence", "method": "method", "(a) paper's attacker": "(a)",
                     "(b) adaptive worst case": "(b)", "f at release": "f", "utility at release": "utility",
                     "verdict": "verdict"}
-"""The durability table's columns a run ends with, and their short headers (the line above says them)."""
+"""The durability table's columns a run ends with, and their short headers (the line above says them);
+the attack family of (b) goes beside it."""
 
 FIGURES = {"resistance": "{} " + "{unit}", "stability": "Δ {}", "trainability": "{}x", "generalisation": "{}x"}
 """Each condition's figure with what it counts: the worst case's budget, the utility change from the
