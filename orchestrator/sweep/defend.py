@@ -138,15 +138,9 @@ def _wait(refs: dict[str, Any], lines, echo: Callable[[str], None]) -> dict[str,
 
 
 def _drain(lines) -> list[str]:
-    """The progress lines queued so far."""
-    from ray.util.queue import Empty
-
-    out = []
-    while True:
-        try:
-            out.append(lines.get_nowait())
-        except Empty:
-            return out
+    """The progress lines queued so far (two calls to the queue's actor, not one per line; lines
+    queued between them wait for the next drain)."""
+    return lines.get_nowait_batch(lines.qsize())
 
 
 def _start(resolved: dict[str, Defence], d: Defence):
